@@ -1,0 +1,1 @@
+"""client layer (see ARCHITECTURE.md)."""

@@ -1,0 +1,566 @@
+"""The instance config: msgspec Structs with defaults, loaded from YAML once and then frozen.
+
+One file configures one instance (ARCHITECTURE.md, "Instance config"). Loading does, in order:
+
+1. parse YAML with PyYAML's SafeLoader, keeping the line of every key;
+2. resolve secret references ``${env:NAME}``, ``${file:PATH}``, ``${credential:NAME}``
+   (systemd's ``$CREDENTIALS_DIRECTORY``), registering every resolved value for log redaction;
+3. convert to :class:`InstanceConfig` with msgspec (unknown keys and wrong types are errors);
+4. check what a type cannot say (a login without a password, two routes on one path).
+
+Every problem is a :class:`~mfo_actors.errors.ConfigError` naming the file, the dotted key
+path and the YAML line. Durations read ``500ms 30s 1m 1h 1d`` (or a number of seconds),
+sizes ``512KiB 1MiB 1GB`` (or a number of bytes), and ports the seed's Go style ``":8080"``.
+Relative paths (``state_dir``, ``flows.dir``) are relative to the working directory, as
+under systemd's ``WorkingDirectory=``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from mfo_actors.errors import ConfigError
+from mfo_actors.observability import register_secret
+
+__all__ = [
+    "AdminConfig",
+    "AuthConfig",
+    "CircuitBreakerConfig",
+    "ClientConfig",
+    "Duration",
+    "FlowsConfig",
+    "ForwarderConfig",
+    "InstanceConfig",
+    "LoggingConfig",
+    "Port",
+    "RateLimitConfig",
+    "RetryConfig",
+    "RouteConfig",
+    "Size",
+    "StoreConfig",
+    "VerifyConfig",
+    "WebhookListenerConfig",
+    "load_config",
+    "load_config_text",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class Duration(float):
+    """A number of seconds, written in YAML as ``500ms``, ``30s``, ``1m``, ``1h``, ``1d`` or a number."""
+
+
+class Size(int):
+    """A number of bytes, written in YAML as ``512KiB``, ``1MiB``, ``1GB`` or a number."""
+
+
+class Port(int):
+    """A TCP port, written as ``8080`` or in the seed's Go style ``":8080"``."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "k": 1024, "m": 1024**2, "g": 1024**3,
+}  # fmt: skip
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse ``"1m30s"``, ``"500ms"`` or a number of seconds; raise ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return Duration(value)
+    if isinstance(value, str):
+        text = value.strip()
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return Duration(sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    raise ValueError(f"invalid duration {value!r} (use e.g. 500ms, 30s, 1m, 1h)")
+
+
+def parse_size(value: object) -> Size:
+    """Parse ``"1MiB"``, ``"512KiB"``, ``"10MB"`` or a number of bytes; raise ValueError otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return Size(value)
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return Size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
+    raise ValueError(f"invalid size {value!r} (use e.g. 512KiB, 1MiB, 10MB)")
+
+
+def _parse_port(value: object) -> Port:
+    text = str(value).strip() if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    if text.startswith(":"):
+        text = text[1:]
+    if text.isdigit() and 0 <= int(text) <= 65535:
+        return Port(int(text))
+    raise ValueError(f"invalid port {value!r} (use 8080 or \":8080\")")
+
+
+def _dec_hook(tp: type, obj: object) -> object:
+    if tp is Duration:
+        return parse_duration(obj)
+    if tp is Size:
+        return parse_size(obj)
+    if tp is Port:
+        return _parse_port(obj)
+    raise NotImplementedError(f"no decoder for {tp!r}")
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Config sections: frozen, unknown keys are errors, keys are the seed's snake_case."""
+
+
+class RetryConfig(_Base):
+    """Backoff for calls to the MFO server (seed 000, section 2.7.2)."""
+
+    max_attempts: int = 8
+    initial_backoff: Duration = Duration(1.0)
+    max_backoff: Duration = Duration(60.0)
+    backoff_multiplier: float = 2.0
+
+
+class CircuitBreakerConfig(_Base):
+    """When to stop calling a failing upstream, and when to try again."""
+
+    failure_threshold: int = 5
+    reset_timeout: Duration = Duration(60.0)
+    half_open_max_calls: int = 1  # probe calls allowed while half-open
+
+
+class RateLimitConfig(_Base):
+    """Token bucket shared by every caller of one upstream."""
+
+    requests_per_second: float
+    burst: int | None = None  # default: max(1, requests_per_second)
+
+
+class ClientConfig(_Base):
+    """How to reach the MFO server."""
+
+    base_url: str = "http://127.0.0.1:9000"
+    auth_base_url: str | None = None  # default: base_url + "/auth"
+    timeout: Duration = Duration(30.0)
+    max_connections: int = 100
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
+    rate_limit: RateLimitConfig | None = None
+
+    @property
+    def effective_auth_base_url(self) -> str:
+        return self.auth_base_url or self.base_url.rstrip("/") + "/auth"
+
+
+class AuthConfig(_Base):
+    """Who we are to the MFO server: ``login`` (email/password), ``token`` (static) or ``none``."""
+
+    mode: Literal["login", "token", "none"] = "none"
+    email: str | None = None
+    password: str | None = None
+    token: str | None = None
+    refresh_at: float = 0.8  # refresh when this fraction of the token's lifetime has passed
+    login_backoff: Duration = Duration(1.0)  # first wait after a failed login, doubling to max
+    login_max_backoff: Duration = Duration(60.0)
+
+
+class VerifyConfig(_Base):
+    """Signature verification for one route."""
+
+    scheme: Literal["standard-webhooks", "github", "hmac-sha256"]
+    secret: str
+    header: str | None = None  # hmac-sha256: the header carrying the signature
+    encoding: Literal["hex", "base64"] = "hex"  # hmac-sha256: how the signature is written
+    prefix: str = ""  # hmac-sha256: text before the signature, e.g. "sha256="
+    tolerance: Duration = Duration(300.0)  # standard-webhooks: max timestamp skew
+
+
+class RouteConfig(_Base):
+    """One webhook path and what arrives on it."""
+
+    path: str
+    source: str
+    verify: VerifyConfig | None = None
+    type_from: str | None = None  # "header:NAME" or "json:/pointer"
+    body: Literal["json", "raw"] = "json"
+    dedupe_header: str | None = None  # delivery-id header, besides webhook-id / X-GitHub-Delivery
+
+
+class WebhookListenerConfig(_Base):
+    """The front door: routes, limits and timeouts (defaults follow common server limits)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = Port(8080)
+    path: str | None = None  # the seed's single-route form
+    source: str = "webhook"  # source name of the single-route form
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    max_body_size: Size = Size(1024 * 1024)
+    max_header_size: Size = Size(16 * 1024)  # h11's default incomplete-event limit is 16 KiB
+    max_headers: int = 100  # as Go's net/http and nginx's large_client_header_buffers allow
+    header_timeout: Duration = Duration(10.0)  # slowloris guard for the request head
+    body_timeout: Duration = Duration(30.0)  # the whole body must arrive within this
+    keepalive_timeout: Duration = Duration(75.0)  # nginx's keepalive_timeout default
+    max_connections: int = 1024
+    dedupe_window: Duration = Duration(86400.0)
+    retry_after: Duration = Duration(5.0)  # Retry-After sent with 503
+
+    def effective_routes(self) -> list[RouteConfig]:
+        """The routes list, with the seed's single ``path`` form turned into one route."""
+        routes = list(self.routes)
+        if self.path is not None and all(r.path != self.path for r in routes):
+            routes.append(RouteConfig(path=self.path, source=self.source))
+        if not routes:
+            routes.append(RouteConfig(path="/webhook", source=self.source))
+        return routes
+
+
+class AdminConfig(_Base):
+    """The admin port: /healthz, /readyz, /metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = Port(9090)
+
+
+class ForwarderConfig(_Base):
+    """Delivery of stored events to ``POST {base_url}/api/events``."""
+
+    enabled: bool = True
+    concurrency: int = 8
+    ordering: Literal["source", "none"] = "source"
+    batch_size: int = 64  # events claimed per store round trip
+    lease: Duration = Duration(60.0)  # a claim not settled by then becomes due again
+    poll_interval: Duration = Duration(1.0)  # idle wake-up when no append signal arrives
+
+
+class FlowsConfig(_Base):
+    """Taskflows: where they live and how many run at once."""
+
+    enabled: bool = True
+    dir: str = "./flows"
+    concurrency: int = 4  # runs at once, instance-wide
+    timezone: str = "UTC"  # for cron triggers
+    catch_up: Literal["none", "one"] = "none"  # missed cron ticks after downtime
+
+
+class StoreConfig(_Base):
+    """Where events and run history are kept."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    url: str | None = None  # redis://host:port/db for the redis backend
+    path: str | None = None  # sqlite file; default <state_dir>/store.sqlite3
+    max_pending: int = 100_000  # events not yet delivered before the listener answers 503
+    max_bytes: Size = Size(1024**3)  # bytes of pending payloads before 503
+    group_commit_max: int = 512  # events committed in one transaction at most
+
+
+class LoggingConfig(_Base):
+    """Log level and format (``json`` lines, or ``console``; default json unless a TTY)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] | None = None
+
+
+class InstanceConfig(_Base):
+    """One instance: everything ``mfo-actors run`` needs (ARCHITECTURE.md, "Instance config")."""
+
+    instance: str = "default"
+    state_dir: str | None = None
+    async_backend: Literal["asyncio", "trio"] = "asyncio"
+    shutdown_timeout: Duration = Duration(30.0)  # drain deadline on SIGTERM
+    client: ClientConfig = msgspec.field(default_factory=ClientConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    webhook_listener: WebhookListenerConfig = msgspec.field(default_factory=WebhookListenerConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    forwarder: ForwarderConfig = msgspec.field(default_factory=ForwarderConfig)
+    flows: FlowsConfig = msgspec.field(default_factory=FlowsConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    source_file: str | None = None  # set by the loader; not a YAML key users write
+
+    @property
+    def effective_state_dir(self) -> Path:
+        """``state_dir``, else ``$STATE_DIRECTORY`` (systemd), else ``./var/<instance>``."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        env = os.environ.get("STATE_DIRECTORY")
+        if env:
+            # systemd may pass several colon-separated dirs; the first is ours.
+            return Path(env.split(":")[0])
+        return Path("var") / self.instance
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+_SECRET_REF = re.compile(r"\$\{(env|file|credential):([^}]*)\}")
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_KeyPath = tuple[str | int, ...]
+
+
+def _dotted(path: _KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class _LineMap:
+    """Maps a key path to the 1-based YAML line where it is written."""
+
+    def __init__(self) -> None:
+        self._lines: dict[_KeyPath, int] = {}
+
+    def record(self, node: yaml.Node, path: _KeyPath = ()) -> None:
+        self._lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                self._lines[(*path, key)] = key_node.start_mark.line + 1
+                self.record(value_node, (*path, key))
+                self._lines[(*path, key)] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.record(item, (*path, i))
+
+    def line(self, path: _KeyPath) -> int | None:
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return self._lines.get(())
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, _LineMap]:
+    lines = _LineMap()
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return {}, lines
+            lines.record(node)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    return data, lines
+
+
+def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[str, str]) -> str:
+    if not name:
+        raise ValueError(f"empty secret reference ${{{kind}:}}")
+    if kind == "env":
+        if name not in environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return environ[name]
+    if kind == "file":
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        raise ValueError(f"credential {name} requested but $CREDENTIALS_DIRECTORY is not set")
+    if "/" in name or name in {".", ".."}:
+        raise ValueError(f"invalid credential name {name!r}")
+    try:
+        return (Path(creds) / name).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read credential {name}: {exc.strerror}") from None
+
+
+def _walk_strings(data: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any, Any]]:
+    """Yield (path, container, key) for every string value in nested dicts/lists."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, str):
+                yield (*path, key), data, key
+            else:
+                yield from _walk_strings(value, (*path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            if isinstance(value, str):
+                yield (*path, i), data, i
+            else:
+                yield from _walk_strings(value, (*path, i))
+
+
+def _resolve_secrets(
+    data: Any, *, file: str, lines: _LineMap, base_dir: Path, environ: Mapping[str, str]
+) -> None:
+    for path, container, key in list(_walk_strings(data)):
+        value: str = container[key]
+        if "${" not in value:
+            continue
+
+        def substitute(match: re.Match[str], path: _KeyPath = path) -> str:
+            try:
+                secret = _resolve_secret(
+                    match.group(1), match.group(2), base_dir=base_dir, environ=environ
+                )
+            except ValueError as exc:
+                raise ConfigError(
+                    str(exc), file=file, key=_dotted(path), line=lines.line(path)
+                ) from None
+            register_secret(secret)
+            return secret
+
+        container[key] = _SECRET_REF.sub(substitute, value)
+
+
+_AT_PATH = re.compile(r" - at `\$(.*)`$")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+
+
+def _validation_error(exc: msgspec.ValidationError, *, file: str, lines: _LineMap) -> ConfigError:
+    message = str(exc)
+    path: list[str | int] = []
+    match = _AT_PATH.search(message)
+    if match:
+        message = message[: match.start()]
+        for name, index in _PATH_PART.findall(match.group(1)):
+            path.append(int(index) if index else name)
+    unknown = _UNKNOWN_FIELD.match(message)
+    if unknown:
+        path.append(unknown.group(1))
+        message = "unknown key"
+    return ConfigError(message, file=file, key=_dotted(tuple(path)) or None,
+                       line=lines.line(tuple(path)))
+
+
+def _check_semantics(cfg: InstanceConfig, *, file: str, lines: _LineMap) -> None:
+    def fail(message: str, *path: str | int) -> None:
+        raise ConfigError(message, file=file, key=_dotted(path), line=lines.line(path))
+
+    if not _INSTANCE_NAME.fullmatch(cfg.instance):
+        fail("instance name must be letters, digits, '.', '_' or '-' (at most 64)", "instance")
+    auth = cfg.auth
+    if auth.mode == "login":
+        if not auth.email:
+            fail("auth.mode login needs an email", "auth", "email")
+        if not auth.password:
+            fail("auth.mode login needs a password", "auth", "password")
+    if auth.mode == "token" and not auth.token:
+        fail("auth.mode token needs a token", "auth", "token")
+    if not 0.1 <= auth.refresh_at <= 0.99:
+        fail("must be between 0.1 and 0.99", "auth", "refresh_at")
+    for name in ("base_url", "auth_base_url"):
+        url = getattr(cfg.client, name)
+        if url is not None and not url.startswith(("http://", "https://")):
+            fail(f"must start with http:// or https://, got {url!r}", "client", name)
+    if cfg.client.retry.max_attempts < 1:
+        fail("must be at least 1", "client", "retry", "max_attempts")
+    if cfg.client.retry.backoff_multiplier < 1.0:
+        fail("must be at least 1.0", "client", "retry", "backoff_multiplier")
+    if cfg.client.circuit_breaker.failure_threshold < 1:
+        fail("must be at least 1", "client", "circuit_breaker", "failure_threshold")
+    if cfg.client.rate_limit is not None and cfg.client.rate_limit.requests_per_second <= 0:
+        fail("must be greater than 0", "client", "rate_limit", "requests_per_second")
+    seen: dict[str, int] = {}
+    for i, route in enumerate(cfg.webhook_listener.routes):
+        if not route.path.startswith("/"):
+            fail(f"route path must start with '/', got {route.path!r}",
+                 "webhook_listener", "routes", i, "path")
+        if route.path in seen:
+            fail(f"path {route.path} is already used by routes[{seen[route.path]}]",
+                 "webhook_listener", "routes", i, "path")
+        seen[route.path] = i
+        if route.type_from is not None and not route.type_from.startswith(("header:", "json:/")):
+            fail("must be 'header:NAME' or 'json:/pointer'",
+                 "webhook_listener", "routes", i, "type_from")
+        if route.verify and route.verify.scheme == "hmac-sha256" and not route.verify.header:
+            fail("hmac-sha256 needs the signature header name",
+                 "webhook_listener", "routes", i, "verify", "header")
+    for name in ("concurrency", "batch_size"):
+        if getattr(cfg.forwarder, name) < 1:
+            fail("must be at least 1", "forwarder", name)
+    if cfg.flows.concurrency < 1:
+        fail("must be at least 1", "flows", "concurrency")
+    if cfg.store.backend == "redis":
+        if not cfg.store.url:
+            fail("the redis backend needs store.url (redis://host:port/db)", "store", "url")
+        if cfg.async_backend == "trio":
+            fail("the redis backend runs on asyncio only; set async_backend: asyncio",
+                 "async_backend")
+
+
+def load_config_text(
+    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None
+) -> InstanceConfig:
+    """Load an instance config from YAML text.
+
+    Args:
+      text: The YAML document.
+      file: The name used in error messages; relative ``${file:...}`` paths resolve beside it.
+      environ: Where ``${env:...}`` and ``$CREDENTIALS_DIRECTORY`` are looked up
+        (default: ``os.environ``).
+
+    Raises:
+      ConfigError: naming the file, key path and line of the first problem.
+    """
+    data, lines = _parse_yaml(text, file)
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping", file=file, line=lines.line(()))
+    base_dir = Path(file).parent if file != "<config>" else Path.cwd()
+    _resolve_secrets(
+        data, file=file, lines=lines, base_dir=base_dir,
+        environ=os.environ if environ is None else environ,
+    )
+    if "source_file" in data:
+        raise ConfigError("unknown key", file=file, key="source_file",
+                          line=lines.line(("source_file",)))
+    if "instance" not in data and file != "<config>":
+        data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
+    data["source_file"] = file
+    try:
+        cfg = msgspec.convert(data, InstanceConfig, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc, file=file, lines=lines) from None
+    _check_semantics(cfg, file=file, lines=lines)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+                ) -> InstanceConfig:
+    """Load and validate the instance config file at *path*.
+
+    The instance name defaults to the file's stem (``crm.yaml`` -> ``crm``).
+
+    Raises:
+      ConfigError: the file cannot be read, or names the key path and line of the problem.
+    """
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=file) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config is not valid UTF-8", file=file) from None
+    return load_config_text(text, file=file, environ=environ)

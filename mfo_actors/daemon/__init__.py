@@ -1,0 +1,1 @@
+"""daemon layer (see ARCHITECTURE.md)."""

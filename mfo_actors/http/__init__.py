@@ -1,0 +1,9 @@
+"""A small HTTP/1.1 server core on h11 over anyio sockets (no MFO knowledge)."""
+
+from mfo_actors.http._types import Handler as Handler
+from mfo_actors.http._types import HeadCheck as HeadCheck
+from mfo_actors.http._types import Request as Request
+from mfo_actors.http._types import RequestHead as RequestHead
+from mfo_actors.http._types import Response as Response
+
+__all__ = ["Handler", "HeadCheck", "Request", "RequestHead", "Response"]

@@ -1,0 +1,1 @@
+"""mock_server layer (see ARCHITECTURE.md)."""

@@ -1,0 +1,248 @@
+"""The store protocol: what the listener, forwarder, scheduler and CLI need from durable state.
+
+Two backends implement it: SQLite in ``state_dir`` (the default) and, later, Redis Streams for
+scale-out. Everything here is async and safe to call from many tasks at once; a backend that
+blocks (SQLite) does so off the event loop. Every write that returns has been made durable
+(for SQLite: committed with ``synchronous=FULL``).
+
+Event lifecycle::
+
+    append --> pending --claim_due--> claimed --mark_delivered--> delivered
+                  ^                     |  \\--dead_letter--> dead --replay--> pending
+                  +----reschedule-------+
+                  +----lease expiry / recover_claims (crash)
+
+Run lifecycle (seed 001): new --claim_runs--> active --finish_run--> done | error.
+A run found active at start-up was interrupted by a crash (``recover_runs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import msgspec
+
+from mfo_actors.errors import MFOError
+from mfo_actors.messages import Event, RunStatus, TriggerKind
+
+__all__ = [
+    "AppendResult",
+    "EventStatus",
+    "EventStore",
+    "RunRecord",
+    "RunRequest",
+    "StoreClosedError",
+    "StoreError",
+    "StoreFullError",
+    "StoreStats",
+    "StoredEvent",
+    "TaskRunRecord",
+    "TaskState",
+]
+
+EventStatus = Literal["pending", "claimed", "delivered", "dead"]
+TaskState = Literal["pending", "running", "done", "error", "skipped", "cancelled"]
+
+
+class StoreError(MFOError):
+    """The store could not do what was asked (disk full, corrupt file, lost connection)."""
+
+
+class StoreFullError(StoreError):
+    """``store.max_pending`` or ``store.max_bytes`` is reached: the listener answers 503."""
+
+
+class StoreClosedError(StoreError):
+    """The store is shutting down and accepts no more writes."""
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A run to create (with status ``new``) in the same transaction as an event or tick."""
+
+    run_id: str
+    flow: str
+    trigger: TriggerKind
+    event_id: str | None = None
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    # For cron/interval: (flow, schedule_key, tick) is unique, so a tick never fires twice.
+    schedule_key: str | None = None
+    tick: float | None = None
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """``id`` of the stored event; when ``duplicate``, the id of the first delivery."""
+
+    id: str
+    duplicate: bool = False
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event with its delivery state."""
+
+    event: Event
+    status: EventStatus
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+    delivered_at: float | None = None
+    claim_token: str | None = None  # set on claimed events; settle calls must pass it back
+
+
+class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts for backpressure, /readyz and ``mfo_outbox_depth``."""
+
+    pending: int  # pending + claimed
+    pending_bytes: int
+    delivered: int
+    dead: int
+
+
+class TaskRunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One task of one run."""
+
+    run_id: str
+    task_id: str
+    state: TaskState
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    output: dict[str, Any] | None = None  # size-capped by the writer
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One run of a flow."""
+
+    run_id: str
+    flow: str
+    status: RunStatus
+    trigger: TriggerKind
+    event_id: str | None = None
+    input: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    outputs: dict[str, Any] | None = None
+    interrupted: int = 0  # how many times a crash interrupted this run
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """Durable events and run history. Open with ``async with open_store(cfg) as store``."""
+
+    # -- events -------------------------------------------------------------------------
+    async def append(self, event: Event, *, runs: Sequence[RunRequest] = ()) -> AppendResult:
+        """Store *event* durably (and *runs* in the same transaction); return once on disk.
+
+        When ``event.dedupe_key`` matches an event of the same source stored within the
+        dedupe window, nothing is stored and the first event's id is returned as duplicate.
+
+        Raises:
+          StoreFullError: the configured bound is reached.
+          StoreClosedError: the store is closing.
+        """
+        ...
+
+    async def claim_due(
+        self, *, limit: int, lease: float, ordered_by_source: bool = True
+    ) -> list[StoredEvent]:
+        """Claim up to *limit* pending events whose next attempt is due, oldest first.
+
+        A claim expires after *lease* seconds and the event becomes due again. With
+        *ordered_by_source*, an event is claimable only when no older event of its source is
+        pending or claimed (one in flight per source, in acceptance order).
+        """
+        ...
+
+    async def mark_delivered(self, event_id: str, claim_token: str) -> None:
+        """Settle a claimed event as delivered."""
+        ...
+
+    async def reschedule(
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str
+    ) -> None:
+        """Settle a claimed event as pending again, due at *next_attempt_at*; counts an attempt."""
+        ...
+
+    async def dead_letter(self, event_id: str, claim_token: str, *, reason: str) -> None:
+        """Settle a claimed event as dead, with the reason (status and error body)."""
+        ...
+
+    async def recover_claims(self) -> int:
+        """Make every claimed event due again (called once at start-up); return how many."""
+        ...
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        """One event with its state, or None."""
+        ...
+
+    async def list_events(
+        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
+    ) -> list[StoredEvent]:
+        """Events, newest first, filtered by status and source."""
+        ...
+
+    async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Move dead events back to pending, due now, attempts reset; return how many moved."""
+        ...
+
+    async def stats(self) -> StoreStats:
+        """Current counts (cheap: kept up to date in memory where the backend can)."""
+        ...
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Return when an event may be due (an append or replay happened), or after *timeout*."""
+        ...
+
+    # -- runs -----------------------------------------------------------------------------
+    async def create_runs(self, runs: Sequence[RunRequest]) -> list[str]:
+        """Create runs with status ``new``; a (flow, schedule_key, tick) seen before is skipped.
+
+        Returns the run ids actually created.
+        """
+        ...
+
+    async def claim_runs(self, *, limit: int) -> list[RunRecord]:
+        """Mark up to *limit* ``new`` runs ``active`` (oldest first) and return them."""
+        ...
+
+    async def record_task(self, record: TaskRunRecord) -> None:
+        """Insert or replace the record of one task of a run."""
+        ...
+
+    async def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: Literal["done", "error"],
+        error: str | None = None,
+        outputs: dict[str, Any] | None = None,
+    ) -> None:
+        """Settle an active run."""
+        ...
+
+    async def recover_runs(self, *, rerun_flows: Sequence[str]) -> list[RunRecord]:
+        """At start-up: runs left ``active`` by a crash get ``interrupted += 1``; those of
+        *rerun_flows* go back to ``new``, the others become ``error`` ("interrupted").
+        Returns the interrupted runs as they are after the change."""
+        ...
+
+    async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
+        """One run and its task records, or None."""
+        ...
+
+    async def list_runs(
+        self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+        ...
+
+    async def last_tick(self, flow: str, schedule_key: str) -> float | None:
+        """The latest tick recorded for a cron/interval trigger, or None."""
+        ...
+
+    async def aclose(self) -> None:
+        """Finish pending writes and close; later writes raise StoreClosedError."""
+        ...

@@ -1,0 +1,1 @@
+"""taskflow layer (see ARCHITECTURE.md)."""
