@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +57,7 @@ __all__ = [
 
 
 class Duration(float):
-    """A number of seconds, written in YAML as ``500ms``, ``30s``, ``1m``, ``1h``, ``1d`` or a number."""
+    """Seconds, written in YAML as ``500ms``, ``30s``, ``1m``, ``1h``, ``1d`` or a number."""
 
 
 class Size(int):
@@ -94,7 +96,7 @@ def parse_duration(value: object) -> Duration:
 
 
 def parse_size(value: object) -> Size:
-    """Parse ``"1MiB"``, ``"512KiB"``, ``"10MB"`` or a number of bytes; raise ValueError otherwise."""
+    """Parse ``"1MiB"``, ``"512KiB"``, ``"10MB"`` or a number of bytes; else ValueError."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return Size(value)
     if isinstance(value, str):
@@ -105,7 +107,8 @@ def parse_size(value: object) -> Size:
 
 
 def _parse_port(value: object) -> Port:
-    text = str(value).strip() if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    valid_type = isinstance(value, int | str) and not isinstance(value, bool)
+    text = str(value).strip() if valid_type else ""
     if text.startswith(":"):
         text = text[1:]
     if text.isdigit() and 0 <= int(text) <= 65535:
@@ -127,7 +130,7 @@ class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     """Config sections: frozen, unknown keys are errors, keys are the seed's snake_case."""
 
 
-class RetryConfig(_Base):
+class RetryConfig(_Base, frozen=True):
     """Backoff for calls to the MFO server (seed 000, section 2.7.2)."""
 
     max_attempts: int = 8
@@ -136,7 +139,7 @@ class RetryConfig(_Base):
     backoff_multiplier: float = 2.0
 
 
-class CircuitBreakerConfig(_Base):
+class CircuitBreakerConfig(_Base, frozen=True):
     """When to stop calling a failing upstream, and when to try again."""
 
     failure_threshold: int = 5
@@ -144,14 +147,14 @@ class CircuitBreakerConfig(_Base):
     half_open_max_calls: int = 1  # probe calls allowed while half-open
 
 
-class RateLimitConfig(_Base):
+class RateLimitConfig(_Base, frozen=True):
     """Token bucket shared by every caller of one upstream."""
 
     requests_per_second: float
     burst: int | None = None  # default: max(1, requests_per_second)
 
 
-class ClientConfig(_Base):
+class ClientConfig(_Base, frozen=True):
     """How to reach the MFO server."""
 
     base_url: str = "http://127.0.0.1:9000"
@@ -167,7 +170,7 @@ class ClientConfig(_Base):
         return self.auth_base_url or self.base_url.rstrip("/") + "/auth"
 
 
-class AuthConfig(_Base):
+class AuthConfig(_Base, frozen=True):
     """Who we are to the MFO server: ``login`` (email/password), ``token`` (static) or ``none``."""
 
     mode: Literal["login", "token", "none"] = "none"
@@ -179,7 +182,7 @@ class AuthConfig(_Base):
     login_max_backoff: Duration = Duration(60.0)
 
 
-class VerifyConfig(_Base):
+class VerifyConfig(_Base, frozen=True):
     """Signature verification for one route."""
 
     scheme: Literal["standard-webhooks", "github", "hmac-sha256"]
@@ -190,7 +193,7 @@ class VerifyConfig(_Base):
     tolerance: Duration = Duration(300.0)  # standard-webhooks: max timestamp skew
 
 
-class RouteConfig(_Base):
+class RouteConfig(_Base, frozen=True):
     """One webhook path and what arrives on it."""
 
     path: str
@@ -201,7 +204,7 @@ class RouteConfig(_Base):
     dedupe_header: str | None = None  # delivery-id header, besides webhook-id / X-GitHub-Delivery
 
 
-class WebhookListenerConfig(_Base):
+class WebhookListenerConfig(_Base, frozen=True):
     """The front door: routes, limits and timeouts (defaults follow common server limits)."""
 
     enabled: bool = True
@@ -230,7 +233,7 @@ class WebhookListenerConfig(_Base):
         return routes
 
 
-class AdminConfig(_Base):
+class AdminConfig(_Base, frozen=True):
     """The admin port: /healthz, /readyz, /metrics."""
 
     enabled: bool = True
@@ -238,7 +241,7 @@ class AdminConfig(_Base):
     port: Port = Port(9090)
 
 
-class ForwarderConfig(_Base):
+class ForwarderConfig(_Base, frozen=True):
     """Delivery of stored events to ``POST {base_url}/api/events``."""
 
     enabled: bool = True
@@ -249,7 +252,7 @@ class ForwarderConfig(_Base):
     poll_interval: Duration = Duration(1.0)  # idle wake-up when no append signal arrives
 
 
-class FlowsConfig(_Base):
+class FlowsConfig(_Base, frozen=True):
     """Taskflows: where they live and how many run at once."""
 
     enabled: bool = True
@@ -259,7 +262,7 @@ class FlowsConfig(_Base):
     catch_up: Literal["none", "one"] = "none"  # missed cron ticks after downtime
 
 
-class StoreConfig(_Base):
+class StoreConfig(_Base, frozen=True):
     """Where events and run history are kept."""
 
     backend: Literal["sqlite", "redis"] = "sqlite"
@@ -270,14 +273,14 @@ class StoreConfig(_Base):
     group_commit_max: int = 512  # events committed in one transaction at most
 
 
-class LoggingConfig(_Base):
+class LoggingConfig(_Base, frozen=True):
     """Log level and format (``json`` lines, or ``console``; default json unless a TTY)."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] | None = None
 
 
-class InstanceConfig(_Base):
+class InstanceConfig(_Base, frozen=True):
     """One instance: everything ``mfo-actors run`` needs (ARCHITECTURE.md, "Instance config")."""
 
     instance: str = "default"
@@ -348,7 +351,112 @@ class _LineMap:
         return self._lines.get(())
 
 
-def _parse_yaml(text: str, file: str) -> tuple[Any, _LineMap]:
+def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
+    """The Struct type of a section field (``RetryConfig`` or ``RateLimitConfig | None``)."""
+    candidates = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _field_types(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.encode_name: f.type for f in msgspec.structs.fields(struct)}
+
+
+class _NullSection:
+    """A section key written with no value (``client:``) that keys after it may belong to."""
+
+    def __init__(self, key_node: yaml.Node, struct: type[msgspec.Struct]) -> None:
+        self.key_node = key_node
+        self.struct = struct
+        self.fields = _field_types(struct)
+        self.entries: list[tuple[yaml.Node, yaml.Node]] = []
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _unflatten(node: yaml.Node, struct: type[msgspec.Struct]) -> None:
+    """Re-nest a config whose indentation was lost, as in the seed's printed example.
+
+    The seed (000, "Structure de Configuration YAML (Client)") prints its example with every
+    line flush left: ``client:`` has no value and ``base_url:`` follows at the top level. A
+    section key with no value *opens* that section; a following key that is not valid where
+    it stands goes to the innermost open section that has it. A key valid where it stands
+    stays there, so a correctly indented file is never changed, and a key valid nowhere still
+    fails as an unknown key on its own line. Sections that capture no key stay null.
+    """
+    if not isinstance(node, yaml.MappingNode):
+        return
+    here = _field_types(struct)
+    kept: list[tuple[yaml.Node, yaml.Node]] = []
+    open_sections: list[_NullSection] = []
+    opened: list[_NullSection] = []
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        target_fields, target = here, kept
+        if key not in here:
+            for depth in range(len(open_sections) - 1, -1, -1):
+                if key in open_sections[depth].fields:
+                    del open_sections[depth + 1 :]
+                    target_fields = open_sections[depth].fields
+                    target = open_sections[depth].entries
+                    break
+        if target is kept:
+            open_sections.clear()
+        target.append((key_node, value_node))
+        section = _struct_of(target_fields.get(key)) if isinstance(key, str) else None
+        if section is None:
+            continue
+        if _is_null(value_node):
+            opened.append(_NullSection(key_node, section))
+            open_sections.append(opened[-1])
+        else:
+            _unflatten(value_node, section)
+    if not opened:
+        return
+    by_key = {id(s.key_node): s for s in opened if s.entries}
+
+    def rebuild(entries: list[tuple[yaml.Node, yaml.Node]]) -> list[tuple[yaml.Node, yaml.Node]]:
+        out = []
+        for key_node, value_node in entries:
+            captured = by_key.get(id(key_node))
+            if captured is not None:
+                value_node = yaml.MappingNode(
+                    "tag:yaml.org,2002:map", rebuild(captured.entries),
+                    start_mark=key_node.start_mark, end_mark=key_node.end_mark,
+                )
+            out.append((key_node, value_node))
+        return out
+
+    node.value = rebuild(kept)
+
+
+def _duplicate_key(node: yaml.Node, path: _KeyPath = ()) -> tuple[_KeyPath, int] | None:
+    """The first key written twice in one mapping (PyYAML would silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                return (*path, key), key_node.start_mark.line + 1
+            seen.add(key)
+            found = _duplicate_key(value_node, (*path, key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, (*path, i))
+            if found:
+                return found
+    return None
+
+
+def _parse_yaml(
+    text: str, file: str, root: type[msgspec.Struct] | None = None
+) -> tuple[Any, _LineMap]:
     lines = _LineMap()
     try:
         loader = yaml.SafeLoader(text)
@@ -356,6 +464,12 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, _LineMap]:
             node = loader.get_single_node()
             if node is None:
                 return {}, lines
+            duplicate = _duplicate_key(node)
+            if duplicate is not None:
+                raise ConfigError("duplicate key", file=file, key=_dotted(duplicate[0]),
+                                  line=duplicate[1])
+            if root is not None:
+                _unflatten(node, root)
             lines.record(node)
             data = loader.construct_document(node)
         finally:
@@ -525,7 +639,7 @@ def load_config_text(
     Raises:
       ConfigError: naming the file, key path and line of the first problem.
     """
-    data, lines = _parse_yaml(text, file)
+    data, lines = _parse_yaml(text, file, InstanceConfig)
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping", file=file, line=lines.line(()))
     base_dir = Path(file).parent if file != "<config>" else Path.cwd()

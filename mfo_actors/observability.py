@@ -16,6 +16,7 @@ import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
+import msgspec
 import structlog
 
 __all__ = [
@@ -66,21 +67,51 @@ def _redact_text(text: str) -> str:
     return text
 
 
+def _key_name(key: object) -> str:
+    return key.decode("latin-1") if isinstance(key, bytes) else str(key)
+
+
+def _is_sensitive(key: object) -> bool:
+    return isinstance(key, str | bytes) and bool(_SENSITIVE_KEY.search(_key_name(key)))
+
+
+def _to_builtin(obj: Any) -> Any:
+    """msgspec's fallback for float/int subclasses (Duration, Size) and other objects."""
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    return str(obj)
+
+
 def redact(value: Any, key: str | None = None) -> Any:
-    """Return *value* with secrets replaced by ``[REDACTED]`` (recursing into dicts and lists)."""
-    if key is not None and _SENSITIVE_KEY.search(key) and value not in (None, "", b""):
+    """Return *value* with secrets replaced by ``[REDACTED]``, recursing into containers.
+
+    Strings lose every registered secret and every ``Bearer``/``Basic`` credential; a value
+    under a sensitive key (``authorization``, ``password``, ``token`` ...) is dropped whole,
+    including header pairs such as ``(b"authorization", b"...")``. Structs become dicts and
+    other objects their ``str()``, so no renderer can print an unredacted ``repr`` later.
+    """
+    if key is not None and _is_sensitive(key) and value not in (None, "", b""):
         return REDACTED
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, str):
         return _redact_text(value)
-    if isinstance(value, bytes):
-        return _redact_text(value.decode("utf-8", "replace"))
+    if isinstance(value, bytes | bytearray):
+        return _redact_text(bytes(value).decode("utf-8", "replace"))
     if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
+        return {_key_name(k): redact(v, _key_name(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+        if len(items) == 2 and _is_sensitive(items[0]):  # a (name, value) header pair
+            return [_key_name(items[0]), REDACTED]
+        return [redact(v) for v in items]
+    if isinstance(value, msgspec.Struct):
+        return redact(msgspec.to_builtins(value, str_keys=True, enc_hook=_to_builtin))
     if isinstance(value, BaseException):
         return _redact_text(repr(value))
-    return value
+    return _redact_text(str(value))
 
 
 def redact_processor(
@@ -98,29 +129,40 @@ def configure_logging(
     fmt: Literal["json", "console"] | None = None,
     instance: str | None = None,
     stream: TextIO | None = None,
+    cache: bool = True,
 ) -> None:
     """Configure structlog for this process; call once, from the entry point.
 
     Args:
       level: Minimum level: debug, info, warning or error.
       fmt: ``json`` lines or ``console``; default JSON unless *stream* is a TTY.
-      instance: Bound to every event as ``instance``.
+      instance: Added to every event as ``instance``.
       stream: Where lines go (default ``sys.stderr``, which systemd's journal captures).
+      cache: Cache each logger on first use (fast); tests that reconfigure pass False.
+
+    Warnings and errors logged by libraries through the stdlib ``logging`` module go through
+    the same chain (and redaction), as ``stdlib.log`` events.
     """
+    global _instance
     out = stream or sys.stderr
     if fmt is None:
-        fmt = "console" if out.isatty() else "json"
+        fmt = "console" if _isatty(out) else "json"
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=_isatty(out))
     )
+    _instance = instance
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_identity,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if fmt == "json" else _identity,
+            # Tracebacks become data before redaction, so their text is redacted too.
+            structlog.processors.dict_tracebacks
+            if fmt == "json"
+            else structlog.processors.format_exc_info,
             redact_processor,
             renderer,
         ],
@@ -128,16 +170,43 @@ def configure_logging(
             logging.getLevelNamesMapping()[level.upper()]
         ),
         logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     structlog.contextvars.clear_contextvars()
-    if instance is not None:
-        structlog.contextvars.bind_contextvars(instance=instance)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StdlibBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(_StdlibBridge(logging.WARNING))
 
 
-def _identity(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-              ) -> MutableMapping[str, Any]:
+_instance: str | None = None
+
+
+def _isatty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _add_identity(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+                  ) -> MutableMapping[str, Any]:
+    """Every event names its instance and actor (``-`` outside any actor)."""
+    event_dict.setdefault("instance", _instance or "-")
+    event_dict.setdefault("actor", "-")
     return event_dict
+
+
+class _StdlibBridge(logging.Handler):
+    """Sends stdlib ``logging`` records (httpx, redis ...) through structlog's chain."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            fields: dict[str, Any] = {"logger": record.name, "message": message}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, "stdlib.log", **fields)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
 
 
 def get_logger(name: str) -> Any:

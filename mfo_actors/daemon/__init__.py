@@ -1,1 +1,22 @@
-"""daemon layer (see ARCHITECTURE.md)."""
+"""The daemon: one instance from config to exit code (lock, wiring, supervisor, signals, sd_notify).
+
+``mfo-actors run --config FILE`` calls :func:`run_instance` under ``anyio.run``.
+"""
+
+from mfo_actors.daemon._lock import StateDirLock as StateDirLock
+from mfo_actors.daemon._lock import StateDirLockedError as StateDirLockedError
+from mfo_actors.daemon._notify import SystemdNotifier as SystemdNotifier
+from mfo_actors.daemon._notify import watchdog_interval as watchdog_interval
+from mfo_actors.daemon._run import run_instance as run_instance
+from mfo_actors.daemon._wiring import DaemonContext as DaemonContext
+from mfo_actors.daemon._wiring import build_actors as build_actors
+
+__all__ = [
+    "DaemonContext",
+    "StateDirLock",
+    "StateDirLockedError",
+    "SystemdNotifier",
+    "build_actors",
+    "run_instance",
+    "watchdog_interval",
+]

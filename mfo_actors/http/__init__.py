@@ -1,9 +1,23 @@
 """A small HTTP/1.1 server core on h11 over anyio sockets (no MFO knowledge)."""
 
+from mfo_actors.http._server import HttpLimits as HttpLimits
+from mfo_actors.http._server import HttpServer as HttpServer
+from mfo_actors.http._server import error_response as error_response
+from mfo_actors.http._server import serve_http as serve_http
 from mfo_actors.http._types import Handler as Handler
 from mfo_actors.http._types import HeadCheck as HeadCheck
 from mfo_actors.http._types import Request as Request
 from mfo_actors.http._types import RequestHead as RequestHead
 from mfo_actors.http._types import Response as Response
 
-__all__ = ["Handler", "HeadCheck", "Request", "RequestHead", "Response"]
+__all__ = [
+    "Handler",
+    "HeadCheck",
+    "HttpLimits",
+    "HttpServer",
+    "Request",
+    "RequestHead",
+    "Response",
+    "error_response",
+    "serve_http",
+]

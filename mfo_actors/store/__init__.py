@@ -1,5 +1,8 @@
 """Durable events and run history behind one protocol (SQLite by default, Redis for scale-out)."""
 
+from mfo_actors.store._open import DEFAULT_SQLITE_FILE as DEFAULT_SQLITE_FILE
+from mfo_actors.store._open import open_store as open_store
+from mfo_actors.store._open import sqlite_path as sqlite_path
 from mfo_actors.store._protocol import AppendResult as AppendResult
 from mfo_actors.store._protocol import EventStatus as EventStatus
 from mfo_actors.store._protocol import EventStore as EventStore
@@ -12,13 +15,21 @@ from mfo_actors.store._protocol import StoreFullError as StoreFullError
 from mfo_actors.store._protocol import StoreStats as StoreStats
 from mfo_actors.store._protocol import TaskRunRecord as TaskRunRecord
 from mfo_actors.store._protocol import TaskState as TaskState
+from mfo_actors.store._sqlite import OUTPUT_CAP as OUTPUT_CAP
+from mfo_actors.store._sqlite import SQLiteStore as SQLiteStore
+from mfo_actors.store._sqlite import SQLiteStoreStatistics as SQLiteStoreStatistics
+from mfo_actors.store._sqlite import open_sqlite_store as open_sqlite_store
 
 __all__ = [
+    "DEFAULT_SQLITE_FILE",
+    "OUTPUT_CAP",
     "AppendResult",
     "EventStatus",
     "EventStore",
     "RunRecord",
     "RunRequest",
+    "SQLiteStore",
+    "SQLiteStoreStatistics",
     "StoreClosedError",
     "StoreError",
     "StoreFullError",
@@ -26,4 +37,7 @@ __all__ = [
     "StoredEvent",
     "TaskRunRecord",
     "TaskState",
+    "open_sqlite_store",
+    "open_store",
+    "sqlite_path",
 ]

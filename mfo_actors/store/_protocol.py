@@ -126,6 +126,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     outputs: dict[str, Any] | None = None
     interrupted: int = 0  # how many times a crash interrupted this run
+    schedule_key: str | None = None  # cron/interval runs: which trigger fired ...
+    tick: float | None = None  # ... and for which tick
 
 
 @runtime_checkable
@@ -192,8 +194,21 @@ class EventStore(Protocol):
         """Current counts (cheap: kept up to date in memory where the backend can)."""
         ...
 
-    async def wait_for_events(self, timeout: float) -> None:
-        """Return when an event may be due (an append or replay happened), or after *timeout*."""
+    async def wait_for_events(self, timeout: float) -> None:  # noqa: ASYNC109 (a wake-up, not a limit)
+        """Return when an event may be due (an append or replay happened), or after *timeout*.
+
+        A signal that arrives while nobody waits is kept for the next call, so a
+        claim-then-wait loop never misses an append made between its two calls.
+        """
+        ...
+
+    async def prune(self, *, delivered_older_than: float) -> int:
+        """Delete delivered events delivered more than *delivered_older_than* seconds ago.
+
+        Events received within the dedupe window are kept whatever their age, so a provider
+        retry is still recognised. Pending, claimed and dead events are never pruned. The
+        daemon calls this periodically (e.g. hourly); returns how many were deleted.
+        """
         ...
 
     # -- runs -----------------------------------------------------------------------------
@@ -202,6 +217,11 @@ class EventStore(Protocol):
 
         Returns the run ids actually created.
         """
+        ...
+
+    async def wait_for_runs(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Return when a ``new`` run may exist (created, or rerun by ``recover_runs``), or
+        after *timeout*. A signal that arrives while nobody waits is kept for the next call."""
         ...
 
     async def claim_runs(self, *, limit: int) -> list[RunRecord]:

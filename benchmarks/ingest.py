@@ -1,0 +1,341 @@
+"""Ingest benchmark: accepted webhooks/s and p50/p99 latency with fsync'd durability.
+
+Measures, in one run and on one machine:
+
+* **ours**: the listener actor (h11 on anyio, asyncio backend) with the SQLite store
+  (WAL, ``synchronous=FULL``, group commit), in a subprocess, as the daemon runs them;
+* **peer**: what a user would write by hand: a FastAPI app on uvicorn (``uvicorn[standard]``:
+  httptools + uvloop when installed) whose sync endpoint parses the JSON body and does one
+  ``INSERT`` + ``COMMIT`` per request on SQLite with WAL and ``synchronous=FULL`` (one
+  connection per worker thread), also in a subprocess.
+
+Both answer 202 only after the commit. The load generator runs in its own process: ``wrk``
+(C, one thread, a Lua script for the POST) when it is installed, else a Python raw-socket
+generator (asyncio, one process); the report says which. Each level (1, 16, 64 concurrent
+keep-alive connections) runs for ``--duration`` seconds after a short warm-up, POSTing the
+same ~1 KiB JSON document. Results: a table on stdout and ``benchmarks/results/ingest.json``.
+
+Usage::
+
+    .venv/bin/python benchmarks/ingest.py [--duration 10] [--connections 1,16,64]
+                                          [--loadgen auto|wrk|python]
+
+Not a test: it is outside pytest's testpaths and takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "ingest.json"
+WARMUP_S = 2.0
+PAYLOAD = json.dumps({
+    "type": "order.created",
+    "id": "evt_0001",
+    "created": 1_700_000_000,
+    "data": {
+        "customer": {"id": "cus_42", "email": "someone@example.com", "name": "A. Customer"},
+        "items": [{"sku": f"SKU-{i:04d}", "qty": i % 5 + 1, "price": 1999 + i} for i in range(12)],
+        "note": "x" * 200,
+    },
+}).encode()
+
+# --------------------------------------------------------------------------------------------
+# Servers (each runs in its own subprocess: `ingest.py --serve ours|peer ...`)
+
+
+def serve_ours(state_dir: Path, port_file: Path) -> None:
+    import anyio
+
+    from mfo_actors.actors.listener import ListenerActor
+    from mfo_actors.config import load_config_text
+    from mfo_actors.observability import configure_logging
+    from mfo_actors.runtime import ReadySignal
+    from mfo_actors.store import open_store
+
+    configure_logging(level="warning", fmt="json")
+    cfg = load_config_text(f"""
+instance: bench
+state_dir: {state_dir}
+webhook_listener: {{host: 127.0.0.1, port: 0, path: /webhook}}
+store: {{max_pending: 100000000, max_bytes: 1000GiB}}
+""")
+
+    async def main() -> None:
+        async with open_store(cfg) as store:
+            actor = ListenerActor(cfg, store)
+            ready = ReadySignal()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(actor.run, ready)
+                await ready.wait()
+                port_file.write_text(str(actor.port))
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        actor.request_stop()
+                        break
+
+    try:
+        import uvloop  # noqa: F401  (as the peer: uvicorn picks uvloop when installed)
+
+        options = {"use_uvloop": True}
+    except ImportError:
+        options = {}
+    port_file.with_name("loop").write_text("uvloop" if options else "asyncio")
+    anyio.run(main, backend="asyncio", backend_options=options)
+
+
+def serve_peer(state_dir: Path, port_file: Path) -> None:
+    import uuid
+
+    import uvicorn
+    from fastapi import Body, FastAPI
+
+    db_path = state_dir / "peer.sqlite3"
+    setup = sqlite3.connect(db_path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, received_at REAL,"
+                  " payload TEXT)")
+    setup.commit()
+    setup.close()
+    local = threading.local()
+
+    def db() -> sqlite3.Connection:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(db_path, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            local.conn = conn
+        return conn
+
+    app = FastAPI()
+
+    @app.post("/webhook", status_code=202)
+    def webhook(payload: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008
+        event_id = str(uuid.uuid4())
+        conn = db()
+        conn.execute("INSERT INTO events VALUES (?, ?, ?)",
+                     (event_id, time.time(), json.dumps(payload)))
+        conn.commit()
+        return {"id": event_id}
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    port_file.write_text(str(sock.getsockname()[1]))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, backlog=2048)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+# --------------------------------------------------------------------------------------------
+# Load generators
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%s]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"max_us":%%d,' ..
+    '"err_connect":%%d,"err_read":%%d,"err_write":%%d,"err_status":%%d,"err_timeout":%%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+         "-s", str(script), f"http://127.0.0.1:{port}/webhook"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    raw = json.loads(line[len("RESULT "):])
+    errors = sum(v for k, v in raw.items() if k.startswith("err_"))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "requests": raw["requests"], "errors": errors,
+        "accepted_per_s": (raw["requests"] - raw["err_status"]) / seconds,
+        "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+    }
+
+
+def _python_loadgen(port: int, connections: int, duration: float) -> dict[str, Any]:
+    """Raw-socket keep-alive clients on asyncio; runs in its own process (see run_python)."""
+    request = (b"POST /webhook HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(PAYLOAD)).encode() + b"\r\n\r\n" + PAYLOAD)
+    latencies: list[float] = []
+    counts = {"ok": 0, "bad": 0}
+
+    async def client(deadline: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                counts["ok" if head[9:10] == b"2" else "bad"] += 1
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(start + duration) for _ in range(connections)))
+        return time.perf_counter() - start
+
+    seconds = asyncio.run(main())
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+
+    return {"requests": counts["ok"] + counts["bad"], "errors": counts["bad"],
+            "accepted_per_s": counts["ok"] / seconds, "p50_ms": pct(50), "p99_ms": pct(99),
+            "max_ms": latencies[-1] * 1000}
+
+
+def run_python(port: int, connections: int, duration: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--loadgen-child", str(port), str(connections), str(duration)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def start_server(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = state_dir / "port"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", kind, "--state-dir", str(state_dir),
+         "--port-file", str(port_file)], cwd=ROOT,
+    )
+    deadline = time.monotonic() + 30
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{kind} server did not start")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    parser.add_argument("--connections", default="1,16,64")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--only", choices=["ours", "peer"], default=None)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--serve", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--loadgen-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve:
+        (serve_ours if args.serve == "ours" else serve_peer)(args.state_dir, args.port_file)
+        return
+    if args.loadgen_child:
+        port, conns, duration = args.loadgen_child
+        print(json.dumps(_python_loadgen(int(port), int(conns), float(duration))))
+        return
+
+    loadgen = args.loadgen
+    if loadgen == "auto":
+        loadgen = "wrk" if shutil.which("wrk") else "python"
+    levels = [int(x) for x in args.connections.split(",")]
+    kinds = [args.only] if args.only else ["ours", "peer"]
+    results: dict[str, Any] = {
+        "benchmark": "ingest",
+        "loadgen": "wrk -t1 (Lua POST script)" if loadgen == "wrk"
+        else "python asyncio raw sockets (separate process)",
+        "duration_s": args.duration,
+        "payload_bytes": len(PAYLOAD),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT % PAYLOAD.decode())
+        for kind in kinds:
+            state_dir = Path(tmp) / kind
+            state_dir.mkdir()
+            proc, port = start_server(kind, state_dir)
+            try:
+                run = (lambda c, d: run_wrk(port, c, d, script)) if loadgen == "wrk" \
+                    else (lambda c, d: run_python(port, c, d))
+                run(min(levels[-1], 16), WARMUP_S)  # warm-up: caches, WAL file growth
+                results["runs"][kind] = {}
+                for conns in levels:
+                    res = run(conns, args.duration)
+                    results["runs"][kind][str(conns)] = res
+                    print(f"{kind:5} c={conns:3}  {res['accepted_per_s']:9.0f}/s  "
+                          f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
+                          f"errors {res['errors']}", flush=True)
+            finally:
+                stop_server(proc)
+
+    print()
+    print(f"load generator: {results['loadgen']}; {args.duration:g}s per level; "
+          f"{len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs")
+    print("| connections | ours accepted/s | ours p50 ms | ours p99 ms | peer accepted/s "
+          "| peer p50 ms | peer p99 ms | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for conns in levels:
+        ours = results["runs"].get("ours", {}).get(str(conns))
+        peer = results["runs"].get("peer", {}).get(str(conns))
+        cells = [str(conns)]
+        for r in (ours, peer):
+            cells += ([f"{r['accepted_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
+                      if r else ["-", "-", "-"])
+        ratio = (f"{ours['accepted_per_s'] / peer['accepted_per_s']:.1f}x"
+                 if ours and peer and peer["accepted_per_s"] else "-")
+        if ours and peer:
+            results["runs"].setdefault("ratio", {})[str(conns)] = round(
+                ours["accepted_per_s"] / max(peer["accepted_per_s"], 1e-9), 2)
+        print("| " + " | ".join([*cells, ratio]) + " |")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""The auth refresher: owns the MFO bearer token for the whole instance.
+
+Modes (``auth.mode``):
+
+* ``login``: ``POST {auth_base_url}/login`` with email/password; log in again proactively
+  when ``auth.refresh_at`` (0.8) of the token's lifetime has passed, a little earlier at
+  random (jitter, so many instances do not log in in step); the lifetime is ``expires_in``
+  from the login answer, else the JWT ``exp`` claim read from the token (not verified: the
+  server stays the judge of validity).
+* ``token``: a static token; a 401 cannot be fixed by asking again, so it is only logged.
+* ``none``: no ``Authorization`` header.
+
+:attr:`AuthRefresherActor.provider` is the ``AuthProvider`` to build the client with. Its
+``header()`` waits (bounded) for the first token; ``invalidate(token)`` (called by the
+client on a 401) forgets that token and sends one :class:`TokenRejected` to the refresher.
+Single flight: only the first report of the *current* token does anything; a report of a
+token already replaced, or a second report of the same one, is ignored, so a burst of
+concurrent 401s costs one login. Callers that need a token meanwhile wait for the new one.
+
+Failed logins back off (``login_backoff`` doubling up to ``login_max_backoff``) and show in
+:meth:`AuthRefresherActor.health` and ``mfo_token_refresh_total{result}``. A refused login
+(401/403: wrong email or password) is logged once as ``auth.login_rejected`` until a login
+succeeds again. Tokens and passwords are never logged (they are also registered with the
+log redactor).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import httpx
+import msgspec
+
+from mfo_actors.client._auth import jwt_expiry
+from mfo_actors.client.errors import (
+    AuthError,
+    ValidationError,
+    classify_response,
+    classify_transport_error,
+)
+from mfo_actors.client.models import LoginRequest, LoginResponse
+from mfo_actors.messages import TokenIssued, TokenRejected
+from mfo_actors.metrics import TOKEN_REFRESH
+from mfo_actors.observability import get_logger, register_secret
+from mfo_actors.runtime import Broadcast, RestartPolicy, SystemClock, open_channel
+
+if TYPE_CHECKING:
+    from mfo_actors.config import InstanceConfig
+    from mfo_actors.runtime import ChannelReceiver, ChannelSender, Clock, ReadySignal
+
+__all__ = ["AuthRefresherActor", "RefreshingAuth", "TokenUnavailableError"]
+
+log = get_logger(__name__)
+
+REFRESH_JITTER = 0.05  # refresh up to 5% of the lifetime earlier than refresh_at, at random
+MIN_REFRESH_DELAY = 0.05  # seconds; a token that is (nearly) expired is renewed at once
+_REJECTIONS_SIZE = 16  # one pending rejection is all that matters; the rest are duplicates
+
+_login_decoder = msgspec.json.Decoder(LoginResponse)
+
+
+class TokenUnavailableError(AuthError):
+    """No token could be had in time: logins are failing (see ``/readyz``). Nothing was sent.
+
+    A subclass of :class:`AuthError` (status 401) for library callers; the forwarder treats
+    it as a reason to try later, never as the event's fault.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(401, "token_unavailable", reason)
+
+
+class RefreshingAuth:
+    """The ``AuthProvider`` side of the refresher (what the ``BaseClient`` calls).
+
+    Args:
+      mode: ``login``, ``token`` or ``none``.
+      rejections: Where :meth:`invalidate` reports a rejected token (the refresher's inbox).
+      wait_timeout: How long :meth:`header` waits for a token before raising.
+    """
+
+    def __init__(
+        self,
+        mode: Literal["login", "token", "none"],
+        rejections: ChannelSender[TokenRejected],
+        *,
+        wait_timeout: float,
+    ) -> None:
+        self._mode = mode
+        self._rejections = rejections
+        self._wait_timeout = wait_timeout
+        self._token: str | None = None
+        self._has_token = anyio.Event()
+        self._last_error: str | None = None
+        self._static_rejected_logged = False
+
+    def __repr__(self) -> str:
+        return f"RefreshingAuth(mode={self._mode!r}, token={'***' if self._token else None})"
+
+    @property
+    def token(self) -> str | None:
+        """The token in use now (``None`` before the first login or right after a 401)."""
+        return self._token
+
+    def set_token(self, token: str) -> None:
+        """The refresher has a new token: every caller uses it from now on."""
+        register_secret(token)
+        self._token = token
+        self._last_error = None
+        self._has_token.set()
+
+    def set_error(self, reason: str) -> None:
+        """Why there is no token (shown to callers that time out waiting for one)."""
+        self._last_error = reason
+
+    async def header(self) -> str | None:
+        """``Bearer <token>``, waiting up to ``wait_timeout`` for the first (or next) token.
+
+        Raises:
+          TokenUnavailableError: no token arrived in time (logins failing).
+        """
+        if self._mode == "none":
+            return None
+        token = self._token
+        if token is not None:
+            return f"Bearer {token}"
+        with anyio.move_on_after(self._wait_timeout):
+            while self._token is None:
+                await self._has_token.wait()
+        token = self._token
+        if token is None:
+            raise TokenUnavailableError(
+                f"no MFO token after {self._wait_timeout:.1f}s: "
+                f"{self._last_error or 'login has not succeeded yet'}"
+            )
+        return f"Bearer {token}"
+
+    async def invalidate(self, token: str | None) -> None:
+        """The server answered 401 to *token*: forget it and ask the refresher for a new one.
+
+        Only the first report of the token in use counts (single flight).
+        """
+        if self._mode == "none":
+            return
+        if self._mode == "token":
+            if not self._static_rejected_logged:
+                self._static_rejected_logged = True
+                log.error("auth.static_token_rejected",
+                          hint="the server refused auth.token; fix the config and restart")
+            return
+        current = self._token
+        if current is None or (token is not None and token != current):
+            return  # already being replaced, or already replaced: nothing to do
+        self._token = None
+        self._has_token = anyio.Event()
+        try:
+            self._rejections.send_nowait(TokenRejected(token=current))
+        except anyio.WouldBlock:
+            pass  # a rejection is already queued; one re-login serves everyone
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the refresher is gone (shutting down)
+
+
+class AuthRefresherActor:
+    """Keeps a valid token in :attr:`provider` and publishes each on :attr:`tokens`.
+
+    Args:
+      cfg: ``auth`` (mode, credentials, refresh_at, login backoff), ``client`` (URL, timeout).
+      http: The ``httpx.AsyncClient`` to log in with; ``None``: one of our own, closed on
+        exit. (The caller owns one it passes.)
+      clock: Time source for refresh and backoff (a ``FakeClock`` in tests).
+      token_wait: How long ``provider.header()`` waits for a token; default
+        ``client.timeout``.
+      rng: Uniform [0, 1) source for the refresh jitter (tests pass a constant).
+
+    Attributes:
+      provider: The ``AuthProvider`` for ``MFOClient.from_config(cfg, auth=...)``.
+      tokens: ``Broadcast[TokenIssued]``; ``tokens.latest`` is the current one.
+      logins: Successful logins so far.
+    """
+
+    name = "auth"
+    restart = RestartPolicy("permanent")
+
+    def __init__(
+        self,
+        cfg: InstanceConfig,
+        http: httpx.AsyncClient | None = None,
+        *,
+        clock: Clock | None = None,
+        token_wait: float | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._cfg = cfg
+        self._auth = cfg.auth
+        self._http = http
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._rng = rng
+        self._url = cfg.client.effective_auth_base_url.rstrip("/") + "/login"
+        self._rejections_tx: ChannelSender[TokenRejected]
+        self._rejections_rx: ChannelReceiver[TokenRejected]
+        self._rejections_tx, self._rejections_rx = open_channel(TokenRejected, _REJECTIONS_SIZE)
+        self.provider = RefreshingAuth(
+            cfg.auth.mode, self._rejections_tx,
+            wait_timeout=float(cfg.client.timeout) if token_wait is None else token_wait,
+        )
+        self.tokens: Broadcast[TokenIssued] = Broadcast(TokenIssued)
+        self.logins = 0
+        self._failures = 0
+        self._last_error: str | None = None
+        self._expires_at: float | None = None  # wall clock
+        self._rejected_logged = False
+        self._issued: str | None = None  # the last token issued; rejections are matched to it
+        self._stop = anyio.Event()
+        if cfg.auth.mode == "login":
+            if not cfg.auth.email or not cfg.auth.password:
+                raise ValueError("auth.mode login needs auth.email and auth.password")
+            register_secret(cfg.auth.password)
+        elif cfg.auth.mode == "token":
+            if not cfg.auth.token:
+                raise ValueError("auth.mode token needs auth.token")
+            self.provider.set_token(cfg.auth.token)
+
+    # -- status ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """For ``/readyz``: ``ok`` is False while there is no usable token (logins failing)."""
+        if self._auth.mode != "login":
+            return {"ok": True, "mode": self._auth.mode}
+        expires_in = (
+            None if self._expires_at is None
+            else round(self._expires_at - self._clock.now(), 1)
+        )
+        return {
+            "ok": self.provider.token is not None,
+            "mode": "login",
+            "has_token": self.provider.token is not None,
+            "logins": self.logins,
+            "consecutive_failures": self._failures,
+            "last_error": self._last_error,
+            "expires_in": expires_in,
+        }
+
+    # -- the actor ---------------------------------------------------------------------
+
+    async def run(self, ready: ReadySignal) -> None:
+        """Log in, refresh before expiry, re-login on rejection, until asked to stop.
+
+        Ready at once: the listener must take webhooks even while the MFO server (and so the
+        login) is down; ``health()`` says whether a token is available.
+        """
+        if self._auth.mode == "token" and self.provider.token is not None:
+            self._publish(self.provider.token, None)
+        ready.set()
+        try:
+            await self._serve()
+        finally:
+            if self._stop.is_set():  # a graceful stop, not a crash to restart from
+                self._rejections_tx.close()
+                self._rejections_rx.close()
+                self.tokens.close()
+
+    async def _serve(self) -> None:
+        if self._auth.mode != "login":
+            await self._stop.wait()
+            return
+        owns_http = self._http is None
+        http = self._http or httpx.AsyncClient(
+            timeout=httpx.Timeout(float(self._cfg.client.timeout)))
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stop_watch() -> None:
+                    await self._stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stop_watch)
+                await self._refresh_loop(http)
+        finally:
+            if owns_http:
+                with anyio.move_on_after(1, shield=True):
+                    await http.aclose()
+
+    def request_stop(self) -> None:
+        """Stop refreshing (nothing in flight worth finishing: a login can be redone)."""
+        self._stop.set()
+
+    async def _refresh_loop(self, http: httpx.AsyncClient) -> None:
+        while True:
+            lifetime = await self._login(http)
+            if lifetime is None:
+                await self._wait(self._backoff(), on_rejection=False)
+            elif lifetime == float("inf"):
+                await self._wait(None, on_rejection=True)  # no expiry known: until a 401
+            else:
+                await self._wait(self._refresh_delay(lifetime), on_rejection=True)
+
+    def _refresh_delay(self, lifetime: float) -> float:
+        base = lifetime * self._auth.refresh_at
+        jitter = lifetime * REFRESH_JITTER * self._rng()
+        return max(MIN_REFRESH_DELAY, base - jitter)
+
+    def _backoff(self) -> float:
+        wait = float(self._auth.login_backoff) * (2.0 ** max(0, self._failures - 1))
+        return min(float(self._auth.login_max_backoff), wait)
+
+    async def _wait(self, delay: float | None, *, on_rejection: bool) -> None:
+        """Sleep *delay* (None: forever), cut short by a rejection of the current token."""
+        async with anyio.create_task_group() as tg:
+
+            async def watch_rejections() -> None:
+                async for rejected in self._rejections_rx:
+                    if not on_rejection:
+                        continue  # already failing and backing off: the next try is coming
+                    if rejected.token is not None and rejected.token == self._issued:
+                        log.info("auth.token_rejected", action="login")
+                        break
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_rejections)
+            if delay is None:
+                await anyio.sleep_forever()
+            else:
+                await self._clock.sleep(delay)
+            tg.cancel_scope.cancel()
+
+    async def _login(self, http: httpx.AsyncClient) -> float | None:
+        """One login. Returns the token's lifetime in seconds (``inf`` if unknown) or None
+        when it failed (and records why)."""
+        assert self._auth.email is not None and self._auth.password is not None
+        body = msgspec.json.encode(LoginRequest(email=self._auth.email,
+                                                password=self._auth.password))
+        try:
+            try:
+                response = await http.post(
+                    self._url, content=body, headers={"content-type": "application/json"})
+            except httpx.TransportError as exc:
+                raise classify_transport_error(exc) from exc
+            error = classify_response(response.status_code, response.headers, response.content)
+            if error is not None:
+                raise error
+            try:
+                login = _login_decoder.decode(response.content)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise ValidationError.from_msgspec(exc) from None
+        except AuthError as exc:
+            self._failed("rejected", f"login rejected ({exc.status}): wrong email or password?")
+            if not self._rejected_logged:
+                self._rejected_logged = True
+                log.error("auth.login_rejected", url=self._url, status=exc.status,
+                          email=self._auth.email, code=exc.code,
+                          hint="check auth.email and auth.password; retrying with backoff")
+            return None
+        except Exception as exc:  # network, 5xx, bad body: all "try again later"
+            self._failed("error", str(exc))
+            log.warning("auth.login_failed", url=self._url, error=str(exc),
+                        failures=self._failures, retry_in=round(self._backoff(), 2))
+            return None
+        token = login.token
+        register_secret(token)
+        now = self._clock.now()
+        lifetime: float | None = (
+            None if login.expires_in is None else float(login.expires_in))
+        if lifetime is None:
+            exp = jwt_expiry(token)
+            if exp is not None:
+                lifetime = exp - now
+        self._expires_at = None if lifetime is None else now + lifetime
+        self._issued = token
+        self.provider.set_token(token)
+        self._publish(token, self._expires_at)
+        self.logins += 1
+        self._failures = 0
+        self._last_error = None
+        self._rejected_logged = False
+        TOKEN_REFRESH.labels(instance=self._cfg.instance, result="ok").inc()
+        log.info("auth.login_ok", url=self._url,
+                 expires_in=None if lifetime is None else round(lifetime, 1))
+        return float("inf") if lifetime is None else max(0.0, lifetime)
+
+    def _failed(self, result: str, reason: str) -> None:
+        self._failures += 1
+        self._last_error = reason
+        self.provider.set_error(reason)
+        TOKEN_REFRESH.labels(instance=self._cfg.instance, result=result).inc()
+
+    def _publish(self, token: str, expires_at: float | None) -> None:
+        try:
+            self.tokens.publish_nowait(TokenIssued(token=token, expires_at=expires_at))
+        except anyio.ClosedResourceError:
+            pass

@@ -1,0 +1,427 @@
+"""The forwarder: delivers stored events to ``POST {base_url}/api/events``, durably.
+
+One dispatcher task claims due events from the store and hands them to a fixed pool of
+``forwarder.concurrency`` worker tasks over a bounded channel (cheaper than a task per event);
+it never claims more than there are idle workers, so a claimed event is sent right away and
+its lease is not spent waiting in a queue. Each worker POSTs one event (one attempt,
+``retry=False``: retries are durable reschedules, not in-memory loops) and settles it:
+
+* 2xx: ``mark_delivered`` (``mfo_events_forwarded_total``, ``mfo_forward_latency_seconds``
+  from acceptance to delivery). A 2xx whose body is not the expected JSON still counts as
+  delivered: the server took the event.
+* :class:`RetryableError` (network, timeout, 408, 429, 5xx): ``reschedule`` at
+  ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
+  as a floor; ``mfo_events_retried_total``), or ``dead_letter`` once ``client.retry.max_attempts``
+  attempts have failed.
+* 401/403 after the client's one re-login (:class:`AuthError`), or no token at all: the
+  event is not at fault, so it is rescheduled like a retryable failure (and dead-lettered
+  only when the attempts run out, from where ``events replay`` brings it back).
+* Any other 4xx (:class:`APIError`): ``dead_letter`` at once with the status and error body
+  (``mfo_events_dead_total``); ``events replay`` sends it again.
+* :class:`CircuitBreakerError` (nothing was sent): the worker keeps the event and waits
+  for the breaker (``wait_until_callable``) while its lease allows (half of it), then tries
+  again; only if the breaker stays shut longer is the event rescheduled to the breaker's
+  probe time. The store counts every reschedule as an attempt, so this case is kept rare:
+  the dispatcher does not claim while the breaker is open, and in half-open claims no more
+  events than there are probe slots.
+
+The breaker sees every attempt exactly once: the ``BaseClient`` calls ``before_call`` and
+``record`` when it was built with this breaker (the daemon's wiring); given a client without
+a breaker, the forwarder does it itself. While the breaker is open nothing is claimed or sent
+(the dispatcher sleeps until the probe time); while failures pile up in the closed state the
+workers keep fewer calls in flight than could still open it, so an outage costs about
+``failure_threshold`` requests, then ``half_open_max_calls`` per ``reset_timeout``.
+The rate limit is the client's (``rate_limiter=`` shared ``TokenBucket``), applied per request.
+
+Ordering guarantee under retries: with ``forwarder.ordering: source`` (the default) the store
+lets only the oldest undelivered event of a source be claimed, so events of one source reach
+the server in acceptance order, one at a time; an event being retried holds back the later
+events of its source until it is delivered or dead-lettered (head-of-line blocking, by
+design). A dead-lettered event no longer holds them back, so after a replay it arrives after
+its successors. Sources are independent of each other. With ``ordering: none`` events are
+sent as they come due, up to ``concurrency`` at once, and a retried event is overtaken by
+later ones. Delivery is at least once: a crash or a shutdown past the deadline leaves claims
+unsettled, and the lease (or ``recover_claims`` at start-up) makes them due again, carrying
+the same ``Idempotency-Key`` when resent.
+
+Shutdown (:meth:`ForwarderActor.request_stop`): stop claiming; the workers finish the
+requests in flight (and settle them) and return; whatever was not claimed stays due in the
+store. The supervisor cancels ``run`` if that takes longer than the shutdown deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from mfo_actors.client._retry import compute_backoff
+from mfo_actors.client.errors import (
+    APIError,
+    AuthError,
+    CircuitBreakerError,
+    RetryableError,
+    ValidationError,
+)
+from mfo_actors.messages import DeliveryOutcome
+from mfo_actors.metrics import (
+    EVENTS_DEAD,
+    EVENTS_FORWARDED,
+    EVENTS_RETRIED,
+    FORWARD_LATENCY,
+    OUTBOX_DEPTH,
+)
+from mfo_actors.observability import get_logger
+from mfo_actors.runtime import RestartPolicy, SystemClock
+from mfo_actors.store import StoreError
+
+if TYPE_CHECKING:
+    from mfo_actors.client._base import BaseClient
+    from mfo_actors.client._breaker import CircuitBreaker
+    from mfo_actors.config import InstanceConfig
+    from mfo_actors.messages import Event
+    from mfo_actors.runtime import ChannelSender, Clock, ReadySignal
+    from mfo_actors.store import EventStore, StoredEvent
+
+__all__ = ["EVENTS_PATH", "ForwarderActor", "WireEvent", "encode_event"]
+
+log = get_logger(__name__)
+
+EVENTS_PATH = "/api/events"
+LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
+STATS_INTERVAL = 1.0  # seconds between refreshes of mfo_outbox_depth
+ERROR_BODY_LIMIT = 2000  # characters of an error body kept in the dead-letter reason
+
+
+class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The body of ``POST /api/events`` (ARCHITECTURE.md, "Wire formats").
+
+    ``payload`` is the webhook's JSON body embedded as is (never decoded and re-encoded),
+    or, for raw routes, the body as a string: UTF-8 text, else base64 with
+    ``payload_encoding: "base64"``.
+    """
+
+    id: str
+    source: str
+    type: str
+    received_at: str  # RFC 3339, UTC, microseconds
+    headers: dict[str, str]
+    payload: msgspec.Raw | str
+    payload_encoding: str | None = None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z")
+
+
+def encode_event(event: Event) -> bytes:
+    """The wire body for *event* (see :class:`WireEvent`)."""
+    payload: msgspec.Raw | str
+    encoding: str | None = None
+    if event.is_json and event.body.strip():
+        payload = msgspec.Raw(event.body)
+    else:
+        try:
+            payload = event.body.decode("utf-8")
+        except UnicodeDecodeError:
+            payload = base64.b64encode(event.body).decode("ascii")
+            encoding = "base64"
+    return _encoder.encode(WireEvent(
+        id=event.id, source=event.source, type=event.type,
+        received_at=_rfc3339(event.received_at), headers=event.headers,
+        payload=payload, payload_encoding=encoding,
+    ))
+
+
+class ForwarderActor:
+    """Claims due events and delivers them (see the module docstring for every rule).
+
+    Args:
+      cfg: ``forwarder`` (concurrency, ordering, batch_size, lease, poll_interval),
+        ``client.retry`` (backoff and max_attempts), ``instance`` (metric label).
+      store: Where events wait; the forwarder claims and settles them.
+      client: The ``BaseClient`` to send with; build it with the shared breaker and rate
+        limiter (``MFOClient.from_config(cfg, auth=..., breaker=..., rate_limiter=...).base``).
+      breaker: The upstream's breaker (the same object the client holds, if it holds one).
+      outcomes: Optional observer channel: one :class:`DeliveryOutcome` per attempt. Not
+        for the breaker actor's ``outcomes`` when *client* holds the breaker (it has
+        recorded the attempt already).
+      clock: Time source (``now()`` for ``next_attempt_at``, ``monotonic()`` for waits).
+      rng: Uniform [0, 1) source for the backoff jitter (tests pass a constant).
+
+    Attributes:
+      delivered, retried, dead: Counts since start (tests and ``health()``).
+    """
+
+    name = "forwarder"
+    restart = RestartPolicy("permanent")
+
+    def __init__(
+        self,
+        cfg: InstanceConfig,
+        store: EventStore,
+        client: BaseClient,
+        breaker: CircuitBreaker,
+        *,
+        outcomes: ChannelSender[DeliveryOutcome] | None = None,
+        clock: Clock | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._cfg = cfg
+        self._fcfg = cfg.forwarder
+        self._retry = cfg.client.retry
+        self._store = store
+        self._client = client
+        self._breaker = breaker
+        self._outcomes = outcomes
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._rng = rng
+        self._instance = cfg.instance
+        self._concurrency = max(1, self._fcfg.concurrency)
+        # The client applies the breaker itself when it holds one; else we must.
+        self._gate_self = getattr(client, "breaker", None) is None
+        self._idle = self._concurrency
+        self._freed = anyio.Event()
+        self._stopping = False
+        self._stop = anyio.Event()
+        self._last_stats = float("-inf")
+        self.delivered = 0
+        self.retried = 0
+        self.dead = 0
+        self._last_error: str | None = None
+
+    # -- status ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """For ``/readyz``: busy workers and counts (the forwarder is ready while running)."""
+        return {
+            "ok": True,
+            "in_flight": self._concurrency - self._idle,
+            "delivered": self.delivered,
+            "retried": self.retried,
+            "dead": self.dead,
+            "breaker": self._breaker.state,
+            "last_error": self._last_error,
+        }
+
+    # -- the actor ---------------------------------------------------------------------
+
+    async def run(self, ready: ReadySignal) -> None:
+        """Deliver until asked to stop; then finish the requests in flight and return."""
+        self._stopping = False
+        self._idle = self._concurrency
+        send, receive = anyio.create_memory_object_stream["StoredEvent"](self._concurrency)
+        async with anyio.create_task_group() as workers:
+            async with receive:
+                for n in range(self._concurrency):
+                    workers.start_soon(self._worker, receive.clone(), name=f"forwarder-{n}")
+            async with send:
+                ready.set()
+                log.info("forwarder.started", concurrency=self._concurrency,
+                         ordering=self._fcfg.ordering, upstream=self._breaker.upstream)
+                with anyio.CancelScope() as dispatch_scope:
+                    self._dispatch_scope = dispatch_scope
+                    if self._stopping:
+                        dispatch_scope.cancel()
+                    await self._dispatch(send)
+            # The send side is closed: workers finish what they hold, then see end-of-stream.
+        log.info("forwarder.stopped", delivered=self.delivered, retried=self.retried,
+                 dead=self.dead)
+
+    def request_stop(self) -> None:
+        """Stop claiming; in-flight requests finish and settle, then ``run`` returns."""
+        self._stopping = True
+        scope = getattr(self, "_dispatch_scope", None)
+        if scope is not None:
+            scope.cancel()
+
+    # -- dispatcher ----------------------------------------------------------------------
+
+    async def _dispatch(self, send: Any) -> None:
+        batch = max(1, self._fcfg.batch_size)
+        lease = float(self._fcfg.lease)
+        ordered = self._fcfg.ordering == "source"
+        poll = float(self._fcfg.poll_interval)
+        while not self._stopping:
+            await self._update_depth()
+            if self._idle == 0:
+                freed = self._freed
+                if self._idle == 0:
+                    await freed.wait()
+                continue
+            # Sleep while the breaker is open (until the probe time): nothing is claimed.
+            await self._breaker.wait_until_callable()
+            limit = min(self._idle, batch)
+            allowance = self._breaker.allowance()
+            if allowance is not None:
+                limit = min(limit, max(1, allowance))
+            try:
+                # Shielded: a claim committed but not dispatched would sit out its lease.
+                with anyio.CancelScope(shield=True):
+                    claimed = await self._store.claim_due(
+                        limit=limit, lease=lease, ordered_by_source=ordered)
+            except StoreError as exc:
+                self._last_error = f"claim failed: {exc}"
+                log.error("forwarder.claim_failed", error=str(exc))
+                await self._clock.sleep(poll)
+                continue
+            for stored in claimed:
+                self._idle -= 1
+                send.send_nowait(stored)  # room guaranteed: at most `idle` are queued
+            if not claimed:
+                await self._store.wait_for_events(poll)
+
+    async def _update_depth(self) -> None:
+        now = self._clock.monotonic()
+        if now - self._last_stats < STATS_INTERVAL:
+            return
+        self._last_stats = now
+        try:
+            stats = await self._store.stats()
+        except StoreError:
+            return
+        OUTBOX_DEPTH.labels(instance=self._instance).set(stats.pending)
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def _worker(self, receive: Any) -> None:
+        async with receive:
+            async for stored in receive:
+                try:
+                    await self._deliver(stored)
+                except StoreError as exc:
+                    # The settle failed: the claim stays and its lease makes the event due
+                    # again (at least once, same Idempotency-Key).
+                    self._last_error = f"settle failed: {exc}"
+                    log.error("forwarder.settle_failed", event_id=stored.event.id,
+                              error=str(exc))
+                finally:
+                    self._idle += 1
+                    freed, self._freed = self._freed, anyio.Event()
+                    freed.set()
+
+    async def _deliver(self, stored: StoredEvent) -> None:
+        event = stored.event
+        token = stored.claim_token or ""
+        body = encode_event(event)
+        hold_until = self._clock.monotonic() + float(self._fcfg.lease) * LEASE_HOLD_FRACTION
+        while True:
+            # Healthy: returns at once. Failing: keeps calls in flight under the threshold.
+            await self._wait_for_breaker(hold_until)
+            started = self._clock.monotonic()
+            try:
+                if self._gate_self:
+                    self._breaker.before_call()
+                await self._client.request(
+                    "POST", EVENTS_PATH, content=body, idempotency_key=event.id, retry=False)
+            except CircuitBreakerError as exc:
+                # Nothing was sent. Keep the event while the lease allows, then give it back.
+                # (Only while our breaker agrees it is shut, so the wait above really waits.)
+                if (not self._stopping and self._breaker.allowance() == 0
+                        and self._clock.monotonic() + exc.retry_in < hold_until):
+                    continue
+                await self._reschedule(stored, token, delay=exc.retry_in,
+                                       error=f"circuit {exc.state}", count=False)
+                return
+            except RetryableError as exc:
+                await self._report(started, ok=False, failure=True, status=exc.status,
+                                   error=str(exc))
+                await self._failed(stored, token, str(exc), retry_after=exc.retry_after)
+                return
+            except AuthError as exc:
+                # 401/403 after the one re-login, or no token (logins failing): not the
+                # event's fault, and not the upstream's (the breaker counts it as no failure).
+                if exc.code != "token_unavailable":
+                    await self._report(started, ok=False, failure=False, status=exc.status,
+                                       error=str(exc))
+                await self._failed(stored, token, f"auth: {exc}", retry_after=None)
+                return
+            except APIError as exc:
+                await self._report(started, ok=False, failure=False, status=exc.status,
+                                   error=str(exc))
+                await self._dead(stored, token, _dead_reason(exc))
+                return
+            except ValidationError as exc:
+                # A 2xx with a body we could not read: the server has the event.
+                log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
+            except Exception as exc:
+                # A bug or an unexpected transport error: never lose the event over it.
+                if self._gate_self:
+                    self._breaker.record(ok=False, failure=True, status=None)
+                log.exception("forwarder.unexpected_error", event_id=event.id)
+                await self._failed(stored, token, f"unexpected: {exc!r}", retry_after=None)
+                return
+            await self._report(started, ok=True, failure=False, status=None, error=None)
+            await self._store.mark_delivered(event.id, token)
+            self.delivered += 1
+            EVENTS_FORWARDED.labels(instance=self._instance).inc()
+            FORWARD_LATENCY.labels(instance=self._instance).observe(
+                max(0.0, self._clock.now() - event.received_at))
+            return
+
+    async def _wait_for_breaker(self, hold_until: float) -> None:
+        allowance = self._breaker.allowance()
+        if allowance is None or allowance > 0:
+            return
+        remaining = hold_until - self._clock.monotonic()
+        if remaining <= 0:
+            return  # before_call decides; a refusal is handled by the caller
+        with anyio.move_on_after(remaining):
+            await self._breaker.wait_until_callable()
+
+    async def _report(self, started: float, *, ok: bool, failure: bool, status: int | None,
+                      error: str | None) -> None:
+        if self._gate_self:
+            self._breaker.record(ok=ok, failure=failure, status=status)
+        if self._outcomes is not None:
+            await self._outcomes.send(DeliveryOutcome(
+                upstream=self._breaker.upstream, ok=ok, failure=failure, status=status,
+                latency_s=max(0.0, self._clock.monotonic() - started), error=error))
+
+    async def _failed(self, stored: StoredEvent, token: str, error: str, *,
+                      retry_after: float | None) -> None:
+        attempt = stored.attempts + 1
+        if attempt >= self._retry.max_attempts:
+            await self._dead(stored, token, f"gave up after {attempt} attempts: {error}")
+            return
+        delay = compute_backoff(attempt, self._retry, retry_after, rng=self._rng)
+        await self._reschedule(stored, token, delay=delay, error=error, count=True)
+
+    async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
+                          count: bool) -> None:
+        await self._store.reschedule(
+            stored.event.id, token, next_attempt_at=self._clock.now() + delay, error=error)
+        self._last_error = error
+        if count:
+            self.retried += 1
+            EVENTS_RETRIED.labels(instance=self._instance).inc()
+        log.info("forwarder.rescheduled", event_id=stored.event.id, source=stored.event.source,
+                 attempt=stored.attempts + 1, retry_in=round(delay, 3), error=error)
+
+    async def _dead(self, stored: StoredEvent, token: str, reason: str) -> None:
+        await self._store.dead_letter(stored.event.id, token, reason=reason)
+        self.dead += 1
+        self._last_error = reason
+        EVENTS_DEAD.labels(instance=self._instance).inc()
+        log.warning("forwarder.dead_lettered", event_id=stored.event.id,
+                    source=stored.event.source, attempts=stored.attempts + 1, reason=reason)
+
+
+def _dead_reason(exc: APIError) -> str:
+    """``<status> <code>: <message>`` plus the error details, bounded in size."""
+    text = f"{exc.status} {exc.code}: {exc.message}"
+    if exc.details:
+        try:
+            text += " " + msgspec.json.encode(exc.details).decode()
+        except (TypeError, msgspec.EncodeError):
+            text += f" {exc.details!r}"
+    return text[:ERROR_BODY_LIMIT]

@@ -1,0 +1,339 @@
+"""The listener actor: the webhook front door, answering 202 only once an event is on disk.
+
+Per request, in the connection's task (no queue in memory, so backpressure is the store's):
+
+1. before the body is read (the HTTP core's head check): unknown path 404, a method other
+   than POST 405 (with ``Allow: POST``), a JSON route sent a non-JSON content type 415, a
+   ``Content-Length`` above ``max_body_size`` 413, shutting down 503;
+2. the signature (``verify`` of the route): 401 ``{"error": "invalid signature: ..."}``, the
+   body is not stored;
+3. JSON routes: the body must parse (msgspec, fast); otherwise 400 naming the problem. The raw
+   bytes are kept as ``Event.body`` (forwarded without re-encoding);
+4. ``store.append`` (group commit, fsync'd): 202 ``{"id": ...}``; a provider retry of a
+   delivery already stored 200 ``{"id": <first id>, "duplicate": true}``; store over its bound
+   or closing 503 with ``Retry-After``; any other store error 503 too, logged.
+
+Decisions (documented here because users see them):
+
+* **Content types.** A JSON route (``body: json``, the default) accepts ``application/json``,
+  any ``*/*+json`` type, and a request without ``Content-Type`` (some providers omit it; the
+  body must still parse). ``body: raw`` accepts anything and stores the bytes as they came.
+* **Event type.** ``type_from: header:NAME`` takes that header; ``type_from: json:/pointer``
+  takes the value at that JSON pointer (RFC 6901; numbers and booleans become text). Without
+  ``type_from``: the ``X-Event-Type`` header, else ``X-GitHub-Event``, else the top-level JSON
+  field ``"type"`` when it is a string; whatever is not found is ``"unknown"``.
+* **Dedupe key.** The route's ``dedupe_header`` if configured and present, else
+  ``webhook-id`` (Standard Webhooks), else ``X-GitHub-Delivery``. The store scopes it by
+  source and the dedupe window.
+* **Stored headers.** Every request header except hop-by-hop ones and ``content-length``
+  (they describe this TCP hop, not the event). Signature and auth headers are kept, so the
+  MFO server can verify them again; redaction happens when headers are shown or logged
+  (``mfo_actors.observability.redact``), never in the store.
+* **Metrics.** ``mfo_events_received_total{source}`` counts stored events;
+  ``mfo_events_rejected_total{source,reason}`` counts refusals with reasons ``not_found``,
+  ``method``, ``media_type``, ``size``, ``signature``, ``json``, ``duplicate``, ``full``,
+  ``stopping`` and ``store_error`` (a 413 for a chunked body found too large while streaming
+  is answered by the HTTP core and not counted).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from mfo_actors.actors._verify import SignatureError, verify
+from mfo_actors.config import InstanceConfig, RouteConfig, WebhookListenerConfig
+from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event, EventStored
+from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED
+from mfo_actors.observability import get_logger
+from mfo_actors.runtime import ReadySignal, RestartPolicy
+from mfo_actors.store import (
+    EventStore,
+    RunRequest,
+    StoreClosedError,
+    StoreError,
+    StoreFullError,
+)
+
+__all__ = ["ListenerActor", "limits_from_config"]
+
+log = get_logger("mfo_actors.actors.listener")
+
+# Headers of the TCP hop, not of the event (RFC 9110 section 7.6.1), plus the framing ones.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "content-length", "expect",
+})
+DEFAULT_TYPE_HEADERS = ("x-event-type", "x-github-event")
+DELIVERY_ID_HEADERS = ("webhook-id", "x-github-delivery")
+UNKNOWN_TYPE = "unknown"
+
+_JSON_HEADERS = [("content-type", "application/json")]
+_decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
+
+
+def limits_from_config(cfg: WebhookListenerConfig) -> HttpLimits:
+    """The HTTP core's limits from the ``webhook_listener`` section."""
+    return HttpLimits(
+        max_header_size=int(cfg.max_header_size),
+        max_headers=cfg.max_headers,
+        max_body_size=int(cfg.max_body_size),
+        header_timeout=float(cfg.header_timeout),
+        body_timeout=float(cfg.body_timeout),
+        keepalive_timeout=float(cfg.keepalive_timeout),
+        max_connections=cfg.max_connections,
+    )
+
+
+def _json_response(status: int, value: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    return Response(status, [*_JSON_HEADERS, *headers], _encode_json(value))
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def _json_pointer(doc: Any, pointer: str) -> Any:
+    """The value at RFC 6901 *pointer* in *doc*, or None."""
+    if pointer == "":
+        return doc
+    for raw in pointer.lstrip("/").split("/"):
+        token = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(doc, dict):
+            if token not in doc:
+                return None
+            doc = doc[token]
+        elif isinstance(doc, list):
+            if not token.isdigit() or int(token) >= len(doc):
+                return None
+            doc = doc[int(token)]
+        else:
+            return None
+    return doc
+
+
+def _type_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return None
+
+
+class _Route:
+    """A route with everything precomputed that a request would otherwise recompute."""
+
+    __slots__ = (
+        "cfg", "dedupe_headers", "is_json", "received", "rejected", "source", "type_header",
+        "type_pointer",
+    )
+
+    def __init__(self, cfg: RouteConfig, instance: str) -> None:
+        self.cfg = cfg
+        self.source = cfg.source
+        self.is_json = cfg.body == "json"
+        self.type_header: str | None = None
+        self.type_pointer: str | None = None
+        if cfg.type_from is not None:
+            kind, _, arg = cfg.type_from.partition(":")
+            if kind == "header":
+                self.type_header = arg.strip().lower()
+            else:
+                self.type_pointer = arg
+        extra = (cfg.dedupe_header.lower(),) if cfg.dedupe_header else ()
+        self.dedupe_headers = (*extra, *DELIVERY_ID_HEADERS)
+        self.received = EVENTS_RECEIVED.labels(instance, cfg.source)
+        self.rejected = {
+            reason: EVENTS_REJECTED.labels(instance, cfg.source, reason)
+            for reason in ("method", "media_type", "size", "signature", "json", "duplicate",
+                           "full", "stopping", "store_error")
+        }
+
+    def event_type(self, headers: dict[str, str], doc: Any) -> str:
+        if self.type_header is not None:
+            return headers.get(self.type_header) or UNKNOWN_TYPE
+        if self.type_pointer is not None:
+            return _type_text(_json_pointer(doc, self.type_pointer)) or UNKNOWN_TYPE
+        for name in DEFAULT_TYPE_HEADERS:
+            value = headers.get(name)
+            if value:
+                return value
+        if isinstance(doc, dict):
+            return _type_text(doc.get("type")) or UNKNOWN_TYPE
+        return UNKNOWN_TYPE
+
+    def dedupe_key(self, headers: dict[str, str]) -> str | None:
+        for name in self.dedupe_headers:
+            value = headers.get(name)
+            if value:
+                return value
+        return None
+
+
+class ListenerActor:
+    """Serves the webhook routes of ``cfg.webhook_listener``; see the module docstring.
+
+    Args:
+      cfg: The instance config (routes, limits, ``retry_after``, ``shutdown_timeout``).
+      store: Where events go; ``append`` returns only once the event is durable.
+      notify: Called with :class:`EventStored` after each successful append (e.g. a
+        non-blocking channel send that wakes the forwarder). Must not block; errors are
+        logged and do not change the answer (the event is already stored).
+      match_runs: Flow runs to create with the event, in the same transaction.
+    """
+
+    name = "listener"
+    restart = RestartPolicy("permanent")
+
+    def __init__(
+        self,
+        cfg: InstanceConfig,
+        store: EventStore,
+        *,
+        notify: Callable[[EventStored], None] | None = None,
+        match_runs: Callable[[Event], Sequence[RunRequest]] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._lcfg = cfg.webhook_listener
+        self._store = store
+        self._notify = notify
+        self._match_runs = match_runs
+        instance = cfg.instance
+        self._routes = {r.path: _Route(r, instance) for r in self._lcfg.effective_routes()}
+        self._not_found = EVENTS_REJECTED.labels(instance, "", "not_found")
+        self._limits = limits_from_config(self._lcfg)
+        self._retry_after = [("retry-after", str(max(1, math.ceil(self._lcfg.retry_after))))]
+        self._server: HttpServer | None = None
+        self._stopping = False
+        self._stop_event: anyio.Event | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port, once ``run`` has called ``ready.set()``."""
+        if self._port is None:
+            raise RuntimeError("the listener is not listening yet")
+        return self._port
+
+    async def run(self, ready: ReadySignal) -> None:
+        """Listen, then on :meth:`request_stop` refuse new work and drain in-flight requests."""
+        self._stop_event = anyio.Event()
+        if self._stopping:
+            return
+        server = self._server = HttpServer(
+            self._handle, limits=self._limits, head_check=self._check_head
+        )
+        async with anyio.create_task_group() as tg:
+            self._port = await tg.start(server.serve, self._lcfg.host, int(self._lcfg.port))
+            log.info("listener.started", host=self._lcfg.host, port=self._port,
+                     routes=sorted(self._routes))
+            ready.set()
+            await self._stop_event.wait()
+            server.stop_accepting()
+            drained = await server.drain(float(self._cfg.shutdown_timeout))
+            log.info("listener.stopped", drained=drained, in_flight=server.in_flight)
+            tg.cancel_scope.cancel()
+
+    def request_stop(self) -> None:
+        """Stop accepting; requests arriving on open connections get 503 + Connection: close."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.stop_accepting()
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    # -- per request -------------------------------------------------------------------------
+    def _unavailable(self, route: _Route, reason: str, message: str) -> Response:
+        route.rejected[reason].inc()
+        return _json_response(503, {"error": message}, self._retry_after)
+
+    def _check_head(self, head: RequestHead) -> Response | int:
+        """Refuse what can be refused before reading the body; else return the size limit."""
+        route = self._routes.get(head.path)
+        if route is None:
+            self._not_found.inc()
+            return _json_response(404, {"error": f"no webhook route at {head.path}"})
+        if head.method != "POST":
+            route.rejected["method"].inc()
+            return _json_response(405, {"error": "only POST is allowed"}, [("allow", "POST")])
+        if self._stopping:
+            return self._unavailable(route, "stopping", "shutting down")
+        if route.is_json and not _is_json_type(head.headers.get("content-type")):
+            route.rejected["media_type"].inc()
+            return _json_response(
+                415, {"error": "this route takes application/json (configure body: raw "
+                               "to accept other content types)"})
+        limit = self._limits.max_body_size
+        length = head.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            route.rejected["size"].inc()
+            return _json_response(413, {"error": f"body larger than {limit} bytes"})
+        return limit
+
+    async def _handle(self, request: Request) -> Response:
+        route = self._routes[request.head.path]  # _check_head answered unknown paths
+        if self._stopping:
+            return self._unavailable(route, "stopping", "shutting down")
+        headers = request.head.headers
+        body = request.body
+        verify_cfg = route.cfg.verify
+        if verify_cfg is not None:
+            try:
+                verify(verify_cfg, headers, body, now=time.time())
+            except SignatureError as exc:
+                route.rejected["signature"].inc()
+                log.info("listener.signature_rejected", source=route.source, reason=exc.reason,
+                         client=request.head.client[0] if request.head.client else None)
+                return _json_response(401, {"error": f"invalid signature: {exc.reason}"})
+        doc: Any = None
+        if route.is_json:
+            try:
+                doc = _decode_json(body)
+            except msgspec.DecodeError as exc:
+                route.rejected["json"].inc()
+                return _json_response(400, {"error": f"invalid JSON body: {exc}"})
+        event = Event(
+            id=new_id(),
+            source=route.source,
+            type=route.event_type(headers, doc),
+            received_at=time.time(),
+            headers={k: v for k, v in headers.items() if k not in HOP_BY_HOP},
+            body=body,
+            content_type=headers.get("content-type") or (
+                "application/json" if route.is_json else "application/octet-stream"),
+            is_json=route.is_json,
+            dedupe_key=route.dedupe_key(headers),
+        )
+        runs = self._match_runs(event) if self._match_runs is not None else ()
+        try:
+            result = await self._store.append(event, runs=runs)
+        except StoreFullError:
+            return self._unavailable(route, "full", "event store is full, retry later")
+        except StoreClosedError:
+            return self._unavailable(route, "stopping", "shutting down")
+        except StoreError as exc:
+            log.error("listener.store_failed", source=route.source, error=repr(exc))
+            return self._unavailable(route, "store_error", "event store unavailable")
+        if result.duplicate:
+            route.rejected["duplicate"].inc()
+            return _json_response(200, {"id": result.id, "duplicate": True})
+        route.received.inc()
+        if self._notify is not None:
+            try:
+                self._notify(EventStored(id=result.id, source=route.source))
+            except Exception as exc:  # the event is stored: a failed wake-up must not fail it
+                log.warning("listener.notify_failed", error=repr(exc))
+        return _json_response(202, {"id": result.id})

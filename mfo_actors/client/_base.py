@@ -1,0 +1,339 @@
+"""The base client: one HTTP exchange with auth, breaker, rate limit, typed decoding and retry.
+
+Every call goes through :meth:`BaseClient.request`. One *attempt* is:
+
+1. get the ``Authorization`` header from the auth provider (may log in);
+2. ask the breaker (raises :class:`CircuitBreakerError` while open) and the rate limiter;
+3. send; on 401, report the token to the auth provider and, if it then offers a different
+   one, send once more (the single re-login);
+4. classify the answer (:func:`classify_response`), tell the breaker, raise or decode.
+
+Attempts are repeated by the :class:`RetryPolicy` when ``retry=True`` (the default) and the
+call may be repeated (idempotent method, or an ``Idempotency-Key``). The forwarder passes
+``retry=False``: one attempt, a typed error, and its own durable retries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, overload
+
+import httpx
+import msgspec
+
+from mfo_actors.client._auth import AuthProvider
+from mfo_actors.client._hooks import Breaker, RateLimiter
+from mfo_actors.client._retry import RetryPolicy
+from mfo_actors.client.errors import (
+    APIError,
+    RetryableError,
+    ValidationError,
+    classify_response,
+    classify_transport_error,
+)
+from mfo_actors.observability import get_logger
+
+__all__ = ["BaseClient"]
+
+T = TypeVar("T")
+
+log = get_logger(__name__)
+
+_JSON = "application/json"
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_encoder = msgspec.json.Encoder()
+
+
+def _decoder(tp: Any) -> msgspec.json.Decoder[Any]:
+    dec = _decoders.get(tp)
+    if dec is None:
+        dec = _decoders[tp] = msgspec.json.Decoder(tp)
+    return dec
+
+
+def _bare_token(header: str | None) -> str | None:
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token if scheme.lower() == "bearer" and token else header
+
+
+class BaseClient:
+    """HTTP calls to one MFO server (one ``httpx.AsyncClient``, i.e. one keep-alive pool).
+
+    Args:
+      base_url: e.g. ``http://127.0.0.1:9000``; request paths (``/api/chat``) are appended.
+      auth: Supplies ``Authorization`` (see :class:`AuthProvider`).
+      http: The pooled HTTP client; the caller owns it (``MFOClient`` closes its own).
+      retry: The policy for ``retry=True`` calls; ``None`` means one attempt always.
+      breaker: Optional circuit breaker consulted before and told after each attempt.
+      rate_limiter: Optional limiter awaited before each request sent.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: AuthProvider,
+        http: httpx.AsyncClient,
+        retry: RetryPolicy | None = None,
+        breaker: Breaker | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.auth = auth
+        self.http = http
+        self.retry_policy = retry
+        self.breaker = breaker
+        self.rate_limiter = rate_limiter
+
+    def __repr__(self) -> str:
+        return f"BaseClient({self.base_url!r}, retry={self.retry_policy!r})"
+
+    def url(self, path: str) -> str:
+        return self.base_url + (path if path.startswith("/") else "/" + path)
+
+    # --- the public call ----------------------------------------------------------------------
+
+    @overload
+    async def request(
+        self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
+        headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
+        retry: bool = ..., response_type: type[T], params: Mapping[str, str] | None = ...,
+    ) -> T: ...
+
+    @overload
+    async def request(
+        self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
+        headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
+        retry: bool = ..., response_type: None = ..., params: Mapping[str, str] | None = ...,
+    ) -> Any: ...
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        retry: bool = True,
+        response_type: type[T] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> T | Any:
+        """Call ``method base_url+path`` and return the decoded body.
+
+        Args:
+          json: A value to send as JSON (dicts, lists, msgspec Structs).
+          content: An already-encoded body, sent as ``application/json`` unless *headers*
+            say otherwise (the forwarder's stored events).
+          headers: Extra request headers.
+          idempotency_key: Sent as ``Idempotency-Key``; makes a POST retryable.
+          retry: ``False``: exactly one attempt (the 401 re-login still happens).
+          response_type: Decode the body into this type (a Struct); ``None``: plain JSON
+            (``None`` for an empty body).
+          params: Query string parameters.
+
+        Raises:
+          APIError: a 4xx answer (``AuthError`` for 401/403 after one re-login).
+          RetryableError: network error, timeout, 408, 429 or 5xx, after the retries.
+          ValidationError: the body does not match *response_type* (names the field), or
+            *json* cannot be encoded.
+          CircuitBreakerError: the breaker is open; nothing was sent.
+        """
+        method = method.upper()
+        body, send_headers = self._prepare(json, content, headers, idempotency_key)
+        url = self.url(path)
+
+        async def attempt() -> T | Any:
+            response = await self._attempt(method, url, body, send_headers, params)
+            return self._decode(response, response_type)
+
+        if retry and self.retry_policy is not None:
+            return await self.retry_policy.call(
+                attempt, method=method, idempotency_key=idempotency_key)
+        return await attempt()
+
+    async def get(self, path: str, *, response_type: type[T] | None = None,
+                  params: Mapping[str, str] | None = None, retry: bool = True) -> T | Any:
+        return await self.request("GET", path, response_type=response_type, params=params,
+                                  retry=retry)
+
+    async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
+                   headers: Mapping[str, str] | None = None,
+                   idempotency_key: str | None = None, retry: bool = True,
+                   response_type: type[T] | None = None) -> T | Any:
+        return await self.request("POST", path, json=json, content=content, headers=headers,
+                                  idempotency_key=idempotency_key, retry=retry,
+                                  response_type=response_type)
+
+    async def put(self, path: str, *, json: Any = None, retry: bool = True,
+                  response_type: type[T] | None = None) -> T | Any:
+        return await self.request("PUT", path, json=json, retry=retry,
+                                  response_type=response_type)
+
+    async def delete(self, path: str, *, retry: bool = True,
+                     response_type: type[T] | None = None) -> T | Any:
+        return await self.request("DELETE", path, retry=retry, response_type=response_type)
+
+    @asynccontextmanager
+    async def stream(
+        self, method: str, path: str, *, json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[httpx.Response]:
+        """Open a streaming response (SSE): one attempt, no retry once bytes may have flowed.
+
+        Yields the ``httpx.Response`` after a 2xx head; an error status is raised as the
+        typed error (its body read first) before anything is yielded.
+        """
+        method = method.upper()
+        body, send_headers = self._prepare(json, None, headers, None)
+        send_headers.setdefault("accept", "text/event-stream")
+        url = self.url(path)
+        auth_header = await self.auth.header()
+        if self.breaker is not None:
+            self.breaker.before_call()
+        relogged = False
+        while True:
+            if self.rate_limiter is not None:
+                await self.rate_limiter.acquire()
+            request = self.http.build_request(
+                method, url, content=body, headers=self._with_auth(send_headers, auth_header))
+            try:
+                response = await self.http.send(request, stream=True)
+            except httpx.TransportError as exc:
+                self._record(ok=False, failure=True, status=None)
+                raise classify_transport_error(exc) from exc
+            try:
+                if response.status_code == 401 and not relogged:
+                    await response.aread()
+                    new_header = await self._relogin(auth_header)
+                    if new_header is not None:
+                        relogged, auth_header = True, new_header
+                        continue
+                if response.status_code >= 400:
+                    try:
+                        await response.aread()
+                    except httpx.TransportError as exc:
+                        self._record(ok=False, failure=True, status=None)
+                        raise classify_transport_error(exc) from exc
+                    error = classify_response(response.status_code, response.headers,
+                                              response.content)
+                    self._record_error(error, response.status_code)
+                    if error is not None:
+                        raise error
+                self._record(ok=True, failure=False, status=response.status_code)
+                yield response
+                return
+            finally:
+                await response.aclose()
+
+    # --- one attempt --------------------------------------------------------------------------
+
+    def _prepare(
+        self, json: Any, content: bytes | None, headers: Mapping[str, str] | None,
+        idempotency_key: str | None,
+    ) -> tuple[bytes | None, dict[str, str]]:
+        send_headers = {k.lower(): v for k, v in (headers or {}).items()}
+        body: bytes | None = None
+        if content is not None:
+            body = content
+            send_headers.setdefault("content-type", _JSON)
+        elif json is not None:
+            try:
+                body = _encoder.encode(json)
+            except (TypeError, msgspec.EncodeError) as exc:
+                raise ValidationError(str(exc), field=None, direction="request") from None
+            send_headers.setdefault("content-type", _JSON)
+        send_headers.setdefault("accept", _JSON)
+        if idempotency_key:
+            send_headers["idempotency-key"] = idempotency_key
+        return body, send_headers
+
+    @staticmethod
+    def _with_auth(headers: dict[str, str], auth_header: str | None) -> dict[str, str]:
+        if auth_header is None:
+            return headers
+        return {**headers, "authorization": auth_header}
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+        params: Mapping[str, str] | None, auth_header: str | None,
+    ) -> httpx.Response:
+        if self.rate_limiter is not None:
+            await self.rate_limiter.acquire()
+        started = time.perf_counter()
+        try:
+            response = await self.http.request(
+                method, url, content=body, headers=self._with_auth(headers, auth_header),
+                params=params)
+        except httpx.TransportError as exc:
+            log.debug("client.transport_error", method=method, url=url,
+                      error=type(exc).__name__)
+            raise classify_transport_error(exc) from exc
+        log.debug("client.response", method=method, url=url, status=response.status_code,
+                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
+        return response
+
+    async def _relogin(self, rejected_header: str | None) -> str | None:
+        """After a 401: tell the auth provider; the new header if it has a different one."""
+        await self.auth.invalidate(_bare_token(rejected_header))
+        new_header = await self.auth.header()
+        if new_header is None or new_header == rejected_header:
+            return None
+        log.info("client.relogin", reason="401")
+        return new_header
+
+    async def _attempt(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str],
+        params: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        auth_header = await self.auth.header()
+        if self.breaker is not None:
+            self.breaker.before_call()
+        try:
+            response = await self._send(method, url, body, headers, params, auth_header)
+            if response.status_code == 401:
+                new_header = await self._relogin(auth_header)
+                if new_header is not None:
+                    response = await self._send(method, url, body, headers, params, new_header)
+        except RetryableError as exc:
+            self._record(ok=False, failure=True, status=exc.status)
+            raise
+        except APIError as exc:  # the re-login itself was refused
+            self._record(ok=False, failure=False, status=exc.status)
+            raise
+        error = classify_response(response.status_code, response.headers, response.content)
+        self._record_error(error, response.status_code)
+        if error is not None:
+            raise error
+        return response
+
+    def _record(self, *, ok: bool, failure: bool, status: int | None) -> None:
+        if self.breaker is not None:
+            self.breaker.record(ok=ok, failure=failure, status=status)
+
+    def _record_error(self, error: Exception | None, status: int) -> None:
+        if error is None:
+            self._record(ok=True, failure=False, status=status)
+        else:
+            self._record(ok=False, failure=isinstance(error, RetryableError), status=status)
+
+    @staticmethod
+    def _decode(response: httpx.Response, response_type: type[T] | None) -> T | Any:
+        body = response.content
+        if response_type is None:
+            if not body.strip():
+                return None
+            try:
+                return msgspec.json.decode(body)
+            except msgspec.DecodeError as exc:
+                raise ValidationError(f"not JSON: {exc}", field=None) from None
+        try:
+            return _decoder(response_type).decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ValidationError.from_msgspec(exc) from None
+

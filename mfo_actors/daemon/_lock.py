@@ -1,0 +1,100 @@
+"""One daemon per state dir: an exclusive ``flock`` on ``<state_dir>/daemon.lock``.
+
+The kernel drops a flock when its holder's file descriptor closes, which includes the process
+dying from ``kill -9``; so a stale lock file never blocks a restart (unlike a pid file, whose
+pid may have been reused). The pid written into the file is only there for the error message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from mfo_actors.errors import UserError
+
+__all__ = ["LOCK_FILE_NAME", "StateDirLock", "StateDirLockedError"]
+
+LOCK_FILE_NAME = "daemon.lock"
+
+
+class StateDirLockedError(UserError):
+    """Another live process holds the state dir's lock: a second daemon on the same instance."""
+
+    def __init__(self, state_dir: Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"another mfo-actors daemon is already running on state_dir {state_dir} ({holder})"
+        )
+        self.state_dir = state_dir
+        self.pid = pid
+
+
+class StateDirLock:
+    """Hold ``<state_dir>/daemon.lock`` for as long as the daemon runs.
+
+    Usage::
+
+        with StateDirLock(state_dir):
+            ...  # the only daemon on this state dir
+
+    Raises (on enter):
+      StateDirLockedError: another process holds the lock.
+      UserError: the state dir cannot be created or the lock file cannot be opened.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / LOCK_FILE_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # non-inheritable (PEP 446)
+        except OSError as exc:
+            raise UserError(
+                f"cannot use state_dir {self.state_dir}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise StateDirLockedError(self.state_dir, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlock; the file stays (removing it would race with a daemon starting now)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # closing drops the flock
+
+    def __enter__(self) -> StateDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -1,0 +1,166 @@
+"""``run_instance``: one instance from config to exit code, the way systemd expects it.
+
+Order of events: take the state-dir lock, start the actors under the supervisor, tell systemd
+``READY=1`` once all are ready, and on the first SIGTERM/SIGINT drain gracefully within
+``shutdown_timeout`` (``STOPPING=1``); a second signal stops at once. Exit codes: 0 after a
+graceful stop, 1 when the supervisor gave up (restart intensity exceeded) or the daemon
+crashed, 128+N when a second signal N cut the drain short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+
+import anyio
+import structlog
+
+from mfo_actors import __version__
+from mfo_actors.config import InstanceConfig
+from mfo_actors.daemon._lock import StateDirLock
+from mfo_actors.daemon._notify import SystemdNotifier
+from mfo_actors.daemon._wiring import DaemonContext, build_actors
+from mfo_actors.errors import UserError
+from mfo_actors.observability import get_logger
+from mfo_actors.runtime import Supervisor, SupervisorGaveUp
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "run_instance"]
+
+log = get_logger("mfo_actors.daemon")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Outcome:
+    """How the run ended, filled in by whichever task saw it."""
+
+    def __init__(self) -> None:
+        self.exit_code = EXIT_OK
+        self.signalled = False
+
+
+async def run_instance(
+    cfg: InstanceConfig,
+    *,
+    environ: Mapping[str, str] | None = None,
+    stop: anyio.Event | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run one instance until it is told to stop; return the process exit code.
+
+    Args:
+      cfg: The loaded instance config.
+      environ: Where ``NOTIFY_SOCKET``/``WATCHDOG_*`` are read (default ``os.environ``).
+      stop: Setting it stops the instance like a first SIGTERM (for embedding and tests).
+      handle_signals: Install the SIGTERM/SIGINT handlers (only possible in the main thread).
+
+    Raises:
+      UserError: another daemon holds the state dir, or it cannot be created.
+    """
+    env = os.environ if environ is None else environ
+    state_dir = cfg.effective_state_dir
+    with StateDirLock(state_dir), structlog.contextvars.bound_contextvars(actor="daemon"):
+        log.info(
+            "daemon.started", instance=cfg.instance, pid=os.getpid(), version=__version__,
+            state_dir=str(state_dir), config=cfg.source_file, backend=cfg.async_backend,
+        )
+        outcome = _Outcome()
+        try:
+            async with SystemdNotifier.from_environ(env) as notifier:
+                await _serve(cfg, state_dir=state_dir, env=env, notifier=notifier, stop=stop,
+                             handle_signals=handle_signals, outcome=outcome)
+        except UserError:
+            outcome.exit_code = EXIT_FAILED
+            raise
+        except Exception as exc:
+            outcome.exit_code = EXIT_FAILED
+            log.error("daemon.crashed", error=repr(exc), exc_info=exc)
+        finally:
+            log.info("daemon.stopped", exit_code=outcome.exit_code)
+        return outcome.exit_code
+
+
+async def _serve(
+    cfg: InstanceConfig,
+    *,
+    state_dir: Path,
+    env: Mapping[str, str],
+    notifier: SystemdNotifier,
+    stop: anyio.Event | None,
+    handle_signals: bool,
+    outcome: _Outcome,
+) -> None:
+    ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env)
+    actors = build_actors(cfg, ctx)
+    supervisor = Supervisor(actors)
+    ctx.supervisor = supervisor
+    stopping = anyio.Event()
+
+    def begin_shutdown(reason: str) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("daemon.stopping", signal=reason, timeout_s=cfg.shutdown_timeout)
+        supervisor.shutdown(cfg.shutdown_timeout)
+
+    with contextlib.ExitStack() as stack:
+        # Installed before any actor starts, so an early SIGTERM is a clean stop too.
+        signals = (
+            stack.enter_context(anyio.open_signal_receiver(*STOP_SIGNALS))
+            if handle_signals else None
+        )
+        async with anyio.create_task_group() as tg:
+            if signals is not None:
+                tg.start_soon(_watch_signals, signals, supervisor, begin_shutdown, outcome)
+            if stop is not None:
+                tg.start_soon(_watch_event, stop, begin_shutdown)
+            tg.start_soon(_announce_ready, supervisor, notifier, len(actors))
+            tg.start_soon(_announce_stopping, stopping, notifier)
+            try:
+                await supervisor.run()
+            except SupervisorGaveUp as exc:
+                outcome.exit_code = EXIT_FAILED
+                log.error("daemon.failed", error=str(exc), cause=repr(exc.__cause__))
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await notifier.notify(STOPPING=1, STATUS=f"failed: {exc}")
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def _watch_signals(
+    signals: AsyncIterator[int],
+    supervisor: Supervisor,
+    begin_shutdown: Callable[[str], None],
+    outcome: _Outcome,
+) -> None:
+    """First signal: graceful drain. Second: cancel everything now."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not outcome.signalled:
+            outcome.signalled = True
+            begin_shutdown(name)
+        else:
+            log.warning("daemon.killing", signal=name)
+            outcome.exit_code = 128 + signum
+            supervisor.kill()
+
+
+async def _watch_event(stop: anyio.Event, begin_shutdown: Callable[[str], None]) -> None:
+    await stop.wait()
+    begin_shutdown("stop-event")
+
+
+async def _announce_ready(supervisor: Supervisor, notifier: SystemdNotifier, count: int) -> None:
+    await supervisor.ready.wait()
+    log.info("daemon.ready", actors=list(supervisor.statuses()))
+    await notifier.ready(f"running: {count} actors ready")
+
+
+async def _announce_stopping(stopping: anyio.Event, notifier: SystemdNotifier) -> None:
+    await stopping.wait()
+    await notifier.stopping("stopping: draining in-flight work")

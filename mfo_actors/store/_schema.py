@@ -1,0 +1,130 @@
+"""The SQLite schema and its migrations: one step function per schema version.
+
+The version lives in ``PRAGMA user_version`` (a header field of the database file, so it is
+read without a table). :func:`migrate` runs every step above the file's version in one
+``BEGIN IMMEDIATE`` transaction, so a crash mid-migration leaves the old schema intact. A new
+schema version appends a step to :data:`MIGRATIONS`; steps are never edited once released.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    """Events (outbox + history), runs and task runs."""
+    _run_script(
+        conn,
+        """
+        CREATE TABLE events (
+            seq             INTEGER PRIMARY KEY AUTOINCREMENT,  -- acceptance order
+            id              TEXT    NOT NULL UNIQUE,            -- time-sortable (ids.new_id)
+            source          TEXT    NOT NULL,
+            type            TEXT    NOT NULL,
+            received_at     REAL    NOT NULL,
+            headers         BLOB    NOT NULL,                   -- JSON object
+            body            BLOB    NOT NULL,
+            content_type    TEXT    NOT NULL,
+            is_json         INTEGER NOT NULL,
+            dedupe_key      TEXT,
+            size            INTEGER NOT NULL,                   -- len(body), for max_bytes
+            status          TEXT    NOT NULL,                   -- pending|claimed|delivered|dead
+            attempts        INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL    NOT NULL,
+            last_error      TEXT,
+            delivered_at    REAL,
+            claim_token     TEXT,
+            lease_until     REAL
+        );
+        -- Claiming (status='pending' in seq order), listing and counting by status.
+        CREATE INDEX events_status ON events (status, seq);
+        -- The outbox per source: finds each source's oldest undelivered event (its head).
+        CREATE INDEX events_outbox ON events (source, seq)
+            WHERE status IN ('pending', 'claimed');
+        -- Provider-retry dedupe.
+        CREATE INDEX events_dedupe ON events (source, dedupe_key)
+            WHERE dedupe_key IS NOT NULL;
+
+        CREATE TABLE runs (
+            seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id       TEXT    NOT NULL UNIQUE,
+            flow         TEXT    NOT NULL,
+            status       TEXT    NOT NULL,                      -- new|active|done|error
+            trigger      TEXT    NOT NULL,
+            event_id     TEXT,
+            input        BLOB    NOT NULL,                      -- JSON object
+            schedule_key TEXT,
+            tick         REAL,
+            created_at   REAL    NOT NULL,
+            started_at   REAL,
+            finished_at  REAL,
+            error        TEXT,
+            outputs      BLOB,                                  -- JSON object
+            interrupted  INTEGER NOT NULL DEFAULT 0
+        );
+        -- A cron/interval tick fires once, even across restarts.
+        CREATE UNIQUE INDEX runs_tick ON runs (flow, schedule_key, tick)
+            WHERE schedule_key IS NOT NULL;
+        CREATE INDEX runs_status ON runs (status, seq);
+        CREATE INDEX runs_flow ON runs (flow, seq);
+
+        CREATE TABLE task_runs (
+            run_id      TEXT    NOT NULL,
+            task_id     TEXT    NOT NULL,
+            state       TEXT    NOT NULL,
+            attempts    INTEGER NOT NULL DEFAULT 0,
+            started_at  REAL,
+            finished_at REAL,
+            error       TEXT,
+            output      BLOB,                                   -- JSON object, size-capped
+            PRIMARY KEY (run_id, task_id)
+        );
+        """
+    )
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+# MIGRATIONS[i] brings a file from version i to version i + 1.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class NewerSchemaError(Exception):
+    """The file was written by a newer mfo-actors (its schema version is unknown here)."""
+
+
+def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Bring the schema of *conn* (in autocommit mode) up to :data:`SCHEMA_VERSION`.
+
+    Returns:
+      ``(version before, version after)``.
+
+    Raises:
+      NewerSchemaError: the file's version is above what this code knows.
+      sqlite3.Error: the migration failed (it is rolled back).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (before,) = conn.execute("PRAGMA user_version").fetchone()
+        if before > SCHEMA_VERSION:
+            raise NewerSchemaError(
+                f"schema version {before} is newer than this mfo-actors knows ({SCHEMA_VERSION})"
+            )
+        for step in MIGRATIONS[before:]:
+            step(conn)
+        if before != SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(before), SCHEMA_VERSION

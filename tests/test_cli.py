@@ -1,0 +1,186 @@
+"""The command line: --version, check, and the one-line user-error contract."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mfo_actors import __version__, cli
+from mfo_actors.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config" / "example.yaml"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """``python -m mfo_actors ARGS`` as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "mfo_actors", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=60, check=False,
+    )
+
+
+class TestVersion:
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["--version"]) == 0
+        assert capsys.readouterr().out.strip() == f"mfo-actors {__version__}"
+
+    def test_version_as_a_process(self) -> None:
+        result = run_cli("--version")
+        assert result.returncode == 0
+        assert result.stdout.strip() == f"mfo-actors {__version__}"
+
+
+class TestCheck:
+    def test_example_config_is_ok(self) -> None:
+        result = run_cli("check", "--config", "config/example.yaml")
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert result.stdout.strip().splitlines() == ["ok: config/example.yaml"]
+
+    def test_broken_copy_is_one_line_exit_1(self, tmp_path: Path) -> None:
+        broken = tmp_path / "example.yaml"
+        text = EXAMPLE.read_text().replace("  concurrency: 8 ", "  concurency: 8 ")
+        assert text != EXAMPLE.read_text()
+        broken.write_text(text)
+        line = next(i for i, t in enumerate(text.splitlines(), 1) if "concurency" in t)
+        result = run_cli("check", "--config", str(broken))
+        assert result.returncode == 1
+        assert result.stdout.splitlines() == [
+            f"{broken}:{line}: forwarder.concurency: unknown key"
+        ]
+        assert "Traceback" not in result.stderr
+
+    def test_directory_reports_every_bad_file(self, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+        shutil.copy(EXAMPLE, tmp_path / "a.yaml")
+        (tmp_path / "b.yml").write_text("instance: b\nstate_dir: /tmp/b\nbogus: 1\n")
+        (tmp_path / "c.yaml").write_text("instance: c\nclient: {timeout: soon}\n")
+        (tmp_path / "notes.txt").write_text("not a config")
+        assert cli.main(["check", "--config", str(tmp_path)]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out == [
+            f"{tmp_path / 'b.yml'}:3: bogus: unknown key",
+            f"{tmp_path / 'c.yaml'}:2: client.timeout: "
+            "invalid duration 'soon' (use e.g. 500ms, 30s, 1m, 1h)",
+        ]
+
+    def test_directory_all_ok(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "a.yaml").write_text("state_dir: /tmp/mfo-a\n")
+        (tmp_path / "b.yaml").write_text("state_dir: /tmp/mfo-b\n")
+        assert cli.main(["check", "--config", str(tmp_path)]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"ok: {tmp_path / 'a.yaml'}", f"ok: {tmp_path / 'b.yaml'}"
+        ]
+
+    def test_two_instances_on_one_state_dir(self, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "a.yaml").write_text("state_dir: /tmp/mfo-same\n")
+        (tmp_path / "b.yaml").write_text("state_dir: /tmp/mfo-same\n")
+        assert cli.main(["check", "--config", str(tmp_path)]) == 1
+        [line] = capsys.readouterr().out.splitlines()
+        assert line.startswith(f"{tmp_path / 'b.yaml'}: state_dir: ")
+
+    def test_flow_problems_are_reported(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """When the taskflow package offers check_flows, its problems count."""
+        import mfo_actors.taskflow as taskflow
+
+        seen: list[str] = []
+
+        def check_flows(flows_dir: str) -> list[str]:
+            seen.append(flows_dir)
+            return [f"{flows_dir}/x.yaml:3: tasks[0].type: unknown task type"]
+
+        monkeypatch.setattr(taskflow, "check_flows", check_flows, raising=False)
+        (tmp_path / "a.yaml").write_text("flows: {dir: /tmp/some-flows}\n")
+        assert cli.main(["check", "--config", str(tmp_path / "a.yaml")]) == 1
+        assert seen == ["/tmp/some-flows"]
+        assert capsys.readouterr().out.splitlines() == [
+            "/tmp/some-flows/x.yaml:3: tasks[0].type: unknown task type"
+        ]
+
+    def test_missing_path(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["check", "--config", str(tmp_path / "nope.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert err == f"mfo-actors: {tmp_path / 'nope.yaml'}: no such file or directory\n"
+
+
+class TestUserErrors:
+    def test_user_error_has_no_traceback(self, tmp_path: Path) -> None:
+        result = run_cli("run", "--config", str(tmp_path / "missing.yaml"))
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith(f"mfo-actors: {tmp_path / 'missing.yaml'}: ")
+        assert "Traceback" not in result.stderr
+
+    def test_usage_error_exits_2(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["check"]) == 2
+        assert "--config" in capsys.readouterr().err
+
+    def test_no_command_prints_help(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main([]) == 2
+        assert "run" in capsys.readouterr().err
+
+    def _with_command(self, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+        def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+            def boom(_args: argparse.Namespace) -> int:
+                raise error
+
+            sub.add_parser("boom").set_defaults(func=boom)
+
+        real = cli._load_registrars
+        monkeypatch.setattr(cli, "_load_registrars", lambda: [*real(), register])
+
+    def test_multiline_user_error_is_one_line(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        self._with_command(monkeypatch, UserError("first\nsecond"))
+        assert cli.main(["boom"]) == 1
+        assert capsys.readouterr().err == "mfo-actors: first second\n"
+
+    def test_user_error_inside_a_task_group(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        err = ConfigError("bad", file="f.yaml", key="k", line=2)
+        self._with_command(monkeypatch, ExceptionGroup("tg", [err]))
+        assert cli.main(["boom"]) == 1
+        assert capsys.readouterr().err == "mfo-actors: f.yaml:2: k: bad\n"
+
+    def test_keyboard_interrupt_exits_130(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        self._with_command(monkeypatch, KeyboardInterrupt())
+        assert cli.main(["boom"]) == 130
+
+    def test_bugs_still_raise(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only user errors are shortened; a bug keeps its traceback."""
+        self._with_command(monkeypatch, ZeroDivisionError("bug"))
+        with pytest.raises(ZeroDivisionError):
+            cli.main(["boom"])
+
+    def test_missing_command_modules_are_skipped(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", ("check", "does_not_exist"))
+        parser = cli.build_parser()
+        assert "check" in parser.format_help()
+
+
+class TestDocs:
+    def test_readme_has_exactly_two_setup_commands(self) -> None:
+        """The README's set-up is two one-line commands, and CI runs the second verbatim."""
+        readme = (REPO / "README.md").read_text()
+        blocks = readme.split("```sh\n")[1:3]
+        commands = [b.split("```")[0].strip() for b in blocks]
+        assert all("\n" not in c for c in commands)
+        main_job, tests = commands
+        assert main_job.endswith("mfo-actors check --config config/example.yaml") or (
+            "mfo-actors demo" in main_job
+        )
+        assert tests.startswith("python3 -m venv .venv && ")
+        assert tests in (REPO / ".ci" / "run").read_text()

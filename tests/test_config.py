@@ -1,0 +1,263 @@
+"""The instance config loader: types, units, secret references, and errors that point home."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mfo_actors.config import (
+    InstanceConfig,
+    load_config,
+    load_config_text,
+    parse_duration,
+    parse_size,
+)
+from mfo_actors.errors import ConfigError, UserError
+from mfo_actors.observability import redact
+
+REPO = Path(__file__).resolve().parent.parent
+SEED_CONFIG = REPO / "config" / "seed-client.yaml"
+EXAMPLE_CONFIG = REPO / "config" / "example.yaml"
+
+
+def load_error(text: str, **kwargs: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, file="inst.yaml", **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+class TestErrors:
+    def test_unknown_key_names_path_and_line(self) -> None:
+        """A typo in a nested key names the dotted path and the line it is on."""
+        err = load_error("client:\n  base_url: http://x\n  retry:\n    max_atempts: 3\n")
+        assert (err.file, err.key, err.line) == ("inst.yaml", "client.retry.max_atempts", 4)
+        assert str(err) == "inst.yaml:4: client.retry.max_atempts: unknown key"
+
+    def test_unknown_top_level_key(self) -> None:
+        err = load_error("instance: a\nbogus: 1\n")
+        assert (err.key, err.line) == ("bogus", 2)
+
+    def test_wrong_type_names_path_and_line(self) -> None:
+        err = load_error("instance: a\nforwarder:\n  concurrency: many\n")
+        assert (err.key, err.line) == ("forwarder.concurrency", 3)
+        assert "Expected `int`" in err.message
+
+    def test_wrong_type_in_a_list_item(self) -> None:
+        err = load_error(
+            "webhook_listener:\n  routes:\n    - {path: /a, source: a}\n"
+            "    - {path: /b, source: [1]}\n"
+        )
+        assert (err.key, err.line) == ("webhook_listener.routes[1].source", 4)
+
+    def test_bad_duration_names_path_and_line(self) -> None:
+        err = load_error("client:\n  timeout: 30 seconds\n")
+        assert (err.key, err.line) == ("client.timeout", 2)
+        assert "invalid duration" in err.message
+
+    def test_missing_secret_env_var_names_path_and_line(self) -> None:
+        err = load_error(
+            "auth:\n  mode: login\n  email: a@b.c\n  password: ${env:NOPE_PW}\n", environ={}
+        )
+        assert (err.key, err.line) == ("auth.password", 4)
+        assert "NOPE_PW" in err.message
+
+    def test_bad_yaml_names_the_line(self) -> None:
+        err = load_error("instance: a\nclient: {base_url: x\nadmin: 1\n")
+        assert err.file == "inst.yaml"
+        assert err.line is not None and err.line >= 2
+        assert "invalid YAML" in err.message
+
+    def test_duplicate_key_is_an_error(self) -> None:
+        """PyYAML keeps the last of two equal keys silently; we refuse the file."""
+        err = load_error("admin:\n  port: 1\n  port: 2\n")
+        assert (err.key, err.line) == ("admin.port", 3)
+
+    def test_not_a_mapping(self) -> None:
+        assert "mapping" in load_error("- a\n- b\n").message
+
+    def test_semantic_error_login_without_password(self) -> None:
+        err = load_error("auth:\n  mode: login\n  email: a@b.c\n")
+        assert err.key == "auth.password"
+
+    def test_redis_on_trio_is_refused_at_load(self) -> None:
+        err = load_error("async_backend: trio\nstore: {backend: redis, url: redis://x}\n")
+        assert err.key == "async_backend"
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config(tmp_path / "missing.yaml")
+        assert str(tmp_path / "missing.yaml") in str(info.value)
+
+    def test_config_error_is_a_user_error(self) -> None:
+        assert isinstance(load_error("bogus: 1\n"), UserError)
+
+
+class TestValues:
+    def test_defaults(self) -> None:
+        cfg = load_config_text("{}")
+        assert cfg == InstanceConfig(source_file="<config>")
+        assert cfg.webhook_listener.port == 8080
+        assert cfg.client.effective_auth_base_url == "http://127.0.0.1:9000/auth"
+
+    @pytest.mark.parametrize(
+        ("text", "seconds"),
+        [("500ms", 0.5), ("30s", 30), ("1m", 60), ("1h", 3600), ("1m30s", 90), (2, 2.0)],
+    )
+    def test_durations(self, text: object, seconds: float) -> None:
+        assert parse_duration(text) == pytest.approx(seconds)
+
+    @pytest.mark.parametrize("text", ["30 seconds", "-1", "1x", "", True, -3])
+    def test_bad_durations(self, text: object) -> None:
+        with pytest.raises(ValueError):
+            parse_duration(text)
+
+    @pytest.mark.parametrize(
+        ("text", "size"), [("1MiB", 1024**2), ("512KiB", 512 * 1024), ("10MB", 10**7), (7, 7)]
+    )
+    def test_sizes(self, text: object, size: int) -> None:
+        assert parse_size(text) == size
+
+    def test_size_in_config(self) -> None:
+        cfg = load_config_text("webhook_listener: {max_body_size: 512KiB}\n")
+        assert cfg.webhook_listener.max_body_size == 512 * 1024
+
+    @pytest.mark.parametrize("port", ['":8080"', "8080", '"8080"'])
+    def test_go_style_port(self, port: str) -> None:
+        cfg = load_config_text(f"webhook_listener:\n  port: {port}\n")
+        assert cfg.webhook_listener.port == 8080
+
+    def test_port_out_of_range(self) -> None:
+        err = load_error('webhook_listener:\n  port: ":70000"\n')
+        assert (err.key, err.line) == ("webhook_listener.port", 2)
+
+    def test_instance_defaults_to_file_stem(self, tmp_path: Path) -> None:
+        path = tmp_path / "crm.yaml"
+        path.write_text("client: {base_url: http://127.0.0.1:1}\n")
+        cfg = load_config(path)
+        assert cfg.instance == "crm"
+        assert cfg.effective_state_dir == Path("var/crm")
+
+    def test_state_dir_from_systemd(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/mfo-actors/crm:/other")
+        assert load_config_text("instance: crm\n").effective_state_dir == Path(
+            "/var/lib/mfo-actors/crm"
+        )
+
+    def test_single_path_becomes_a_route(self) -> None:
+        cfg = load_config_text("webhook_listener: {path: /hook, source: gh}\n")
+        [route] = cfg.webhook_listener.effective_routes()
+        assert (route.path, route.source) == ("/hook", "gh")
+
+
+class TestSecrets:
+    def test_env_reference(self) -> None:
+        cfg = load_config_text(
+            "auth: {mode: token, token: '${env:T_TOKEN}'}\n", environ={"T_TOKEN": "tok-env-123"}
+        )
+        assert cfg.auth.token == "tok-env-123"
+
+    def test_file_reference_relative_to_config(self, tmp_path: Path) -> None:
+        (tmp_path / "pw.txt").write_text("file-secret-456\n")
+        path = tmp_path / "inst.yaml"
+        path.write_text("auth: {mode: login, email: a@b.c, password: '${file:pw.txt}'}\n")
+        assert load_config(path).auth.password == "file-secret-456"
+
+    def test_credential_reference(self, tmp_path: Path) -> None:
+        (tmp_path / "mfo_password").write_text("cred-secret-789")
+        cfg = load_config_text(
+            "auth: {mode: login, email: a@b.c, password: '${credential:mfo_password}'}\n",
+            environ={"CREDENTIALS_DIRECTORY": str(tmp_path)},
+        )
+        assert cfg.auth.password == "cred-secret-789"
+
+    def test_credential_without_credentials_directory(self) -> None:
+        err = load_error("auth: {mode: token, token: '${credential:x}'}\n", environ={})
+        assert err.key == "auth.token"
+        assert "CREDENTIALS_DIRECTORY" in err.message
+
+    def test_missing_secret_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "inst.yaml"
+        path.write_text("auth:\n  mode: token\n  token: '${file:nope.txt}'\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert (info.value.key, info.value.line) == ("auth.token", 3)
+
+    def test_reference_inside_a_longer_string(self) -> None:
+        cfg = load_config_text(
+            "client: {base_url: 'http://${env:H_HOST}:9000'}\n", environ={"H_HOST": "mfo.local"}
+        )
+        assert cfg.client.base_url == "http://mfo.local:9000"
+
+    def test_resolved_secrets_are_registered_for_redaction(self) -> None:
+        load_config_text(
+            "auth: {mode: token, token: '${env:R_TOKEN}'}\n", environ={"R_TOKEN": "zz-sekrit-42"}
+        )
+        assert redact("token was zz-sekrit-42") == "token was [REDACTED]"
+
+
+class TestShippedConfigs:
+    def test_example_config_loads(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(REPO)
+        cfg = load_config(EXAMPLE_CONFIG)
+        assert cfg.instance == "example"
+        assert cfg.auth.mode == "none"
+        assert cfg.flows.dir == "./flows"
+
+    def test_seed_config_loads_unchanged(self) -> None:
+        """The seed's example, printed flush left, loads with its intended nesting."""
+        cfg = load_config(SEED_CONFIG)
+        assert cfg.client.base_url == "https://api.example.com"
+        assert cfg.client.auth_base_url == "https://auth.example.com"
+        assert cfg.client.timeout == 30.0
+        assert cfg.client.retry.max_attempts == 3
+        assert cfg.client.retry.initial_backoff == 1.0
+        assert cfg.client.retry.max_backoff == 60.0
+        assert cfg.client.retry.backoff_multiplier == 2.0
+        assert cfg.client.circuit_breaker.failure_threshold == 5
+        assert cfg.client.circuit_breaker.reset_timeout == 60.0
+        assert cfg.webhook_listener.path == "/webhook"
+        assert cfg.webhook_listener.port == 8080
+
+    def test_seed_config_indented_loads_the_same(self) -> None:
+        """Indenting the seed's example as intended gives the same config."""
+        indented = """\
+client:
+  base_url: "https://api.example.com"
+  auth_base_url: "https://auth.example.com"
+  timeout: "30s"
+  retry:
+    max_attempts: 3
+    initial_backoff: "1s"
+    max_backoff: "1m"
+    backoff_multiplier: 2.0
+  circuit_breaker:
+    failure_threshold: 5
+    reset_timeout: "1m"
+webhook_listener:
+  path: "/webhook"
+  port: ":8080"
+"""
+        flat = load_config(SEED_CONFIG)
+        nested = load_config_text(indented, file=str(SEED_CONFIG))
+        assert nested == flat
+
+    def test_seed_file_is_the_seed_text(self) -> None:
+        """config/seed-client.yaml is the seed's block, line for line, when the seed is here."""
+        seed = REPO.parent / "shared" / "seeds" / "000_bb4ba199f8c94c12.txt"
+        if not seed.exists():
+            pytest.skip("seed documents are not next to this checkout")
+        text = seed.read_text(encoding="utf-8")
+        start = text.index("# Exemple de configuration client")
+        block = text[start:].split("Tableau des Configurations")[0]
+        assert SEED_CONFIG.read_text(encoding="utf-8") == block
+
+    def test_flat_form_still_reports_unknown_keys(self) -> None:
+        """Re-nesting never hides a typo: a key valid nowhere is still an error on its line."""
+        err = load_error("client:\nbase_url: http://x\nmax_atempts: 3\n")
+        assert (err.key, err.line) == ("max_atempts", 3)
+
+    def test_null_optional_section_stays_null(self) -> None:
+        cfg = load_config_text("client:\n  rate_limit:\n  timeout: 5s\n")
+        assert cfg.client.rate_limit is None
+        assert cfg.client.timeout == 5.0

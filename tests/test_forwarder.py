@@ -1,0 +1,318 @@
+"""The forwarder with the SQLite store and the reference server over a real socket.
+
+Each test runs the real pieces in-process (store, breaker, token bucket, auth refresher,
+client, forwarder) on both anyio backends; only the daemon process is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from mfo_actors.actors.auth import AuthRefresherActor
+from mfo_actors.actors.breaker import BreakerActor
+from mfo_actors.actors.forwarder import ForwarderActor, encode_event
+from mfo_actors.client._client import MFOClient
+from mfo_actors.client._ratelimit import TokenBucket
+from mfo_actors.config import InstanceConfig, load_config_text
+from mfo_actors.ids import new_id
+from mfo_actors.messages import DeliveryOutcome, Event
+from mfo_actors.mock_server import MockOptions
+from mfo_actors.runtime import ChannelReceiver, ReadySignal, open_channel
+from mfo_actors.store import EventStore, open_store
+from tests.mock_fixtures import EMAIL, PASSWORD, MockServerHandle, running_mock_server
+
+pytestmark = pytest.mark.anyio
+
+
+def make_config(
+    base_url: str,
+    state_dir: Path,
+    *,
+    concurrency: int = 8,
+    ordering: str = "source",
+    threshold: int = 3,
+    reset: str = "300ms",
+    max_attempts: int = 50,
+    initial_backoff: str = "10ms",
+    max_backoff: str = "100ms",
+    rate_limit: str = "",
+    lease: str = "30s",
+) -> InstanceConfig:
+    return load_config_text(f"""
+instance: fwdtest
+state_dir: {state_dir}
+client:
+  base_url: {base_url}
+  timeout: 5s
+  retry: {{max_attempts: {max_attempts}, initial_backoff: {initial_backoff},
+          max_backoff: {max_backoff}, backoff_multiplier: 2.0}}
+  circuit_breaker: {{failure_threshold: {threshold}, reset_timeout: {reset},
+                     half_open_max_calls: 1}}
+  {rate_limit}
+auth: {{mode: login, email: {EMAIL!r}, password: {PASSWORD!r}}}
+forwarder: {{concurrency: {concurrency}, ordering: {ordering}, poll_interval: 200ms,
+            lease: {lease}}}
+""")
+
+
+def make_event(source: str = "github", body: bytes | None = None, *, is_json: bool = True,
+               n: int = 0) -> Event:
+    return Event(
+        id=new_id(), source=source, type="push", received_at=time.time(),
+        headers={"x-github-event": "push"},
+        body=body if body is not None else b'{"n": %d, "nested": {"a": [1, 2.50]}}' % n,
+        is_json=is_json,
+        content_type="application/json" if is_json else "application/octet-stream",
+    )
+
+
+@dataclass
+class Rig:
+    cfg: InstanceConfig
+    store: EventStore
+    srv: MockServerHandle
+    forwarder: ForwarderActor
+    breaker_actor: BreakerActor
+    auth: AuthRefresherActor
+    outcomes: ChannelReceiver[DeliveryOutcome]
+
+    async def append(self, events: list[Event]) -> None:
+        for ev in events:
+            await self.store.append(ev)
+
+    def server_ids(self) -> list[str]:
+        return [e["id"] for e in self.srv.app.events]
+
+    async def wait_delivered(self, n: int, timeout: float = 20.0) -> None:
+        with anyio.fail_after(timeout):
+            while (await self.store.stats()).delivered < n:
+                await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, options: MockOptions | None = None, *, outcomes: bool = False,
+              **cfg_kw: object) -> AsyncIterator[Rig]:
+    """Mock server, store, breaker, auth refresher, token bucket, client and forwarder."""
+    opts = options or MockOptions(email=EMAIL, password=PASSWORD)
+    async with running_mock_server(opts) as srv:
+        cfg = make_config(srv.base_url, tmp_path, **cfg_kw)  # type: ignore[arg-type]
+        async with open_store(cfg) as store:
+            breaker_actor = BreakerActor(cfg)
+            auth = AuthRefresherActor(cfg)
+            rl = cfg.client.rate_limit
+            limiter = TokenBucket(rl.requests_per_second, rl.burst) if rl else None
+            async with MFOClient.from_config(cfg, auth=auth.provider,
+                                             breaker=breaker_actor.breaker,
+                                             rate_limiter=limiter) as client:
+                sink, sink_rx = open_channel(DeliveryOutcome, 100_000)
+                forwarder = ForwarderActor(cfg, store, client.base, breaker_actor.breaker,
+                                           outcomes=sink if outcomes else None)
+                async with anyio.create_task_group() as tg:
+                    for actor in (breaker_actor, auth, forwarder):
+                        ready = ReadySignal()
+                        tg.start_soon(actor.run, ready)
+                        await ready.wait()
+                    try:
+                        yield Rig(cfg, store, srv, forwarder, breaker_actor, auth, sink_rx)
+                    finally:
+                        for actor in (forwarder, auth, breaker_actor):
+                            actor.request_stop()
+                sink.close()
+                sink_rx.close()
+
+
+def test_wire_format_embeds_json_and_encodes_raw() -> None:
+    """JSON bodies are embedded byte for byte; raw ones as text, or base64 when binary."""
+    ev = make_event(body=b'{"b":1.50,  "a":"x"}')
+    wire = msgspec.json.decode(encode_event(ev))
+    assert set(wire) == {"id", "source", "type", "received_at", "headers", "payload"}
+    assert b'"payload":{"b":1.50,  "a":"x"}' in encode_event(ev)  # not re-encoded
+    assert wire["received_at"].endswith("Z")
+    text = msgspec.json.decode(encode_event(make_event(body=b"a=1&b=2", is_json=False)))
+    assert text["payload"] == "a=1&b=2" and "payload_encoding" not in text
+    binary = msgspec.json.decode(encode_event(make_event(body=b"\xff\x00", is_json=False)))
+    assert binary["payload_encoding"] == "base64"
+    assert base64.b64decode(binary["payload"]) == b"\xff\x00"
+
+
+async def test_delivers_in_order_with_idempotency_key(tmp_path: Path) -> None:
+    """Every event arrives once, per source in acceptance order, keyed by its id."""
+    async with rig(tmp_path) as r:
+        events = [make_event("a" if i % 2 else "b", n=i) for i in range(40)]
+        await r.append(events)
+        await r.wait_delivered(40)
+        got = r.srv.app.events
+        assert sorted(e["id"] for e in got) == sorted(e.id for e in events)
+        for src in ("a", "b"):
+            assert [e["id"] for e in got if e["body"]["source"] == src] == \
+                [e.id for e in events if e.source == src]
+        assert all(e["idempotency_key"] == e["id"] for e in got)
+        assert got[0]["body"]["payload"]["nested"] == {"a": [1, 2.5]}
+        assert r.forwarder.delivered == 40
+        assert r.srv.app.stats.duplicates == 0
+
+
+async def test_429_retry_after_delays_next_attempt(tmp_path: Path) -> None:
+    """A 429 with Retry-After: 2 puts the next attempt at least 2 s later."""
+    async with rig(tmp_path, outcomes=True) as r:
+        r.srv.app.set_faults(fail_next=1, fail_status=429, retry_after=2)
+        ev = make_event()
+        sent = time.time()
+        await r.append([ev])
+        with anyio.fail_after(10):
+            while (stored := await r.store.get_event(ev.id)) is None or stored.attempts < 1:
+                await anyio.sleep(0.01)
+        assert stored.next_attempt_at >= sent + 2.0
+        await r.wait_delivered(1)
+        arrived = r.srv.app._events[ev.id].received_at
+        assert arrived - sent >= 2.0
+        assert r.srv.app.stats.requests_by_status.get("429") == 1
+        assert r.forwarder.retried == 1
+        first = r.outcomes.receive_nowait()
+        assert (first.ok, first.failure, first.status) == (False, True, 429)
+        assert r.outcomes.receive_nowait().ok
+
+
+async def test_400_dead_letters_at_once_and_replay_resends(tmp_path: Path) -> None:
+    """A 400 dead-letters without retrying; store.replay sends it again."""
+    async with rig(tmp_path) as r:
+        r.srv.app.set_faults(fail_next=1, fail_status=400)
+        ev = make_event()
+        await r.append([ev])
+        with anyio.fail_after(10):
+            while (stored := await r.store.get_event(ev.id)) is None or stored.status != "dead":
+                await anyio.sleep(0.01)
+        assert stored.attempts == 1
+        assert stored.last_error is not None and "400" in stored.last_error
+        assert "injected" in stored.last_error  # the error body is kept
+        assert r.forwarder.dead == 1
+        assert r.server_ids() == []
+        assert await r.store.replay([ev.id]) == 1
+        await r.wait_delivered(1)
+        assert r.server_ids() == [ev.id]
+
+
+async def test_outage_events_arrive_after_recovery_without_hammering(tmp_path: Path) -> None:
+    """Events accepted during a 2 s outage all arrive once after it; during it, the
+    upstream sees about failure_threshold requests, then one probe per reset period."""
+    reset = 0.3
+    async with rig(tmp_path, threshold=3, reset="300ms", ordering="none") as r:
+        with anyio.fail_after(5):
+            await r.auth.provider.header()  # logged in before the outage starts
+        outage = 2.0
+        r.srv.app.set_faults(outage_for=outage)
+        started = time.monotonic()
+        events = [make_event(f"s{i % 5}", n=i) for i in range(300)]
+        await r.append(events)
+        with anyio.fail_after(outage + 10):
+            while time.monotonic() - started < outage:
+                await anyio.sleep(0.02)
+            during = r.srv.app.stats.requests_by_status.get("503", 0)
+            await r.wait_delivered(300)
+        periods = outage / reset
+        # threshold at once, then one probe per period (+1 for the period boundary).
+        assert during <= 3 + periods + 1, during
+        ids = r.server_ids()
+        assert sorted(ids) == sorted(e.id for e in events)
+        assert len(set(ids)) == len(ids)
+        assert r.srv.app.stats.duplicates == 0
+        assert r.breaker_actor.breaker.state == "closed"
+        assert r.forwarder.dead == 0
+
+
+async def test_breaker_states_are_broadcast(tmp_path: Path) -> None:
+    """Subscribers hear open, half_open and closed, in that order, through an outage."""
+    async with rig(tmp_path, threshold=2, reset="200ms") as r:
+        with anyio.fail_after(5):
+            await r.auth.provider.header()  # logged in before the outage starts
+        sub = r.breaker_actor.states.subscribe()
+        r.srv.app.set_faults(outage_for=0.5)
+        await r.append([make_event(n=i) for i in range(5)])
+        seen: list[str] = []
+        with anyio.fail_after(10):
+            async for state in sub:
+                seen.append(state.state)
+                if state.state == "closed":
+                    break
+        assert seen[:2] == ["open", "half_open"]
+        await r.wait_delivered(5)
+
+
+async def test_rate_limit_holds(tmp_path: Path) -> None:
+    """rps 100 with burst 10: 300 events take at least 2.9 s to deliver."""
+    async with rig(tmp_path, ordering="none",
+                   rate_limit="rate_limit: {requests_per_second: 100, burst: 10}") as r:
+        with anyio.fail_after(5):
+            await r.auth.provider.header()
+        start = time.monotonic()
+        await r.append([make_event(f"s{i % 10}", n=i) for i in range(300)])
+        await r.wait_delivered(300, timeout=30)
+        assert time.monotonic() - start >= 2.9
+        assert len(set(r.server_ids())) == 300
+
+
+@pytest.mark.slow
+async def test_rate_limit_holds_at_50_per_second(tmp_path: Path) -> None:
+    """The acceptance figure: rps 50, 500 events take at least 9 s."""
+    async with rig(tmp_path, ordering="none",
+                   rate_limit="rate_limit: {requests_per_second: 50, burst: 50}") as r:
+        with anyio.fail_after(5):
+            await r.auth.provider.header()
+        start = time.monotonic()
+        await r.append([make_event(f"s{i % 10}", n=i) for i in range(500)])
+        await r.wait_delivered(500, timeout=60)
+        assert time.monotonic() - start >= 9.0
+
+
+async def test_tokens_expiring_every_2s_lose_nothing(tmp_path: Path) -> None:
+    """A stream while tokens live 2 s: nothing lost, logins about one per expiry."""
+    duration = 5.0
+    opts = MockOptions(email=EMAIL, password=PASSWORD, token_lifetime=2.0)
+    async with rig(tmp_path, opts, ordering="none") as r:
+        start = time.monotonic()
+        events: list[Event] = []
+        while time.monotonic() - start < duration:
+            batch = [make_event(f"s{i % 4}", n=i) for i in range(10)]
+            await r.append(batch)
+            events.extend(batch)
+            await anyio.sleep(0.05)
+        await r.wait_delivered(len(events))
+        elapsed = time.monotonic() - start
+        ids = r.server_ids()
+        assert sorted(ids) == sorted(e.id for e in events)
+        stats = r.srv.app.stats
+        refreshes = elapsed / (2.0 * 0.8 * 0.95)
+        assert stats.logins <= refreshes + 2, (stats.logins, elapsed)
+        assert stats.logins >= int(elapsed / 2.0)
+        # Refreshed before expiry: an expired token is (almost) never sent.
+        assert stats.expired_token_requests <= stats.logins
+
+
+async def test_stop_finishes_in_flight_and_leaves_the_rest(tmp_path: Path) -> None:
+    """request_stop: requests in flight complete and settle; unclaimed events stay pending."""
+    opts = MockOptions(email=EMAIL, password=PASSWORD, latency=0.3)
+    async with rig(tmp_path, opts, concurrency=2, ordering="none") as r:
+        with anyio.fail_after(5):
+            await r.auth.provider.header()
+        await r.append([make_event(f"s{i}", n=i) for i in range(20)])
+        with anyio.fail_after(5):
+            while r.forwarder.health()["in_flight"] < 2:
+                await anyio.sleep(0.005)
+        r.forwarder.request_stop()
+        with anyio.fail_after(5):
+            while r.forwarder.health()["in_flight"] > 0:
+                await anyio.sleep(0.005)
+        stats = await r.store.stats()
+        assert stats.delivered == r.forwarder.delivered >= 2
+        assert stats.pending == 20 - stats.delivered
+        claimed = await r.store.list_events(status="claimed")
+        assert claimed == []

@@ -1,0 +1,665 @@
+"""The EventStore contract: every backend must pass these (parametrised by ``backend``).
+
+A new backend adds its name to the ``backend`` fixture's params and a branch to
+``make_config``; the tests only use the protocol, through ``open_store(cfg)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from mfo_actors.config import (
+    Duration,
+    InstanceConfig,
+    Size,
+    StoreConfig,
+    WebhookListenerConfig,
+)
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.store import (
+    OUTPUT_CAP,
+    AppendResult,
+    EventStore,
+    RunRequest,
+    StoreClosedError,
+    StoreFullError,
+    TaskRunRecord,
+    open_store,
+)
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_800_000_000.0
+
+
+class FakeClock:
+    """Wall-clock seconds that only move when a test says so."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+Opener = Callable[..., AbstractAsyncContextManager[EventStore]]
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis" and not os.environ.get("MFO_TEST_REDIS_URL"):
+        pytest.skip("set MFO_TEST_REDIS_URL to test the redis backend")
+    return str(request.param)
+
+
+def make_config(backend: str, state_dir: Path, **store: Any) -> InstanceConfig:
+    dedupe_window = store.pop("dedupe_window", 3600.0)
+    if "max_bytes" in store:
+        store["max_bytes"] = Size(store["max_bytes"])
+    if backend == "redis":
+        store.update(url=os.environ["MFO_TEST_REDIS_URL"])
+    return InstanceConfig(
+        instance="test",
+        state_dir=str(state_dir),
+        store=StoreConfig(backend=backend, **store),  # type: ignore[arg-type]
+        webhook_listener=WebhookListenerConfig(dedupe_window=Duration(dedupe_window)),
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def opener(backend: str, tmp_path: Path, clock: FakeClock) -> Opener:
+    """``opener(**store_options)`` opens the store of one instance (the same data each time)."""
+
+    def open_(**store: Any) -> AbstractAsyncContextManager[EventStore]:
+        return open_store(make_config(backend, tmp_path / "state", **store), clock=clock)
+
+    return open_
+
+
+def make_event(
+    clock: FakeClock,
+    *,
+    source: str = "github",
+    type: str = "push",
+    body: bytes = b'{"n": 1}',
+    dedupe_key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Event:
+    return Event(
+        id=new_id(), source=source, type=type, received_at=clock(),
+        headers=headers if headers is not None else {"content-type": "application/json"},
+        body=body, dedupe_key=dedupe_key,
+    )
+
+
+async def append_all(store: EventStore, events: list[Event]) -> list[AppendResult]:
+    """Append *events* concurrently (so a group-committing backend batches them)."""
+    results: list[AppendResult | None] = [None] * len(events)
+
+    async def one(i: int) -> None:
+        results[i] = await store.append(events[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(events)):
+            tg.start_soon(one, i)
+    return [r for r in results if r is not None]
+
+
+class TestAppend:
+    async def test_append_round_trips_every_field(self, opener: Opener, clock: FakeClock) -> None:
+        """What the listener stored is what the forwarder reads back, byte for byte."""
+        event = make_event(clock, body=b'{"a": [1, 2]}', dedupe_key="d-1",
+                           headers={"X-GitHub-Event": "push", "content-type": "text/plain"})
+        async with opener() as store:
+            assert isinstance(store, EventStore)
+            result = await store.append(event)
+            assert result == AppendResult(event.id, duplicate=False)
+            stored = await store.get_event(event.id)
+        assert stored is not None
+        assert stored.event == event
+        assert stored.status == "pending"
+        assert stored.attempts == 0
+        assert stored.next_attempt_at <= clock()
+
+    async def test_get_unknown_event_is_none(self, opener: Opener) -> None:
+        async with opener() as store:
+            assert await store.get_event("01NOPE") is None
+
+    async def test_append_is_durable_across_reopen(self, opener: Opener, clock: FakeClock) -> None:
+        """An append that returned is found by a new store on the same data."""
+        events = [make_event(clock) for _ in range(20)]
+        async with opener() as store:
+            await append_all(store, events)
+        async with opener() as store:
+            found = [await store.get_event(e.id) for e in events]
+            stats = await store.stats()
+        assert all(f is not None and f.status == "pending" for f in found)
+        assert stats.pending == 20
+
+    async def test_list_events_newest_first_with_filters(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        a1, b1, a2 = (make_event(clock, source=s) for s in ("a", "b", "a"))
+        async with opener() as store:
+            for e in (a1, b1, a2):
+                await store.append(e)
+            everything = await store.list_events()
+            only_a = await store.list_events(source="a")
+            limited = await store.list_events(limit=1)
+            dead = await store.list_events(status="dead")
+        assert [s.event.id for s in everything] == [a2.id, b1.id, a1.id]
+        assert [s.event.id for s in only_a] == [a2.id, a1.id]
+        assert [s.event.id for s in limited] == [a2.id]
+        assert dead == []
+
+
+class TestDedupe:
+    async def test_second_delivery_returns_first_id(self, opener: Opener, clock: FakeClock) -> None:
+        first = make_event(clock, dedupe_key="k")
+        again = make_event(clock, dedupe_key="k")
+        async with opener() as store:
+            assert (await store.append(first)).duplicate is False
+            result = await store.append(again)
+            assert result == AppendResult(first.id, duplicate=True)
+            assert await store.get_event(again.id) is None
+            assert (await store.stats()).pending == 1
+
+    async def test_same_key_other_source_is_not_a_duplicate(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        async with opener() as store:
+            await store.append(make_event(clock, source="a", dedupe_key="k"))
+            result = await store.append(make_event(clock, source="b", dedupe_key="k"))
+        assert result.duplicate is False
+
+    async def test_duplicates_within_one_batch(self, opener: Opener, clock: FakeClock) -> None:
+        """Concurrent deliveries of one key (one group commit) store exactly one event."""
+        events = [make_event(clock, dedupe_key="same") for _ in range(10)]
+        async with opener() as store:
+            results = await append_all(store, events)
+            stats = await store.stats()
+        first_ids = {r.id for r in results}
+        assert len(first_ids) == 1
+        assert sum(not r.duplicate for r in results) == 1
+        assert stats.pending == 1
+
+    async def test_outside_the_window_is_new(self, opener: Opener, clock: FakeClock) -> None:
+        first = make_event(clock, dedupe_key="k")
+        async with opener(dedupe_window=60.0) as store:
+            await store.append(first)
+            clock.advance(61)
+            later = make_event(clock, dedupe_key="k")
+            result = await store.append(later)
+        assert result == AppendResult(later.id, duplicate=False)
+
+
+class TestBackpressure:
+    async def test_max_pending(self, opener: Opener, clock: FakeClock) -> None:
+        """At the bound append refuses; delivering one frees a slot."""
+        async with opener(max_pending=3) as store:
+            for _ in range(3):
+                await store.append(make_event(clock, source=new_id()))
+            with pytest.raises(StoreFullError):
+                await store.append(make_event(clock))
+            (claimed,) = await store.claim_due(limit=1, lease=30)
+            with pytest.raises(StoreFullError):  # claimed still counts as pending
+                await store.append(make_event(clock))
+            await store.mark_delivered(claimed.event.id, claimed.claim_token or "")
+            await store.append(make_event(clock))
+            assert (await store.stats()).pending == 3
+
+    async def test_max_bytes(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener(max_bytes=100) as store:
+            await store.append(make_event(clock, body=b"x" * 60))
+            with pytest.raises(StoreFullError):
+                await store.append(make_event(clock, body=b"y" * 41))
+            await store.append(make_event(clock, body=b"z" * 40))
+            assert (await store.stats()).pending_bytes == 100
+
+    async def test_concurrent_appends_never_exceed_bound(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """Writes in flight count against the bound too."""
+        accepted = refused = 0
+
+        async with opener(max_pending=10) as store:
+
+            async def one() -> None:
+                nonlocal accepted, refused
+                try:
+                    await store.append(make_event(clock))
+                    accepted += 1
+                except StoreFullError:
+                    refused += 1
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(30):
+                    tg.start_soon(one)
+            assert (await store.stats()).pending == 10
+        assert (accepted, refused) == (10, 20)
+
+
+class TestClaim:
+    async def test_claims_due_events_oldest_first(self, opener: Opener, clock: FakeClock) -> None:
+        events = [make_event(clock, source=f"s{i}") for i in range(5)]
+        async with opener() as store:
+            for e in events:
+                await store.append(e)
+            first = await store.claim_due(limit=2, lease=30, ordered_by_source=False)
+            rest = await store.claim_due(limit=10, lease=30, ordered_by_source=False)
+            none = await store.claim_due(limit=10, lease=30, ordered_by_source=False)
+        assert [c.event.id for c in first] == [e.id for e in events[:2]]
+        assert [c.event.id for c in rest] == [e.id for e in events[2:]]
+        assert none == []
+        assert all(c.status == "claimed" and c.claim_token for c in first + rest)
+
+    async def test_unordered_claims_many_of_one_source(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        async with opener() as store:
+            for _ in range(4):
+                await store.append(make_event(clock, source="a"))
+            claimed = await store.claim_due(limit=10, lease=30, ordered_by_source=False)
+        assert len(claimed) == 4
+
+    async def test_ordered_one_in_flight_per_source(self, opener: Opener, clock: FakeClock) -> None:
+        a1, a2, b1, a3 = (make_event(clock, source=s) for s in ("a", "a", "b", "a"))
+        async with opener() as store:
+            for e in (a1, a2, b1, a3):
+                await store.append(e)
+            first = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in first] == [a1.id, b1.id]
+            assert await store.claim_due(limit=10, lease=30) == []
+            await store.mark_delivered(a1.id, first[0].claim_token or "")
+            second = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in second] == [a2.id]
+
+    async def test_ordered_head_of_line_waits_for_backoff(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """A rescheduled head blocks its source (even though the next event is due)."""
+        a1, a2, b1 = (make_event(clock, source=s) for s in ("a", "a", "b"))
+        async with opener() as store:
+            for e in (a1, a2, b1):
+                await store.append(e)
+            claimed = await store.claim_due(limit=10, lease=30)
+            token = {c.event.id: c.claim_token or "" for c in claimed}
+            await store.reschedule(a1.id, token[a1.id], next_attempt_at=clock() + 10, error="503")
+            await store.mark_delivered(b1.id, token[b1.id])
+            assert await store.claim_due(limit=10, lease=30) == []
+            unordered = await store.claim_due(limit=10, lease=30, ordered_by_source=False)
+            assert [c.event.id for c in unordered] == [a2.id]
+            await store.reschedule(a2.id, unordered[0].claim_token or "",
+                                   next_attempt_at=clock(), error="x")
+            clock.advance(10)
+            again = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in again] == [a1.id]
+
+    async def test_not_due_is_not_claimed(self, opener: Opener, clock: FakeClock) -> None:
+        event = make_event(clock)
+        async with opener() as store:
+            await store.append(event)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            await store.reschedule(event.id, c.claim_token or "", next_attempt_at=clock() + 5,
+                                   error="timeout")
+            stored = await store.get_event(event.id)
+            assert stored is not None
+            assert (stored.status, stored.attempts, stored.last_error) == (
+                "pending", 1, "timeout")
+            assert await store.claim_due(limit=1, lease=30) == []
+            clock.advance(5)
+            (again,) = await store.claim_due(limit=1, lease=30)
+            assert again.attempts == 1
+
+    async def test_zero_limit_claims_nothing(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            await store.append(make_event(clock))
+            assert await store.claim_due(limit=0, lease=30) == []
+
+    async def test_lease_expiry_makes_event_due_again(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """A crashed claimer's event comes back after the lease; its late settle is ignored."""
+        event = make_event(clock)
+        async with opener() as store:
+            await store.append(event)
+            (first,) = await store.claim_due(limit=1, lease=30)
+            clock.advance(29)
+            assert await store.claim_due(limit=1, lease=30) == []
+            clock.advance(2)
+            (second,) = await store.claim_due(limit=1, lease=30)
+            assert second.event.id == event.id
+            assert second.claim_token != first.claim_token
+            await store.mark_delivered(event.id, first.claim_token or "")  # stale: ignored
+            stored = await store.get_event(event.id)
+            assert stored is not None and stored.status == "claimed"
+            await store.mark_delivered(event.id, second.claim_token or "")
+            stored = await store.get_event(event.id)
+            assert stored is not None and stored.status == "delivered"
+
+
+class TestSettle:
+    async def test_mark_delivered(self, opener: Opener, clock: FakeClock) -> None:
+        event = make_event(clock, body=b"12345")
+        async with opener() as store:
+            await store.append(event)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            clock.advance(1)
+            await store.mark_delivered(event.id, c.claim_token or "")
+            stored = await store.get_event(event.id)
+            stats = await store.stats()
+            listed = await store.list_events(status="delivered")
+        assert stored is not None
+        assert (stored.status, stored.attempts, stored.delivered_at) == ("delivered", 1, clock())
+        assert stored.claim_token is None
+        assert (stats.pending, stats.pending_bytes, stats.delivered) == (0, 0, 1)
+        assert [s.event.id for s in listed] == [event.id]
+
+    async def test_stale_token_is_ignored(self, opener: Opener, clock: FakeClock) -> None:
+        event = make_event(clock)
+        async with opener() as store:
+            await store.append(event)
+            await store.claim_due(limit=1, lease=30)
+            await store.mark_delivered(event.id, "not-the-token")
+            await store.dead_letter(event.id, "not-the-token", reason="x")
+            await store.reschedule(event.id, "nope", next_attempt_at=0, error="x")
+            await store.mark_delivered("unknown-id", "nope")
+            stored = await store.get_event(event.id)
+            stats = await store.stats()
+        assert stored is not None and stored.status == "claimed"
+        assert (stats.pending, stats.delivered, stats.dead) == (1, 0, 0)
+
+    async def test_dead_letter_and_replay(self, opener: Opener, clock: FakeClock) -> None:
+        e1, e2, e3 = (make_event(clock, source=s) for s in ("a", "b", "c"))
+        async with opener() as store:
+            for e in (e1, e2, e3):
+                await store.append(e)
+            claimed = await store.claim_due(limit=10, lease=30)
+            for c in claimed:
+                await store.dead_letter(c.event.id, c.claim_token or "", reason="400 bad request")
+            stats = await store.stats()
+            assert (stats.pending, stats.dead) == (0, 3)
+            dead = await store.list_events(status="dead")
+            assert {d.event.id for d in dead} == {e1.id, e2.id, e3.id}
+            assert all(d.last_error == "400 bad request" and d.attempts == 1 for d in dead)
+
+            assert await store.replay([e1.id, "unknown"]) == 1
+            assert await store.replay([e1.id]) == 0  # not dead any more
+            replayed = await store.get_event(e1.id)
+            assert replayed is not None
+            assert (replayed.status, replayed.attempts) == ("pending", 0)
+            assert replayed.next_attempt_at <= clock()
+
+            assert await store.replay(all_dead=True) == 2
+            stats = await store.stats()
+            assert (stats.pending, stats.dead) == (3, 0)
+            again = await store.claim_due(limit=10, lease=30)
+            assert {c.event.id for c in again} == {e1.id, e2.id, e3.id}
+
+    async def test_replay_nothing(self, opener: Opener) -> None:
+        async with opener() as store:
+            assert await store.replay() == 0
+            assert await store.replay(all_dead=True) == 0
+
+    async def test_recover_claims(self, opener: Opener, clock: FakeClock) -> None:
+        """Claimed and never settled (a crash): after reopen, recover makes them due now."""
+        events = [make_event(clock, source=f"s{i}") for i in range(4)]
+        async with opener() as store:
+            for e in events:
+                await store.append(e)
+            await store.claim_due(limit=3, lease=3600)
+        async with opener() as store:  # "restart"
+            assert [c.event.id for c in await store.claim_due(limit=10, lease=30)] == [
+                events[3].id]
+            assert await store.recover_claims() == 4
+            again = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in again] == [e.id for e in events]
+            assert (await store.stats()).pending == 4
+
+    async def test_prune_keeps_recent_and_dedupe_window(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        old = make_event(clock)
+        old_dedupe = make_event(clock, source="b", dedupe_key="k")
+        async with opener(dedupe_window=7200.0) as store:
+            for e in (old, old_dedupe):
+                await store.append(e)
+            for c in await store.claim_due(limit=10, lease=30):
+                await store.mark_delivered(c.event.id, c.claim_token or "")
+            clock.advance(3600)
+            fresh = make_event(clock, source="c")
+            await store.append(fresh)
+            (c,) = await store.claim_due(limit=10, lease=30)
+            await store.mark_delivered(c.event.id, c.claim_token or "")
+            assert await store.prune(delivered_older_than=1800) == 1  # old; dedupe one kept
+            assert await store.get_event(old.id) is None
+            assert await store.get_event(old_dedupe.id) is not None
+            assert (await store.stats()).delivered == 2
+            clock.advance(7200)
+            assert await store.prune(delivered_older_than=1800) == 2
+            assert (await store.stats()).delivered == 0
+
+
+class TestWakeUps:
+    async def test_wait_for_events_wakes_on_append(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            await store.wait_for_events(0)  # consume whatever signal is there
+            woke = anyio.Event()
+
+            async def waiter() -> None:
+                await store.wait_for_events(30)
+                woke.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                await anyio.wait_all_tasks_blocked()
+                assert not woke.is_set()
+                await store.append(make_event(clock))
+                with anyio.fail_after(5):
+                    await woke.wait()
+
+    async def test_signal_is_kept_until_consumed(self, opener: Opener, clock: FakeClock) -> None:
+        """An append between a claim and the wait is not missed."""
+        async with opener() as store:
+            await store.append(make_event(clock))
+            with anyio.fail_after(5):
+                await store.wait_for_events(30)
+
+    async def test_wait_times_out(self, opener: Opener) -> None:
+        async with opener() as store:
+            await store.wait_for_events(0)
+            with anyio.fail_after(5):
+                await store.wait_for_events(0.01)
+
+    async def test_wait_for_runs(self, opener: Opener) -> None:
+        async with opener() as store:
+            await store.wait_for_runs(0)
+            await store.create_runs([RunRequest(run_id=new_id(), flow="f", trigger="manual")])
+            with anyio.fail_after(5):
+                await store.wait_for_runs(30)
+
+
+class TestClose:
+    async def test_writes_after_aclose_raise(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            await store.aclose()
+            with pytest.raises(StoreClosedError):
+                await store.append(make_event(clock))
+            with pytest.raises(StoreClosedError):
+                await store.claim_due(limit=1, lease=1)
+
+    async def test_aclose_drains_queued_appends(self, opener: Opener, clock: FakeClock) -> None:
+        """Appends already queued when the store closes are committed and answered."""
+        events = [make_event(clock) for _ in range(50)]
+        results: list[AppendResult] = []
+        async with opener() as store:
+
+            async def one(e: Event) -> None:
+                results.append(await store.append(e))
+
+            async with anyio.create_task_group() as tg:
+                for e in events:
+                    tg.start_soon(one, e)
+                await anyio.wait_all_tasks_blocked()
+                await store.aclose()
+        assert len(results) == 50
+        async with opener() as store:
+            assert (await store.stats()).pending == 50
+
+    async def test_body_exception_is_not_wrapped(self, opener: Opener) -> None:
+        with pytest.raises(KeyError):
+            async with opener():
+                raise KeyError("mine")
+
+
+def run_request(flow: str = "f", **kw: Any) -> RunRequest:
+    return RunRequest(run_id=new_id(), flow=flow, trigger=kw.pop("trigger", "manual"), **kw)
+
+
+class TestRuns:
+    async def test_lifecycle(self, opener: Opener, clock: FakeClock) -> None:
+        req = run_request(input={"x": 1})
+        async with opener() as store:
+            assert await store.create_runs([req]) == [req.run_id]
+            created = await store.get_run(req.run_id)
+            assert created is not None
+            assert (created[0].status, created[0].input, created[1]) == ("new", {"x": 1}, [])
+            clock.advance(1)
+            (active,) = await store.claim_runs(limit=5)
+            assert (active.run_id, active.status, active.started_at) == (
+                req.run_id, "active", clock())
+            assert await store.claim_runs(limit=5) == []
+            await store.record_task(TaskRunRecord(run_id=req.run_id, task_id="a", state="running",
+                                                  attempts=1, started_at=clock()))
+            await store.record_task(TaskRunRecord(run_id=req.run_id, task_id="b",
+                                                  state="pending"))
+            await store.record_task(TaskRunRecord(run_id=req.run_id, task_id="a", state="done",
+                                                  attempts=2, started_at=clock(),
+                                                  finished_at=clock() + 1, output={"ok": True}))
+            clock.advance(2)
+            await store.finish_run(req.run_id, status="done", outputs={"result": 42})
+            got = await store.get_run(req.run_id)
+        assert got is not None
+        run, tasks = got
+        assert (run.status, run.finished_at, run.outputs) == ("done", clock(), {"result": 42})
+        assert [(t.task_id, t.state, t.attempts, t.output) for t in tasks] == [
+            ("a", "done", 2, {"ok": True}), ("b", "pending", 0, None)]
+
+    async def test_finish_with_error(self, opener: Opener) -> None:
+        req = run_request()
+        async with opener() as store:
+            await store.create_runs([req])
+            await store.claim_runs(limit=1)
+            await store.finish_run(req.run_id, status="error", error="task a failed")
+            await store.finish_run(req.run_id, status="done")  # already settled: ignored
+            got = await store.get_run(req.run_id)
+        assert got is not None
+        assert (got[0].status, got[0].error) == ("error", "task a failed")
+
+    async def test_claim_runs_oldest_first(self, opener: Opener) -> None:
+        reqs = [run_request() for _ in range(5)]
+        async with opener() as store:
+            await store.create_runs(reqs)
+            first = await store.claim_runs(limit=2)
+            rest = await store.claim_runs(limit=10)
+        assert [r.run_id for r in first + rest] == [r.run_id for r in reqs]
+
+    async def test_unique_ticks(self, opener: Opener) -> None:
+        """A (flow, schedule_key, tick) fires once, even across a restart."""
+        tick1 = run_request(trigger="cron", schedule_key="cron:0", tick=T0)
+        same = run_request(trigger="cron", schedule_key="cron:0", tick=T0)
+        other_flow = run_request("g", trigger="cron", schedule_key="cron:0", tick=T0)
+        tick2 = run_request(trigger="cron", schedule_key="cron:0", tick=T0 + 60)
+        async with opener() as store:
+            assert await store.last_tick("f", "cron:0") is None
+            assert await store.create_runs([tick1, same, other_flow]) == [
+                tick1.run_id, other_flow.run_id]
+        async with opener() as store:
+            assert await store.create_runs([same, tick2]) == [tick2.run_id]
+            assert await store.last_tick("f", "cron:0") == T0 + 60
+            assert await store.last_tick("f", "interval:30") is None
+            got = await store.get_run(tick2.run_id)
+            assert got is not None and (got[0].schedule_key, got[0].tick) == ("cron:0", T0 + 60)
+
+    async def test_event_triggers_are_stored_with_the_event(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """Runs passed to append exist once it returns; a duplicate delivery adds none."""
+        event = make_event(clock, dedupe_key="k")
+        req = run_request(trigger="event", event_id=event.id)
+        dup = make_event(clock, dedupe_key="k")
+        async with opener() as store:
+            await store.append(event, runs=[req])
+            result = await store.append(
+                dup, runs=[run_request(trigger="event", event_id=dup.id)])
+            assert result.duplicate
+        async with opener() as store:
+            runs = await store.list_runs()
+        assert [(r.run_id, r.event_id, r.status) for r in runs] == [
+            (req.run_id, event.id, "new")]
+
+    async def test_list_runs_filters_newest_first(self, opener: Opener) -> None:
+        a1, b1, a2 = run_request("a"), run_request("b"), run_request("a")
+        async with opener() as store:
+            await store.create_runs([a1, b1, a2])
+            await store.claim_runs(limit=1)
+            assert [r.run_id for r in await store.list_runs()] == [a2.run_id, b1.run_id, a1.run_id]
+            assert [r.run_id for r in await store.list_runs(flow="a")] == [a2.run_id, a1.run_id]
+            assert [r.run_id for r in await store.list_runs(status="active")] == [a1.run_id]
+            assert [r.run_id for r in await store.list_runs(limit=1)] == [a2.run_id]
+            assert await store.get_run("nope") is None
+
+    async def test_recover_runs(self, opener: Opener) -> None:
+        """Active runs at start-up were interrupted: rerun or fail by flow policy."""
+        rerun, fail, done = run_request("rerun"), run_request("fail"), run_request("done")
+        async with opener() as store:
+            await store.create_runs([rerun, fail, done])
+            await store.claim_runs(limit=3)
+            await store.finish_run(done.run_id, status="done")
+            await store.record_task(TaskRunRecord(run_id=fail.run_id, task_id="t",
+                                                  state="running"))
+        async with opener() as store:
+            recovered = await store.recover_runs(rerun_flows=["rerun"])
+            by_id = {r.run_id: r for r in recovered}
+            assert set(by_id) == {rerun.run_id, fail.run_id}
+            assert (by_id[rerun.run_id].status, by_id[rerun.run_id].interrupted) == ("new", 1)
+            assert (by_id[fail.run_id].status, by_id[fail.run_id].error) == (
+                "error", "interrupted")
+            got = await store.get_run(fail.run_id)
+            assert got is not None and got[1][0].state == "cancelled"
+            (again,) = await store.claim_runs(limit=10)
+            assert again.run_id == rerun.run_id
+            (second,) = await store.recover_runs(rerun_flows=["rerun"])
+            assert (second.run_id, second.status, second.interrupted) == (rerun.run_id, "new", 2)
+
+    async def test_output_is_size_capped(self, opener: Opener) -> None:
+        req = run_request()
+        big = {"blob": "x" * (OUTPUT_CAP + 10)}
+        async with opener() as store:
+            await store.create_runs([req])
+            await store.claim_runs(limit=1)
+            await store.record_task(TaskRunRecord(run_id=req.run_id, task_id="t", state="done",
+                                                  output=big))
+            await store.record_task(TaskRunRecord(run_id=req.run_id, task_id="small",
+                                                  state="done", output={"v": "x" * 1000}))
+            got = await store.get_run(req.run_id)
+        assert got is not None
+        out = got[1][0].output
+        assert out is not None and out["_truncated"] is True and out["size"] > OUTPUT_CAP
+        assert got[1][1].output == {"v": "x" * 1000}

@@ -1,0 +1,249 @@
+"""What only the SQLite backend promises: group commit, fsync'd durability, schema, sharing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mfo_actors.config import InstanceConfig, StoreConfig
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.store import (
+    SQLiteStore,
+    StoreError,
+    open_sqlite_store,
+    open_store,
+    sqlite_path,
+)
+from mfo_actors.store._schema import SCHEMA_VERSION, migrate
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def event(source: str = "s", **kw: object) -> Event:
+    return Event(id=str(kw.pop("id", new_id())), source=source, type="t",
+                 received_at=time.time(), headers={}, body=b'{"k": 1}')
+
+
+async def append_concurrently(store: SQLiteStore, n: int) -> list[str]:
+    ids: list[str] = []
+
+    async def one() -> None:
+        ids.append((await store.append(event())).id)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return ids
+
+
+class TestGroupCommit:
+    async def test_concurrent_appends_share_transactions(self, tmp_path: Path) -> None:
+        """200 concurrent appends take far fewer than 200 commits."""
+        async with open_sqlite_store(tmp_path / "s.db") as store:
+            before = store.statistics()
+            await append_concurrently(store, 200)
+            stats = store.statistics()
+        assert stats.appends - before.appends == 200
+        assert stats.batches - before.batches <= 20
+        assert stats.max_batch >= 10
+
+    async def test_batch_size_is_bounded(self, tmp_path: Path) -> None:
+        async with open_sqlite_store(tmp_path / "s.db", group_commit_max=16) as store:
+            await append_concurrently(store, 100)
+            stats = store.statistics()
+        assert stats.max_batch <= 16
+        assert stats.batches >= 100 // 16
+
+    async def test_settles_are_batched_too(self, tmp_path: Path) -> None:
+        async with open_sqlite_store(tmp_path / "s.db") as store:
+            await append_concurrently(store, 100)
+            claimed = await store.claim_due(limit=100, lease=60, ordered_by_source=False)
+            assert len(claimed) == 100
+            before = store.statistics().batches
+            async with anyio.create_task_group() as tg:
+                for c in claimed:
+                    tg.start_soon(store.mark_delivered, c.event.id, c.claim_token or "")
+            batches = store.statistics().batches - before
+            stats = await store.stats()
+        assert batches <= 10
+        assert (stats.pending, stats.delivered) == (0, 100)
+
+    async def test_committed_before_append_returns(self, tmp_path: Path) -> None:
+        """Another connection sees the row the moment append returns."""
+        path = tmp_path / "s.db"
+        async with open_sqlite_store(path) as store:
+            e = event()
+            await store.append(e)
+            other = sqlite3.connect(path)
+            try:
+                rows = other.execute("SELECT id, status FROM events").fetchall()
+            finally:
+                other.close()
+        assert rows == [(e.id, "pending")]
+
+    async def test_one_failing_write_does_not_fail_its_batch(self, tmp_path: Path) -> None:
+        """Two appends of one id in one batch: the second fails alone."""
+        e = event()
+        outcomes: list[str] = []
+        async with open_sqlite_store(tmp_path / "s.db") as store:
+
+            async def one(ev: Event) -> None:
+                try:
+                    await store.append(ev)
+                    outcomes.append("ok")
+                except StoreError:
+                    outcomes.append("error")
+
+            async with anyio.create_task_group() as tg:
+                for ev in (e, e, event()):
+                    tg.start_soon(one, ev)
+            stats = await store.stats()
+            assert store.statistics().failed_batches == 0
+        assert sorted(outcomes) == ["error", "ok", "ok"]
+        assert (stats.pending, stats.pending_bytes) == (2, 2 * len(e.body))
+
+
+KILL_SCRIPT = """
+import sys, time, anyio
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.store import open_sqlite_store
+
+async def main():
+    async with open_sqlite_store(sys.argv[1]) as store:
+        async def worker():
+            while True:
+                e = Event(id=new_id(), source="s", type="t", received_at=time.time(),
+                          headers={}, body=b"{}")
+                await store.append(e)
+                sys.stdout.write("ACK " + e.id + "\\n")
+                sys.stdout.flush()
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(worker)
+
+anyio.run(main)
+"""
+
+
+def test_no_acknowledged_append_is_lost_to_kill_9(tmp_path: Path) -> None:
+    """A process killed mid-stream loses nothing whose append had returned."""
+    path = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(path)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    acked: list[str] = []
+    deadline = time.monotonic() + 30
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("ACK "):
+                acked.append(line.split()[1])
+            if len(acked) >= 500 or time.monotonic() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    acked += [ln.split()[1] for ln in rest.splitlines() if ln.startswith("ACK ")]
+    assert len(acked) >= 500
+    conn = sqlite3.connect(path)
+    try:
+        stored = {r[0] for r in conn.execute("SELECT id FROM events")}
+    finally:
+        conn.close()
+    assert set(acked) <= stored
+
+
+class TestFile:
+    async def test_wal_schema_version_and_default_path(self, tmp_path: Path) -> None:
+        cfg = InstanceConfig(instance="x", state_dir=str(tmp_path / "deep" / "state"))
+        async with open_store(cfg) as store:
+            await store.append(event())
+        path = sqlite_path(cfg)
+        assert path == tmp_path / "deep" / "state" / "store.sqlite3"
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        finally:
+            conn.close()
+
+    async def test_store_path_from_config(self, tmp_path: Path) -> None:
+        cfg = InstanceConfig(state_dir=str(tmp_path / "state"),
+                             store=StoreConfig(path=str(tmp_path / "elsewhere.db")))
+        async with open_store(cfg):
+            pass
+        assert (tmp_path / "elsewhere.db").exists()
+        assert not (tmp_path / "state" / "store.sqlite3").exists()
+
+    def test_migrate_is_idempotent(self, tmp_path: Path) -> None:
+        conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+        try:
+            assert migrate(conn) == (0, SCHEMA_VERSION)
+            assert migrate(conn) == (SCHEMA_VERSION, SCHEMA_VERSION)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                  "WHERE type = 'table'")}
+        finally:
+            conn.close()
+        assert {"events", "runs", "task_runs"} <= tables
+
+    async def test_newer_schema_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.close()
+        with pytest.raises(StoreError, match="newer"):
+            async with open_sqlite_store(path):
+                pass
+
+    async def test_not_a_database(self, tmp_path: Path) -> None:
+        path = tmp_path / "s.db"
+        path.write_bytes(b"this is not sqlite" * 100)
+        with pytest.raises(StoreError, match="cannot open"):
+            async with open_sqlite_store(path):
+                pass
+
+    async def test_must_exist(self, tmp_path: Path) -> None:
+        with pytest.raises(StoreError, match="no event store"):
+            async with open_sqlite_store(tmp_path / "missing.db", must_exist=True):
+                pass
+        assert not (tmp_path / "missing.db").exists()
+
+    async def test_redis_backend_not_implemented(self, tmp_path: Path) -> None:
+        cfg = InstanceConfig(store=StoreConfig(backend="redis", url="redis://127.0.0.1:1/0"))
+        with pytest.raises(StoreError, match="redis backend not implemented yet"):
+            async with open_store(cfg):
+                pass
+
+
+async def test_second_process_writes_are_noticed(tmp_path: Path) -> None:
+    """The CLI replaying while the daemon runs: the daemon's counts follow."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as daemon:
+        e = event()
+        await daemon.append(e)
+        (c,) = await daemon.claim_due(limit=1, lease=60)
+        await daemon.dead_letter(e.id, c.claim_token or "", reason="400")
+        assert (await daemon.stats()).dead == 1
+        async with open_sqlite_store(path, must_exist=True) as cli:
+            assert await cli.replay(all_dead=True) == 1
+        (again,) = await daemon.claim_due(limit=1, lease=60)  # any write resyncs
+        stats = await daemon.stats()
+        assert again.event.id == e.id
+        assert (stats.pending, stats.dead) == (1, 0)
+        assert daemon.statistics().external_resyncs >= 1
