@@ -13,7 +13,10 @@ Both answer 202 only after the commit. The load generator runs in its own proces
 (C, one thread, a Lua script for the POST) when it is installed, else a Python raw-socket
 generator (asyncio, one process); the report says which. Each level (1, 16, 64 concurrent
 keep-alive connections) runs for ``--duration`` seconds after a short warm-up, POSTing the
-same ~1 KiB JSON document. Results: a table on stdout and ``benchmarks/results/ingest.json``.
+same ~1 KiB JSON document. Both servers run during the whole benchmark (each idle while the
+other is measured); each cell runs ``--rounds`` times, alternating which side goes first, and
+the best round counts (on a shared machine, other load only ever slows a run down). Results:
+a table on stdout and ``benchmarks/results/ingest.json`` (every round, the best, the ratio).
 
 Usage::
 
@@ -84,7 +87,7 @@ store: {{max_pending: 100000000, max_bytes: 1000GiB}}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(actor.run, ready)
                 await ready.wait()
-                port_file.write_text(str(actor.port))
+                await anyio.Path(port_file).write_text(str(actor.port))
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         actor.request_stop()
@@ -127,7 +130,7 @@ def serve_peer(state_dir: Path, port_file: Path) -> None:
     app = FastAPI()
 
     @app.post("/webhook", status_code=202)
-    def webhook(payload: dict[str, Any] = Body(...)) -> dict[str, str]:  # noqa: B008
+    def webhook(payload: dict[str, Any] = Body(...)) -> dict[str, str]:
         event_id = str(uuid.uuid4())
         conn = db()
         conn.execute("INSERT INTO events VALUES (?, ?, ?)",
@@ -261,6 +264,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per cell; the best counts")
     parser.add_argument("--only", choices=["ours", "peer"], default=None)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--serve", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -295,33 +299,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT % PAYLOAD.decode())
-        for kind in kinds:
-            state_dir = Path(tmp) / kind
-            state_dir.mkdir()
-            proc, port = start_server(kind, state_dir)
-            try:
-                run = (lambda c, d: run_wrk(port, c, d, script)) if loadgen == "wrk" \
-                    else (lambda c, d: run_python(port, c, d))
-                run(min(levels[-1], 16), WARMUP_S)  # warm-up: caches, WAL file growth
-                results["runs"][kind] = {}
-                for conns in levels:
-                    res = run(conns, args.duration)
-                    results["runs"][kind][str(conns)] = res
-                    print(f"{kind:5} c={conns:3}  {res['accepted_per_s']:9.0f}/s  "
-                          f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
-                          f"errors {res['errors']}", flush=True)
-            finally:
+        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        try:
+            for kind in kinds:
+                state_dir = Path(tmp) / kind
+                state_dir.mkdir()
+                servers[kind] = start_server(kind, state_dir)
+            loop = (Path(tmp) / "ours" / "loop")
+            results["ours_event_loop"] = loop.read_text() if loop.exists() else None
+
+            def run(kind: str, conns: int, seconds: float) -> dict[str, Any]:
+                port = servers[kind][1]
+                if loadgen == "wrk":
+                    return run_wrk(port, conns, seconds, script)
+                return run_python(port, conns, seconds)
+
+            for kind in kinds:  # warm-up: caches, WAL growth, lazy imports
+                run(kind, min(levels[-1], 16), WARMUP_S)
+            for conns in levels:
+                for round_no in range(args.rounds):
+                    # Alternate the order so neither side always runs right after the other.
+                    order = kinds if round_no % 2 == 0 else kinds[::-1]
+                    for kind in order:
+                        res = run(kind, conns, args.duration)
+                        print(f"{kind:5} c={conns:3} round {round_no + 1}: "
+                              f"{res['accepted_per_s']:9.0f}/s  p50 {res['p50_ms']:7.2f} ms  "
+                              f"p99 {res['p99_ms']:7.2f} ms  errors {res['errors']}", flush=True)
+                        rounds = results["runs"].setdefault(kind, {}).setdefault(str(conns), [])
+                        rounds.append(res)
+        finally:
+            for proc, _ in servers.values():
                 stop_server(proc)
+    # The best round per cell: other load on a shared machine only ever slows a run down.
+    results["best"] = {
+        kind: {c: max(rs, key=lambda r: r["accepted_per_s"]) for c, rs in by_level.items()}
+        for kind, by_level in results["runs"].items()
+    }
 
     print()
-    print(f"load generator: {results['loadgen']}; {args.duration:g}s per level; "
-          f"{len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs")
+    print(f"load generator: {results['loadgen']}; {args.duration:g}s per run, best of "
+          f"{args.rounds}; {len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs; ours on "
+          f"{results['ours_event_loop']}")
     print("| connections | ours accepted/s | ours p50 ms | ours p99 ms | peer accepted/s "
           "| peer p50 ms | peer p99 ms | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for conns in levels:
-        ours = results["runs"].get("ours", {}).get(str(conns))
-        peer = results["runs"].get("peer", {}).get(str(conns))
+        ours = results["best"].get("ours", {}).get(str(conns))
+        peer = results["best"].get("peer", {}).get(str(conns))
         cells = [str(conns)]
         for r in (ours, peer):
             cells += ([f"{r['accepted_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
@@ -329,7 +353,7 @@ def main() -> None:
         ratio = (f"{ours['accepted_per_s'] / peer['accepted_per_s']:.1f}x"
                  if ours and peer and peer["accepted_per_s"] else "-")
         if ours and peer:
-            results["runs"].setdefault("ratio", {})[str(conns)] = round(
+            results.setdefault("ratio", {})[str(conns)] = round(
                 ours["accepted_per_s"] / max(peer["accepted_per_s"], 1e-9), 2)
         print("| " + " | ".join([*cells, ratio]) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)

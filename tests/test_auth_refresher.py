@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -35,9 +35,15 @@ async def running_refresher(
             actor.request_stop()
 
 
-async def wait_until(cond: object, what: str, timeout: float = 5.0) -> None:
-    with anyio.fail_after(timeout):
-        while not cond():  # type: ignore[operator]
+async def poll(cond: Callable[[], Awaitable[bool] | bool], *, deadline: float = 10.0) -> None:
+    """Re-check *cond* until it holds; fail the test after *deadline* seconds."""
+    with anyio.fail_after(deadline):
+        while True:
+            result = cond()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
             await anyio.sleep(0.005)
 
 
@@ -70,9 +76,9 @@ async def test_refreshes_proactively_before_expiry() -> None:
                 await clock.advance_to(7.9)
                 assert srv.app.stats.logins == 1
                 await clock.advance_to(8.0)
-                await wait_until(lambda: srv.app.stats.logins == 2, "second login")
-                await wait_until(lambda: actor.provider.token is not None
-                                 and f"Bearer {actor.provider.token}" != first, "new token")
+                await poll(lambda: srv.app.stats.logins == 2)
+                await poll(lambda: actor.provider.token is not None
+                                 and f"Bearer {actor.provider.token}" != first)
             assert actor.tokens.latest is not None
             assert actor.tokens.latest.expires_at == pytest.approx(clock.now() + 10.0)
 
@@ -135,8 +141,7 @@ async def test_wrong_password_logged_once_and_backs_off() -> None:
                         assert deadline is not None
                         waits.append(round(deadline - clock.monotonic(), 3))
                         await clock.advance_to(deadline)
-                        await wait_until(
-                            lambda a=attempt: srv.app.stats.failed_logins == a + 1, "retry")
+                        await poll(lambda a=attempt: srv.app.stats.failed_logins == a + 1)
                 health = actor.health()
         assert waits == [1.0, 2.0, 4.0, 8.0]
         assert health["ok"] is False

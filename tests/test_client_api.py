@@ -391,3 +391,16 @@ class TestHooks:
         assert auth.logins == 1
         assert mock_server.app.stats.logins == 1
         assert "s3cret" not in repr(auth)
+
+
+async def test_memory_upsert_is_retried_without_a_key(mock_server: MockServerHandle) -> None:
+    """memory.set (an upsert POST) is retried after a 503 and sends no Idempotency-Key."""
+    transport = CountingTransport()
+    async with client_for(mock_server, transport=transport) as client:
+        mock_server.app.set_faults(fail_next=1)
+        await client.memory.set("k", 1)
+        await client.memory.set("k", 2)
+        assert (await client.memory.get("k")).value == 2
+    posts = [r for r in transport.requests if r.url.path == "/api/memory"]
+    assert len(posts) == 3
+    assert all("idempotency-key" not in r.headers for r in posts)

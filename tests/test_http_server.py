@@ -165,6 +165,15 @@ class TestBasics:
             assert reply.json() == {"error": "internal server error"}
             assert (await client.request("GET", "/")).status == 500  # connection survives
 
+    async def test_header_injection_from_handler_is_500(self) -> None:
+        """A response header with CR/LF never reaches the wire (no response splitting)."""
+        async def bad(request: Request) -> Response:
+            return Response(200, [("x-evil", "a\r\nset-cookie: x=1")], b"")
+
+        async with running(bad) as server, connect(server) as client:
+            reply = await client.request("GET", "/")
+            assert reply.status == 500 and "set-cookie" not in reply.headers
+
     async def test_head_check_answers_without_reading_body(self) -> None:
         """A HeadCheck Response is sent at once; the unread body forces Connection: close."""
         def check(head: RequestHead) -> Response | int:

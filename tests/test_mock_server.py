@@ -198,9 +198,10 @@ class TestFaults:
 
     async def test_outage_then_recovery(self) -> None:
         clock = FakeClock()
-        app = MockMFOServer(MockOptions(require_auth=False, outage_for=10), clock=clock)
+        app = MockMFOServer(MockOptions(require_auth=False, outage_for=10, retry_after=4),
+                            clock=clock)
         down = await app.handle(req("GET", "/api/info"))
-        assert down.status == 503 and ("retry-after", "10") in down.headers
+        assert down.status == 503 and ("retry-after", "4") in down.headers
         assert (await app.handle(req("POST", "/auth/login", {}))).status == 503
         clock.now += 10
         assert (await app.handle(req("GET", "/api/info"))).status == 200

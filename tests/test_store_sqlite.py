@@ -247,3 +247,40 @@ async def test_second_process_writes_are_noticed(tmp_path: Path) -> None:
         assert again.event.id == e.id
         assert (stats.pending, stats.dead) == (1, 0)
         assert daemon.statistics().external_resyncs >= 1
+
+
+async def test_writes_queued_when_the_writer_is_cancelled_fail_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stuck past the close deadline is cancelled; its callers (in its batch and
+    still queued behind it) get an error, not a hang."""
+    import mfo_actors.store._sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "CLOSE_TIMEOUT", 0.2)
+    outcomes: list[str] = []
+    blocker = anyio.CapacityLimiter(1)
+    token = object()
+    blocker.acquire_on_behalf_of_nowait(token)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as outer:
+            async with open_sqlite_store(tmp_path / "s.db", group_commit_max=2) as store:
+                store._write_limiter = blocker  # the writer cannot start its next batch
+
+                async def release_when_writer_done() -> None:
+                    await store._writer_done.wait()
+                    blocker.release_on_behalf_of(token)
+
+                async def one() -> None:
+                    try:
+                        await store.append(event())
+                        outcomes.append("stored")
+                    except StoreError as exc:
+                        outcomes.append(type(exc).__name__)
+
+                outer.start_soon(release_when_writer_done)
+                for _ in range(5):
+                    outer.start_soon(one)
+                await anyio.wait_all_tasks_blocked()
+    assert outcomes == ["StoreClosedError"] * 5
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        assert (await store.stats()).pending == 0

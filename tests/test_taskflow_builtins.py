@@ -21,6 +21,7 @@ from mfo_actors.taskflow import (
 )
 
 pytestmark = pytest.mark.anyio
+FLOWS_DIR = Path(__file__).resolve().parent.parent / "flows"
 
 
 class ChatResponse(msgspec.Struct):
@@ -95,8 +96,10 @@ class FakeClient:
         def __init__(self, c: FakeClient) -> None:
             self.c = c
 
-        async def execute(self, tool_id: str, params: dict[str, Any]) -> ToolResult:
+        async def execute(self, tool_id: str, params: dict[str, Any], *,
+                          idempotency_key: str | None = None) -> ToolResult:
             self.c.calls.append(("tool", tool_id, params))
+            self.c.calls.append(("tool_key", idempotency_key))
             return ToolResult(result={"sum": sum(params["xs"])})
 
     class _Resources:
@@ -110,8 +113,10 @@ class FakeClient:
         def __init__(self, c: FakeClient) -> None:
             self.c = c
 
-        async def create(self, type: str, params: dict[str, Any]) -> Job:
+        async def create(self, type: str, params: dict[str, Any], *,
+                         idempotency_key: str | None = None) -> Job:
             self.c.calls.append(("job", type, params))
+            self.c.calls.append(("job_key", idempotency_key))
             return Job(id="J42")
 
 
@@ -148,6 +153,7 @@ async def test_mfo_tasks_use_the_client() -> None:
     assert t["res"].output == {"id": "R1", "name": "doc", "content": "text"}
     assert t["job"].output == {"job_id": "J42"}
     assert ("job", "report", {"for": "doc"}) in client.calls
+    assert ("job_key", "RUN1.job") in client.calls and ("tool_key", "RUN1.tool") in client.calls
     assert t["chat"].output == {"content": "reply to n is 1", "thread_id": "TH"}
     assert ("chat", None, [{"role": "user", "content": "hi"}], None) in client.calls
     assert t["ev"].output == {"id": "RUN1.ev"}
@@ -251,3 +257,33 @@ async def test_http_request() -> None:
     assert b"x-test: yes" in seen[0].lower() and seen[0].endswith(b'{"n":7}')
     assert outcome.tasks["fail"].state == "error"
     assert "answered 503" in (outcome.tasks["fail"].error or "")
+
+
+async def test_example_flows_run_with_a_client() -> None:
+    from mfo_actors.taskflow import default_registry, load_flows
+
+    flows = load_flows(FLOWS_DIR, default_registry())
+    client = FakeClient()
+    executor = FlowExecutor(flows, client=client)
+    event = {"id": "E1", "source": "webhook", "type": "user.signup", "received_at": 1.0,
+             "headers": {}, "payload": {"email": "a@b.c", "email_verified": True}}
+    assert flows["UserSignupFlow"].matches_event(event)
+    outcome = await executor.run("UserSignupFlow", event=event)
+    assert outcome.status == "done", outcome.error
+    assert outcome.states()["ask_verification"] == "skipped"
+    assert outcome.outputs == {"thread_id": "T1"}
+    assert "- E-mail: a@b.c" in client.calls[0][1]
+    unverified = await executor.run("UserSignupFlow", event={**event, "payload": {}})
+    assert unverified.status == "done" and unverified.states()["welcome"] == "skipped"
+    assert unverified.outputs == {"thread_id": None}
+
+    ticket = {"source": "desk", "type": "ticket.created",
+              "payload": {"priority": "urgent", "title": "down", "status": "open"}}
+    assert flows["TicketTriage"].matches_event(ticket)
+    outcome = await executor.run("TicketTriage", event=ticket)
+    assert outcome.status == "done", outcome.error
+    assert outcome.states() == {"classify": "done", "route": "done", "escalate": "done",
+                                "summarise": "skipped", "notify": "done"}
+    notified = outcome.tasks["notify"].output
+    assert notified is not None and str(notified["notified"]).endswith(".post")
+    assert ("job", "ticket.escalation", {"title": "down", "priority": "urgent"}) in client.calls

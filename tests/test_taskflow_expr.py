@@ -77,6 +77,14 @@ def test_missing_value_names_the_reference(text: str, fragment: str) -> None:
     assert str(info.value).startswith("${")
 
 
+def test_optional_reference_reads_missing_as_null() -> None:
+    assert render("${a.missing?}") is None
+    assert render("${ghost.x?}") is None
+    assert render("${a.n?}") == 3
+    assert render("x=${a.missing.deeper?}") == "x=null"
+    assert compile_expression("${event.payload.nope?} == null").evaluate(SCOPE) is True
+
+
 def test_missing_event_is_explained() -> None:
     compiled = compile_template("${event.payload.x}")
     assert isinstance(compiled, Template)

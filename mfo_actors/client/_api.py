@@ -194,11 +194,11 @@ class MemoryAPI(_Group):
     """``/api/memory``: key-value storage on the server."""
 
     async def set(self, key: str, value: Any) -> MemoryStatus:
-        """Store *value* under *key* (SLOP's POST; setting a key again is harmless, so the
-        call is retried with the key as its idempotency key)."""
+        """Store *value* under *key*. SLOP's POST here is an upsert (storing again gives the
+        same state), so it is retried like a PUT, without an Idempotency-Key that a server
+        could use to drop a later write of a new value."""
         return await self._base.post("/api/memory", json=MemoryWrite(key=key, value=value),
-                                     idempotency_key=f"memory:{key}",
-                                     response_type=MemoryStatus)
+                                     idempotent=True, response_type=MemoryStatus)
 
     async def get(self, key: str) -> MemoryItem:
         return await self._base.get(f"/api/memory/{_seg(key)}", response_type=MemoryItem)
@@ -219,8 +219,7 @@ class MemoryAPI(_Group):
         """Search stored values (a read: retried like a GET)."""
         body = MemoryQuery(query=query, limit=limit,
                            filter={"key_prefix": key_prefix} if key_prefix else None)
-        return (await self._base.post("/api/memory/query", json=body,
-                                      idempotency_key="memory-query",
+        return (await self._base.post("/api/memory/query", json=body, idempotent=True,
                                       response_type=MemoryQueryResults)).results
 
 

@@ -102,6 +102,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: type[T], params: Mapping[str, str] | None = ...,
+        idempotent: bool | None = ...,
     ) -> T: ...
 
     @overload
@@ -109,6 +110,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: None = ..., params: Mapping[str, str] | None = ...,
+        idempotent: bool | None = ...,
     ) -> Any: ...
 
     async def request(
@@ -123,6 +125,7 @@ class BaseClient:
         retry: bool = True,
         response_type: type[T] | None = None,
         params: Mapping[str, str] | None = None,
+        idempotent: bool | None = None,
     ) -> T | Any:
         """Call ``method base_url+path`` and return the decoded body.
 
@@ -136,6 +139,8 @@ class BaseClient:
           response_type: Decode the body into this type (a Struct); ``None``: plain JSON
             (``None`` for an empty body).
           params: Query string parameters.
+          idempotent: Override the method's rule (``True``: a POST that is safe to repeat,
+            such as an upsert or a query, is retried without sending a key).
 
         Raises:
           APIError: a 4xx answer (``AuthError`` for 401/403 after one re-login).
@@ -153,6 +158,11 @@ class BaseClient:
             return self._decode(response, response_type)
 
         if retry and self.retry_policy is not None:
+            if idempotent is not None:
+                # The policy decides by method and key; present the caller's verdict as such.
+                retry_method = "PUT" if idempotent else "POST"
+                return await self.retry_policy.call(attempt, method=retry_method,
+                                                    idempotency_key=None)
             return await self.retry_policy.call(
                 attempt, method=method, idempotency_key=idempotency_key)
         return await attempt()
@@ -165,10 +175,11 @@ class BaseClient:
     async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None,
                    idempotency_key: str | None = None, retry: bool = True,
-                   response_type: type[T] | None = None) -> T | Any:
+                   response_type: type[T] | None = None,
+                   idempotent: bool | None = None) -> T | Any:
         return await self.request("POST", path, json=json, content=content, headers=headers,
                                   idempotency_key=idempotency_key, retry=retry,
-                                  response_type=response_type)
+                                  response_type=response_type, idempotent=idempotent)
 
     async def put(self, path: str, *, json: Any = None, retry: bool = True,
                   response_type: type[T] | None = None) -> T | Any:

@@ -192,10 +192,8 @@ def _with_store(args: argparse.Namespace, body: Callable[[EventStore], Awaitable
 
 @contextmanager
 def _quiet_logs() -> Iterator[None]:
-    """Warnings and errors to stderr (stdout is the command's output), unless configured."""
-    if structlog.is_configured():
-        yield
-        return
+    """Warnings and errors to stderr while the command runs: stdout is the command's output."""
+    was_configured, previous = structlog.is_configured(), structlog.get_config()
     structlog.configure(
         processors=[structlog.processors.add_log_level, redact_processor,
                     structlog.dev.ConsoleRenderer(colors=False)],
@@ -206,7 +204,10 @@ def _quiet_logs() -> Iterator[None]:
     try:
         yield
     finally:
-        structlog.reset_defaults()
+        if was_configured:
+            structlog.configure(**previous)
+        else:
+            structlog.reset_defaults()
 
 
 def _time(ts: float | None) -> str:

@@ -30,6 +30,7 @@ h11's ``RemoteProtocolError``), 408 (body too slow), 413, 431, 500 (the handler 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -467,11 +468,17 @@ class HttpServer:
     ) -> None:
         headers: list[tuple[bytes, bytes]] = []
         has_length = False
-        for name, value in response.headers:
-            lname = name.lower()
-            if lname == "content-length":
-                has_length = True
-            headers.append((lname.encode("latin-1"), value.encode("latin-1")))
+        try:
+            for pair in response.headers:
+                encoded = _HEADER_CACHE.get(pair) or _encode_header(pair)
+                if encoded[0] == b"content-length":
+                    has_length = True
+                headers.append(encoded)
+        except h11.LocalProtocolError as exc:
+            log.error("http.bad_response_header", error=str(exc))
+            await self._send(stream, conn, head, error_response(500, "internal server error"),
+                             close=close)
+            return
         if close or self._stopping:
             headers.append((b"connection", b"close"))
         status = response.status
@@ -481,8 +488,10 @@ class HttpServer:
         body = response.body
         if not has_length:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
+        # _parsed=True: the headers were validated by _encode_header (once per distinct
+        # header), so h11 need not run its regexes again on every response.
         data = conn.send(h11.Response(status_code=status, headers=headers,
-                                      reason=_REASONS.get(status, b"")))
+                                      reason=_REASONS.get(status, b""), _parsed=True))
         assert data is not None
         if body and (head is None or head.method != "HEAD"):
             more = conn.send(h11.Data(data=body))
@@ -567,6 +576,27 @@ async def _linger(stream: anyio.abc.SocketStream) -> None:
                 received += len(await stream.receive(RECEIVE_SIZE))
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
         pass
+
+
+_HEADER_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")  # RFC 9110 token, lower-cased
+_HEADER_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # no CR, LF, NUL or other CTLs
+_HEADER_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_HEADER_CACHE_MAX = 4096  # distinct (name, value) pairs remembered as valid
+
+
+def _encode_header(pair: tuple[str, str]) -> tuple[bytes, bytes]:
+    """Validate and encode one response header (what h11 would check on every send)."""
+    name = pair[0].lower().encode("latin-1")
+    value = pair[1].strip().encode("latin-1")
+    if not _HEADER_NAME.fullmatch(name):
+        raise h11.LocalProtocolError(f"illegal header name {pair[0]!r}")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise h11.LocalProtocolError(f"illegal header value for {pair[0]!r}")
+    encoded = (name, value)
+    if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
+        _HEADER_CACHE.clear()
+    _HEADER_CACHE[pair] = encoded
+    return encoded
 
 
 def _make_head(event: h11.Request, peer: tuple[str, int] | None) -> RequestHead:

@@ -306,9 +306,9 @@ class MockMFOServer:
         self.stats.faults_injected += 1
         if self.faults.outage_mode == "close":
             return Response(200, list(_JSON_HEADERS), stream=_BrokenStream())
-        remaining = self._outage_until - now
+        # Retry-After only when configured, so tests control the client's waits exactly.
         return error_response(503, "outage", "the server is down (injected outage)",
-                              self._retry_after(self.faults.retry_after or remaining))
+                              self._retry_after())
 
     # --- auth ---------------------------------------------------------------------------------
 

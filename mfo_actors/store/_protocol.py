@@ -212,8 +212,11 @@ class EventStore(Protocol):
         ...
 
     # -- runs -----------------------------------------------------------------------------
-    async def create_runs(self, runs: Sequence[RunRequest]) -> list[str]:
+    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
         """Create runs with status ``new``; a (flow, schedule_key, tick) seen before is skipped.
+
+        With *claim*, they are created ``active`` (started now) instead: for a caller that
+        runs them itself (``flows run`` in the foreground), so no scheduler claims them.
 
         Returns the run ids actually created.
         """

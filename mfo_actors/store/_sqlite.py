@@ -290,14 +290,16 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(value)
 
 
-def _insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float) -> list[str]:
+def _insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float,
+                 *, claim: bool = False) -> list[str]:
     created = []
+    status, started_at = ("active", now) if claim else ("new", None)
     for run in runs:
         cur = conn.execute(
             "INSERT OR IGNORE INTO runs (run_id, flow, status, trigger, event_id, input, "
-            "schedule_key, tick, created_at) VALUES (?, ?, 'new', ?, ?, ?, ?, ?, ?)",
-            (run.run_id, run.flow, run.trigger, run.event_id, _json(run.input),
-             run.schedule_key, run.tick, now),
+            "schedule_key, tick, created_at, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.run_id, run.flow, status, run.trigger, run.event_id, _json(run.input),
+             run.schedule_key, run.tick, now, started_at),
         )
         if cur.rowcount == 1:
             created.append(run.run_id)
@@ -426,30 +428,33 @@ class SQLiteStore:
         """Commit queued writes in batches until the stream is closed and drained."""
         try:
             async with self._recv:
-                task_status.started()
-                while True:
-                    try:
-                        first = await self._recv.receive()
-                    except anyio.EndOfStream:
-                        return
-                    batch = [first]
-                    while len(batch) < self._group_commit_max:
+                try:
+                    task_status.started()
+                    while True:
                         try:
-                            batch.append(self._recv.receive_nowait())
+                            first = await self._recv.receive()
+                        except anyio.EndOfStream:
+                            return
+                        batch = [first]
+                        while len(batch) < self._group_commit_max:
+                            try:
+                                batch.append(self._recv.receive_nowait())
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        await self._run_batch(batch)
+                finally:
+                    # Cancelled (or crashed) with writes still queued: refuse new ones, and
+                    # tell the queued callers that theirs were not stored.
+                    self._closing = True
+                    self._send.close()
+                    leftovers: list[_Op[Any]] = []
+                    while True:
+                        try:
+                            leftovers.append(self._recv.receive_nowait())
                         except (anyio.WouldBlock, anyio.EndOfStream):
                             break
-                    await self._run_batch(batch)
+                    self._complete(leftovers)
         finally:
-            self._closing = True
-            self._send.close()
-            # Cancelled with writes still queued: their callers learn they were not stored.
-            leftovers: list[_Op[Any]] = []
-            while True:
-                try:
-                    leftovers.append(self._recv.receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-            self._complete(leftovers)
             self._writer_done.set()
 
     async def _run_batch(self, batch: list[_Op[Any]]) -> None:
@@ -836,19 +841,20 @@ class SQLiteStore:
         """Return once a ``new`` run may exist, or after *timeout*."""
         await self._runs_latch.wait(timeout)
 
-    async def create_runs(self, runs: Sequence[RunRequest]) -> list[str]:
-        """Create ``new`` runs; a (flow, schedule_key, tick) or run id seen before is skipped."""
+    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
+        """Create ``new`` runs (``active`` with *claim*); a (flow, schedule_key, tick) or run id
+        seen before is skipped."""
         items = tuple(runs)
         if not items:
             await anyio.lowlevel.checkpoint()
             return []
-        return await self._submit(_Op(partial(self._tx_create_runs, items)))
+        return await self._submit(_Op(partial(self._tx_create_runs, items, claim)))
 
     def _tx_create_runs(
-        self, runs: Sequence[RunRequest], conn: sqlite3.Connection, now: float
+        self, runs: Sequence[RunRequest], claim: bool, conn: sqlite3.Connection, now: float
     ) -> tuple[list[str], _Delta]:
-        created = _insert_runs(conn, runs, now)
-        return created, _Delta(wake_runs=bool(created))
+        created = _insert_runs(conn, runs, now, claim=claim)
+        return created, _Delta(wake_runs=bool(created) and not claim)
 
     async def claim_runs(self, *, limit: int) -> list[RunRecord]:
         """Mark up to *limit* ``new`` runs ``active``, oldest first, and return them."""

@@ -184,7 +184,9 @@ def _memory_delete(cfg: MemoryGetConfig) -> TaskFunc:
 
 def _tool(cfg: ToolConfig) -> TaskFunc:
     async def run(ctx: TaskContext) -> dict[str, Any]:
-        result = await _client(ctx).tools.execute(cfg.tool, cfg.params)
+        # A key stable across attempts lets the client retry a tool call safely.
+        result = await _client(ctx).tools.execute(cfg.tool, cfg.params,
+                                                  idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
         return {"result": result.result}
 
     return run
@@ -201,7 +203,8 @@ def _resource_get(cfg: ResourceGetConfig) -> TaskFunc:
 
 def _job_create(cfg: JobCreateConfig) -> TaskFunc:
     async def run(ctx: TaskContext) -> dict[str, Any]:
-        job = await _client(ctx).jobs.create(cfg.type, cfg.params)
+        job = await _client(ctx).jobs.create(cfg.type, cfg.params,
+                                             idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
         return {"job_id": job.id}
 
     return run

@@ -311,7 +311,7 @@ class _Run:
 
     async def finish_pending(self, state: str) -> None:
         """Give every task that never ran (or never finished) a final state and record it."""
-        recorder, progress = self.recorder, self.progress
+        progress = self.progress
         now = time.time()
         for i, node in enumerate(self.nodes):
             current = self.state[i]
@@ -320,9 +320,8 @@ class _Run:
                 self.finished[i] = now if current == "running" else None
                 if progress is not None:
                     progress(node.id, self.state[i])
-                if recorder is not None:
-                    await recorder.task_finished(node.id, self.state[i], self.attempts[i], None,
-                                                 None, self.started[i], self.finished[i])
+                await self.record(node.id, self.state[i], self.attempts[i], None, None,
+                                  self.started[i], self.finished[i])
 
     # -- workers ---------------------------------------------------------------------------
 
@@ -388,11 +387,8 @@ class _Run:
             self.finished[i] = time.time()
             if self.progress is not None:
                 self.progress(node.id, "cancelled")
-            if self.recorder is not None:
-                with anyio.move_on_after(RECORD_TIMEOUT, shield=True):
-                    await self.recorder.task_finished(node.id, "cancelled", self.attempts[i],
-                                                      None, None, self.started[i],
-                                                      self.finished[i])
+            await self.record(node.id, "cancelled", self.attempts[i], None, None,
+                              self.started[i], self.finished[i])
             raise
         except _NoRetry as exc:
             await self.fail(i, _describe(exc.__cause__ or exc))
@@ -414,12 +410,10 @@ class _Run:
         self.finished_count += 1
         if self.progress is not None:
             self.progress(node.id, "done")
+        self.finished[i] = time.time()
         if self.recorder is not None:
-            self.finished[i] = time.time()
-            await self.recorder.task_finished(node.id, "done", self.attempts[i], out, None,
-                                              self.started[i], self.finished[i])
-        else:
-            self.finished[i] = time.time()
+            await self.record(node.id, "done", self.attempts[i], out, None, self.started[i],
+                              self.finished[i])
         self.release(node, True, selected)
         if self.skipped_unrecorded:
             await self.flush_skipped()
@@ -481,6 +475,16 @@ class _Run:
                               delay=round(delay, 3), error=_describe(exc))
                 await anyio.sleep(delay)
 
+    async def record(self, task_id: str, state: str, attempts: int,
+                     output: dict[str, Any] | None, error: str | None,
+                     started_at: float | None, finished_at: float | None) -> None:
+        """``recorder.task_finished``, shielded: a final state is never lost to a cancel."""
+        if self.recorder is None:
+            return
+        with anyio.move_on_after(RECORD_TIMEOUT, shield=True):
+            await self.recorder.task_finished(task_id, state, attempts, output, error,
+                                              started_at, finished_at)
+
     # -- state changes ---------------------------------------------------------------------
 
     async def fail(self, i: int, error: str) -> None:
@@ -494,9 +498,8 @@ class _Run:
                          error=error)
         if self.progress is not None:
             self.progress(node.id, "error")
-        if self.recorder is not None:
-            await self.recorder.task_finished(node.id, "error", self.attempts[i], None, error,
-                                              self.started[i], self.finished[i])
+        await self.record(node.id, "error", self.attempts[i], None, error, self.started[i],
+                          self.finished[i])
         if self.flow.spec.on_failure == "fail_fast":
             self.stopping = True
             assert self.cancel_scope is not None
@@ -523,10 +526,8 @@ class _Run:
 
     async def flush_skipped(self) -> None:
         pending, self.skipped_unrecorded = self.skipped_unrecorded, []
-        if self.recorder is not None:
-            for i in pending:
-                await self.recorder.task_finished(self.nodes[i].id, "skipped", 0, None, None,
-                                                  None, None)
+        for i in pending:
+            await self.record(self.nodes[i].id, "skipped", 0, None, None, None, None)
 
     def release(self, node: Node, ok: bool, selected: tuple[int, ...] | None) -> None:
         """Count *node* as finished for its successors; queue or skip the ones now decided."""

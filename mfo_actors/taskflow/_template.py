@@ -5,7 +5,8 @@ A reference is a dotted path: ``${task_id.key.sub}``, ``${event.payload.x}``,
 (``${fetch.items.0}``). A string that is exactly one reference keeps the value's type; a
 reference inside a longer string is rendered as text (strings as they are, everything else
 as JSON). ``$${`` writes a literal ``${``. A reference with no value is a
-:class:`TemplateError` naming it.
+:class:`TemplateError` naming it, unless it ends with ``?`` (``${event.payload.plan?}``),
+which reads a missing value as null.
 """
 
 from __future__ import annotations
@@ -39,14 +40,17 @@ _json_encode = msgspec.json.encode
 class Ref:
     """One reference ``${root.a.b}``; :meth:`resolve` walks dicts, lists and Structs."""
 
-    __slots__ = ("path", "root", "text")
+    __slots__ = ("optional", "path", "root", "text")
 
     def __init__(self, text: str) -> None:
         text = text.strip()
+        self.optional = text.endswith("?")
+        if self.optional:
+            text = text[:-1]
         parts = text.split(".") if text else []
         if not parts or not all(_PART.fullmatch(p) for p in parts) or parts[0].isdigit():
             raise ValueError(f"invalid reference ${{{text}}} (expected ${{name.key.sub}})")
-        self.text = text
+        self.text = text + ("?" if self.optional else "")
         self.root = parts[0]
         self.path: tuple[str | int, ...] = tuple(int(p) if p.isdigit() else p for p in parts[1:])
 
@@ -57,6 +61,8 @@ class Ref:
         try:
             value = scope[self.root]
         except KeyError:
+            if self.optional:
+                return None
             raise TemplateError(f"${{{self.text}}}: {_missing_root(self.root)}") from None
         for i, part in enumerate(self.path):
             try:
@@ -69,6 +75,8 @@ class Ref:
                 else:
                     raise LookupError
             except (LookupError, AttributeError):
+                if self.optional:
+                    return None
                 where = ".".join(str(p) for p in (self.root, *self.path[:i]))
                 raise TemplateError(
                     f"${{{self.text}}}: {where} has no {part!r}"
