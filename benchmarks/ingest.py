@@ -93,12 +93,11 @@ store: {{max_pending: 100000000, max_bytes: 1000GiB}}
                         actor.request_stop()
                         break
 
-    try:
-        import uvloop  # noqa: F401  (as the peer: uvicorn picks uvloop when installed)
+    options: dict[str, Any] = {}
+    if os.environ.get("INGEST_OURS_LOOP", "asyncio") == "uvloop":
+        import uvloop  # noqa: F401  (fails loudly when asked for and missing)
 
         options = {"use_uvloop": True}
-    except ImportError:
-        options = {}
     port_file.with_name("loop").write_text("uvloop" if options else "asyncio")
     anyio.run(main, backend="asyncio", backend_options=options)
 
@@ -235,11 +234,11 @@ def run_python(port: int, connections: int, duration: float) -> dict[str, Any]:
 # Orchestration
 
 
-def start_server(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(kind: str, state_dir: Path, loop: str) -> tuple[subprocess.Popen[bytes], int]:
     port_file = state_dir / "port"
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", kind, "--state-dir", str(state_dir),
-         "--port-file", str(port_file)], cwd=ROOT,
+         "--port-file", str(port_file)], cwd=ROOT, env={**os.environ, "INGEST_OURS_LOOP": loop},
     )
     deadline = time.monotonic() + 30
     while not (port_file.exists() and port_file.read_text().strip()):
@@ -264,6 +263,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--ours-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="event loop of our listener (the daemon runs plain asyncio)")
     parser.add_argument("--rounds", type=int, default=2, help="runs per cell; the best counts")
     parser.add_argument("--only", choices=["ours", "peer"], default=None)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -304,7 +305,7 @@ def main() -> None:
             for kind in kinds:
                 state_dir = Path(tmp) / kind
                 state_dir.mkdir()
-                servers[kind] = start_server(kind, state_dir)
+                servers[kind] = start_server(kind, state_dir, args.ours_loop)
             loop = (Path(tmp) / "ours" / "loop")
             results["ours_event_loop"] = loop.read_text() if loop.exists() else None
 

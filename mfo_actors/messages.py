@@ -31,7 +31,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=T
     """Base for everything that crosses a channel."""
 
 
-class Event(Message):
+class Event(Message, frozen=True):
     """An accepted webhook (or other inbound event), as stored and as forwarded.
 
     ``body`` is the raw request body; for JSON routes it is valid JSON and is forwarded as
@@ -49,14 +49,14 @@ class Event(Message):
     dedupe_key: str | None = None  # the provider's delivery id, when one was sent
 
 
-class EventStored(Message):
+class EventStored(Message, frozen=True):
     """An event is durable; wakes the forwarder without waiting for its poll interval."""
 
     id: str
     source: str
 
 
-class DeliveryOutcome(Message):
+class DeliveryOutcome(Message, frozen=True):
     """The result of one call to an upstream, reported to its breaker.
 
     ``failure`` is True for what should count against the breaker: network errors,
@@ -71,14 +71,14 @@ class DeliveryOutcome(Message):
     error: str | None = None
 
 
-class TokenIssued(Message):
+class TokenIssued(Message, frozen=True):
     """The auth refresher has a (new) bearer token for the client's auth provider."""
 
     token: str
     expires_at: float | None = None  # None: unknown lifetime (static tokens)
 
 
-class TokenRejected(Message):
+class TokenRejected(Message, frozen=True):
     """A caller got 401 with this token; the refresher re-logins once for everyone."""
 
     token: str | None
@@ -87,7 +87,7 @@ class TokenRejected(Message):
 BreakerStateName = Literal["closed", "open", "half_open"]
 
 
-class BreakerState(Message):
+class BreakerState(Message, frozen=True):
     """A breaker changed state; sent to every subscriber and exported as ``mfo_breaker_state``."""
 
     upstream: str
@@ -100,7 +100,7 @@ TriggerKind = Literal["event", "cron", "interval", "manual", "subflow", "rerun"]
 RunStatus = Literal["new", "active", "done", "error"]
 
 
-class FlowTrigger(Message):
+class FlowTrigger(Message, frozen=True):
     """Start (or resume) a run of a flow; the run record already exists in the store."""
 
     run_id: str
@@ -110,7 +110,7 @@ class FlowTrigger(Message):
     input: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class RunResult(Message):
+class RunResult(Message, frozen=True):
     """A run finished (done or error), with the flow's declared outputs."""
 
     run_id: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import pytest
@@ -15,9 +16,19 @@ from mfo_actors.config import InstanceConfig
 from mfo_actors.metrics import TOKEN_REFRESH
 from mfo_actors.mock_server import MockOptions
 from mfo_actors.runtime import Clock, FakeClock, ReadySignal
-from tests.mock_fixtures import EMAIL, PASSWORD, client_config, running_mock_server
+from tests.mock_fixtures import (
+    EMAIL,
+    PASSWORD,
+    MockServerHandle,
+    client_config,
+    running_mock_server,
+)
 
 pytestmark = pytest.mark.anyio
+
+
+def failed_logins_reach(srv: MockServerHandle, n: int) -> bool:
+    return srv.app.stats.failed_logins >= n
 
 
 @asynccontextmanager
@@ -141,7 +152,7 @@ async def test_wrong_password_logged_once_and_backs_off() -> None:
                         assert deadline is not None
                         waits.append(round(deadline - clock.monotonic(), 3))
                         await clock.advance_to(deadline)
-                        await poll(lambda a=attempt: srv.app.stats.failed_logins == a + 1)
+                        await poll(partial(failed_logins_reach, srv, attempt + 1))
                 health = actor.health()
         assert waits == [1.0, 2.0, 4.0, 8.0]
         assert health["ok"] is False

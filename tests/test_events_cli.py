@@ -248,3 +248,19 @@ def test_python_m_mfo_actors_events(config: Path, populated: dict[str, str]) -> 
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["id"] == populated["pending"]
     assert "sekrit" not in proc.stdout + proc.stderr
+
+
+def test_store_logs_never_reach_stdout(config: Path, populated: dict[str, str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Even with structlog configured to print info lines on stdout, --json stays clean."""
+    import structlog
+
+    structlog.configure(processors=[structlog.dev.ConsoleRenderer(colors=False)],
+                        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+                        cache_logger_on_first_use=False)
+    try:
+        code, out, _ = run_cli(["events", "list", "--config", str(config), "--json"], capsys)
+    finally:
+        structlog.reset_defaults()
+    assert code == 0
+    assert len(json.loads(out)) == 3

@@ -127,14 +127,14 @@ class Rig:
 
 @asynccontextmanager
 async def rig(tmp_path: Path, options: MockOptions | None = None, *, outcomes: bool = False,
-              **cfg_kw: object) -> AsyncIterator[Rig]:
+              token_wait: float | None = None, **cfg_kw: object) -> AsyncIterator[Rig]:
     """Mock server, store, breaker, auth refresher, token bucket, client and forwarder."""
     opts = options or MockOptions(email=EMAIL, password=PASSWORD)
     async with running_mock_server(opts) as srv:
         cfg = make_config(srv.base_url, tmp_path, **cfg_kw)  # type: ignore[arg-type]
         async with open_store(cfg) as store:
             breaker_actor = BreakerActor(cfg)
-            auth = AuthRefresherActor(cfg)
+            auth = AuthRefresherActor(cfg, token_wait=token_wait)
             rl = cfg.client.rate_limit
             limiter = TokenBucket(rl.requests_per_second, rl.burst) if rl else None
             async with MFOClient.from_config(cfg, auth=auth.provider,
@@ -260,7 +260,7 @@ async def test_breaker_states_are_broadcast(tmp_path: Path) -> None:
         r.srv.app.set_faults(outage_for=0.5)
         await r.append([make_event(f"s{i}", n=i) for i in range(5)])
         seen: list[str] = []
-        with anyio.fail_after(10):
+        with anyio.fail_after(10), sub:
             async for state in sub:
                 seen.append(state.state)
                 if state.state == "closed":
@@ -334,3 +334,15 @@ async def test_stop_finishes_in_flight_and_leaves_the_rest(tmp_path: Path) -> No
         assert stats.pending == 20 - stats.delivered
         claimed = await r.store.list_events(status="claimed")
         assert claimed == []
+
+
+async def test_no_attempts_spent_while_login_fails(tmp_path: Path) -> None:
+    """Until the first login succeeds nothing is claimed, so no attempt is used up."""
+    opts = MockOptions(email=EMAIL, password=PASSWORD, outage_for=0.5)
+    async with rig(tmp_path, opts, token_wait=0.05) as r:
+        events = [make_event(n=i) for i in range(5)]
+        await r.append(events)
+        await r.wait_delivered(5)
+        assert r.forwarder.retried == 0
+        assert r.auth.logins == 1 and r.srv.app.stats.faults_injected >= 1
+        assert r.server_ids() == [e.id for e in events]

@@ -116,6 +116,15 @@ class RefreshingAuth:
         """Why there is no token (shown to callers that time out waiting for one)."""
         self._last_error = reason
 
+    async def wait_ready(self) -> None:
+        """Wait, without a time limit, until a token is available (at once for token/none).
+
+        The forwarder calls it before claiming events, so that while logins fail it does not
+        spend delivery attempts on requests that cannot be sent.
+        """
+        while self._mode == "login" and self._token is None:
+            await self._has_token.wait()
+
     async def header(self) -> str | None:
         """``Bearer <token>``, waiting up to ``wait_timeout`` for the first (or next) token.
 

@@ -13,7 +13,7 @@ its lease is not spent waiting in a queue. Each worker POSTs one event (one atte
   ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
   as a floor; ``mfo_events_retried_total``), or ``dead_letter`` once ``client.retry.max_attempts``
   attempts have failed.
-* 401/403 after the client's one re-login (:class:`AuthError`), or no token at all: the
+* 401/403 after the client's one re-login (:class:`AuthError`), or no token in time: the
   event is not at fault, so it is rescheduled like a retryable failure (and dead-lettered
   only when the attempts run out, from where ``events replay`` brings it back).
 * Any other 4xx (:class:`APIError`): ``dead_letter`` at once with the status and error body
@@ -23,7 +23,8 @@ its lease is not spent waiting in a queue. Each worker POSTs one event (one atte
   again; only if the breaker stays shut longer is the event rescheduled to the breaker's
   probe time. The store counts every reschedule as an attempt, so this case is kept rare:
   the dispatcher does not claim while the breaker is open, and in half-open claims no more
-  events than there are probe slots.
+  events than there are probe slots. Likewise it claims nothing while the auth refresher
+  has no token (``provider.wait_ready()``), so failing logins do not use up attempts.
 
 The breaker sees every attempt exactly once: the ``BaseClient`` calls ``before_call`` and
 ``record`` when it was built with this breaker (the daemon's wiring); given a client without
@@ -53,7 +54,7 @@ from __future__ import annotations
 
 import base64
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +190,11 @@ class ForwarderActor:
         self._concurrency = max(1, self._fcfg.concurrency)
         # The client applies the breaker itself when it holds one; else we must.
         self._gate_self = getattr(client, "breaker", None) is None
+        # The auth refresher's provider can say when a token is there (RefreshingAuth);
+        # other providers cannot, and are taken as always ready.
+        self._auth_ready: Callable[[], Awaitable[None]] | None = getattr(
+            getattr(client, "auth", None), "wait_ready", None)
+        self._dispatch_scope: anyio.CancelScope | None = None
         self._idle = self._concurrency
         self._freed = anyio.Event()
         self._stopping = False
@@ -240,9 +246,8 @@ class ForwarderActor:
     def request_stop(self) -> None:
         """Stop claiming; in-flight requests finish and settle, then ``run`` returns."""
         self._stopping = True
-        scope = getattr(self, "_dispatch_scope", None)
-        if scope is not None:
-            scope.cancel()
+        if self._dispatch_scope is not None:
+            self._dispatch_scope.cancel()
 
     # -- dispatcher ----------------------------------------------------------------------
 
@@ -260,6 +265,8 @@ class ForwarderActor:
                 continue
             # Sleep while the breaker is open (until the probe time): nothing is claimed.
             await self._breaker.wait_until_callable()
+            if self._auth_ready is not None:
+                await self._auth_ready()  # no token (logins failing): claim nothing either
             limit = min(self._idle, batch)
             allowance = self._breaker.allowance()
             if allowance is not None:
