@@ -3,7 +3,8 @@
 Measures, in one run and on one machine:
 
 * **ours**: the listener actor (h11 on anyio, asyncio backend) with the SQLite store
-  (WAL, ``synchronous=FULL``, group commit), in a subprocess, as the daemon runs them;
+  (WAL, ``synchronous=FULL``, group commit), in a subprocess, as the daemon runs them; and,
+  when uvloop is installed, **ours_uvloop**: the same on uvloop (as the peer runs);
 * **peer**: what a user would write by hand: a FastAPI app on uvicorn (``uvicorn[standard]``:
   httptools + uvloop when installed) whose sync endpoint parses the JSON body and does one
   ``INSERT`` + ``COMMIT`` per request on SQLite with WAL and ``synchronous=FULL`` (one
@@ -98,7 +99,6 @@ store: {{max_pending: 100000000, max_bytes: 1000GiB}}
         import uvloop  # noqa: F401  (fails loudly when asked for and missing)
 
         options = {"use_uvloop": True}
-    port_file.with_name("loop").write_text("uvloop" if options else "asyncio")
     anyio.run(main, backend="asyncio", backend_options=options)
 
 
@@ -234,11 +234,13 @@ def run_python(port: int, connections: int, duration: float) -> dict[str, Any]:
 # Orchestration
 
 
-def start_server(kind: str, state_dir: Path, loop: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port_file = state_dir / "port"
+    serve, _, loop = kind.partition("_")
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, "--state-dir", str(state_dir),
-         "--port-file", str(port_file)], cwd=ROOT, env={**os.environ, "INGEST_OURS_LOOP": loop},
+        [sys.executable, __file__, "--serve", serve, "--state-dir", str(state_dir),
+         "--port-file", str(port_file)], cwd=ROOT,
+        env={**os.environ, "INGEST_OURS_LOOP": loop or "asyncio"},
     )
     deadline = time.monotonic() + 30
     while not (port_file.exists() and port_file.read_text().strip()):
@@ -263,10 +265,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--ours-loop", choices=["asyncio", "uvloop"], default="asyncio",
-                        help="event loop of our listener (the daemon runs plain asyncio)")
+    parser.add_argument("--no-uvloop", action="store_true",
+                        help="skip ours_uvloop (our listener on uvloop)")
     parser.add_argument("--rounds", type=int, default=2, help="runs per cell; the best counts")
-    parser.add_argument("--only", choices=["ours", "peer"], default=None)
+    parser.add_argument("--only", choices=["ours", "ours_uvloop", "peer"], default=None)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--serve", choices=["ours", "peer"], help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
@@ -286,7 +288,14 @@ def main() -> None:
     if loadgen == "auto":
         loadgen = "wrk" if shutil.which("wrk") else "python"
     levels = [int(x) for x in args.connections.split(",")]
-    kinds = [args.only] if args.only else ["ours", "peer"]
+    try:
+        import uvloop  # noqa: F401
+
+        has_uvloop = not args.no_uvloop
+    except ImportError:
+        has_uvloop = False
+    kinds = [args.only] if args.only else [
+        "ours", *(["ours_uvloop"] if has_uvloop else []), "peer"]
     results: dict[str, Any] = {
         "benchmark": "ingest",
         "loadgen": "wrk -t1 (Lua POST script)" if loadgen == "wrk"
@@ -295,6 +304,7 @@ def main() -> None:
         "payload_bytes": len(PAYLOAD),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
+        "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
@@ -305,9 +315,7 @@ def main() -> None:
             for kind in kinds:
                 state_dir = Path(tmp) / kind
                 state_dir.mkdir()
-                servers[kind] = start_server(kind, state_dir, args.ours_loop)
-            loop = (Path(tmp) / "ours" / "loop")
-            results["ours_event_loop"] = loop.read_text() if loop.exists() else None
+                servers[kind] = start_server(kind, state_dir)
 
             def run(kind: str, conns: int, seconds: float) -> dict[str, Any]:
                 port = servers[kind][1]
@@ -339,24 +347,26 @@ def main() -> None:
 
     print()
     print(f"load generator: {results['loadgen']}; {args.duration:g}s per run, best of "
-          f"{args.rounds}; {len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs; ours on "
-          f"{results['ours_event_loop']}")
-    print("| connections | ours accepted/s | ours p50 ms | ours p99 ms | peer accepted/s "
-          "| peer p50 ms | peer p99 ms | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.rounds}; {len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs; "
+          f"load average before: {results['loadavg_before']}")
+    best = results["best"]
+    ours_kinds = [k for k in kinds if k != "peer"]
+    print("| connections | " + " | ".join(
+        f"{k} accepted/s | {k} p50 ms | {k} p99 ms" for k in kinds)
+        + "".join(f" | {k} / peer" for k in ours_kinds if "peer" in kinds) + " |")
+    print("|---:" * (1 + 3 * len(kinds) + (len(ours_kinds) if "peer" in kinds else 0)) + "|")
     for conns in levels:
-        ours = results["best"].get("ours", {}).get(str(conns))
-        peer = results["best"].get("peer", {}).get(str(conns))
         cells = [str(conns)]
-        for r in (ours, peer):
-            cells += ([f"{r['accepted_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
-                      if r else ["-", "-", "-"])
-        ratio = (f"{ours['accepted_per_s'] / peer['accepted_per_s']:.1f}x"
-                 if ours and peer and peer["accepted_per_s"] else "-")
-        if ours and peer:
-            results.setdefault("ratio", {})[str(conns)] = round(
-                ours["accepted_per_s"] / max(peer["accepted_per_s"], 1e-9), 2)
-        print("| " + " | ".join([*cells, ratio]) + " |")
+        for kind in kinds:
+            r = best[kind][str(conns)]
+            cells += [f"{r['accepted_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
+        if "peer" in kinds:
+            peer_rate = best["peer"][str(conns)]["accepted_per_s"]
+            for kind in ours_kinds:
+                ratio = best[kind][str(conns)]["accepted_per_s"] / max(peer_rate, 1e-9)
+                results.setdefault("ratio", {}).setdefault(kind, {})[str(conns)] = round(ratio, 2)
+                cells.append(f"{ratio:.1f}x")
+        print("| " + " | ".join(cells) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.output}")

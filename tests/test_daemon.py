@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -9,7 +10,8 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from pathlib import Path
 
 import anyio
@@ -228,6 +230,14 @@ class _Crasher:
         pass
 
 
+def _lock_pid(tmp_path: Path) -> str | None:
+    """The pid written in the daemon's lock file, or None before the daemon created it."""
+    try:
+        return (tmp_path / "state" / "daemon.lock").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 class TestInProcess:
     pytestmark = pytest.mark.anyio
 
@@ -243,8 +253,7 @@ class TestInProcess:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run)
                 await anyio.to_thread.run_sync(
-                    functools.partial(wait_for, lambda: (tmp_path / "state" / "daemon.lock")
-                                      .read_text().strip() == str(os.getpid()),
+                    functools.partial(wait_for, lambda: _lock_pid(tmp_path) == str(os.getpid()),
                                       what="lock file with our pid"))
                 stop.set()
         assert code == [0]
@@ -253,7 +262,7 @@ class TestInProcess:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         cfg = load_config(write_config(tmp_path))
-        monkeypatch.setattr(daemon_run, "build_actors", lambda cfg, ctx: [_Crasher()])
+        monkeypatch.setattr(daemon_run, "open_instance", _fake_instance(_Crasher()))
         monkeypatch.setattr(
             daemon_run, "Supervisor",
             functools.partial(Supervisor, max_restarts=2, backoff_initial=0.001,
@@ -262,6 +271,16 @@ class TestInProcess:
         with anyio.fail_after(20):
             code = await run_instance(cfg, environ={}, handle_signals=False)
         assert code == 1
+
+
+def _fake_instance(*actors: Any) -> Any:
+    """Stands in for ``open_instance``: yields just *actors*, opens nothing."""
+
+    @contextlib.asynccontextmanager
+    async def fake(cfg: Any, ctx: Any) -> AsyncIterator[list[Any]]:
+        yield list(actors)
+
+    return fake
 
 
 class _Stubborn:
@@ -292,7 +311,7 @@ class TestSignalsInProcess:
         """A drain that would take 60 s ends right away on the second SIGTERM."""
         cfg = load_config(write_config(tmp_path, shutdown_timeout="60s"))
         actor = _Stubborn()
-        monkeypatch.setattr(daemon_run, "build_actors", lambda cfg, ctx: [actor])
+        monkeypatch.setattr(daemon_run, "open_instance", _fake_instance(actor))
         code: list[int] = []
 
         async def run() -> None:

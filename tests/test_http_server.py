@@ -187,6 +187,10 @@ class TestBasics:
                 assert reply.status == 404
                 assert reply.headers["connection"] == "close"
             async with connect(server) as client:
+                # without a body the connection stays open after the early answer
+                assert (await client.request("GET", "/x")).status == 404
+                assert (await client.request("GET", "/y")).status == 404
+                assert server.active_connections == 1
                 assert (await client.request("POST", "/ok", b"0123456789")).status == 200
                 assert (await client.request("POST", "/ok", b"01234567890")).status == 413
 

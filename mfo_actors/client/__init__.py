@@ -21,11 +21,13 @@ from mfo_actors.client._auth import NoAuth as NoAuth
 from mfo_actors.client._auth import StaticTokenAuth as StaticTokenAuth
 from mfo_actors.client._auth import jwt_expiry as jwt_expiry
 from mfo_actors.client._base import BaseClient as BaseClient
+from mfo_actors.client._breaker import CircuitBreaker as CircuitBreaker
 from mfo_actors.client._client import MFOClient as MFOClient
 from mfo_actors.client._client import auth_from_config as auth_from_config
 from mfo_actors.client._client import http_client_from_config as http_client_from_config
 from mfo_actors.client._hooks import Breaker as Breaker
 from mfo_actors.client._hooks import RateLimiter as RateLimiter
+from mfo_actors.client._ratelimit import TokenBucket as TokenBucket
 from mfo_actors.client._retry import RetryPolicy as RetryPolicy
 from mfo_actors.client._retry import compute_backoff as compute_backoff
 from mfo_actors.client._retry import is_idempotent as is_idempotent
@@ -50,6 +52,7 @@ __all__ = [
     "Breaker",
     "ChatAPI",
     "ChatStream",
+    "CircuitBreaker",
     "CircuitBreakerError",
     "ClientError",
     "EventsAPI",
@@ -62,6 +65,7 @@ __all__ = [
     "RateLimiter",
     "ResourcesAPI",
     "RetryPolicy",
+    "TokenBucket",
     "RetryableError",
     "SSEEvent",
     "SSEParser",

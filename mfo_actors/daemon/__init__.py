@@ -9,14 +9,14 @@ from mfo_actors.daemon._notify import SystemdNotifier as SystemdNotifier
 from mfo_actors.daemon._notify import watchdog_interval as watchdog_interval
 from mfo_actors.daemon._run import run_instance as run_instance
 from mfo_actors.daemon._wiring import DaemonContext as DaemonContext
-from mfo_actors.daemon._wiring import build_actors as build_actors
+from mfo_actors.daemon._wiring import open_instance as open_instance
 
 __all__ = [
     "DaemonContext",
     "StateDirLock",
     "StateDirLockedError",
     "SystemdNotifier",
-    "build_actors",
+    "open_instance",
     "run_instance",
     "watchdog_interval",
 ]

@@ -22,7 +22,7 @@ from mfo_actors import __version__
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._lock import StateDirLock
 from mfo_actors.daemon._notify import SystemdNotifier
-from mfo_actors.daemon._wiring import DaemonContext, build_actors
+from mfo_actors.daemon._wiring import DaemonContext, open_instance
 from mfo_actors.errors import UserError
 from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Supervisor, SupervisorGaveUp
@@ -96,9 +96,23 @@ async def _serve(
     outcome: _Outcome,
 ) -> None:
     ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env)
-    actors = build_actors(cfg, ctx)
-    supervisor = Supervisor(actors)
-    ctx.supervisor = supervisor
+    async with open_instance(cfg, ctx) as actors:
+        supervisor = Supervisor(actors)
+        ctx.supervisor = supervisor
+        await _supervise(cfg, supervisor, len(actors), notifier=notifier, stop=stop,
+                         handle_signals=handle_signals, outcome=outcome)
+
+
+async def _supervise(
+    cfg: InstanceConfig,
+    supervisor: Supervisor,
+    count: int,
+    *,
+    notifier: SystemdNotifier,
+    stop: anyio.Event | None,
+    handle_signals: bool,
+    outcome: _Outcome,
+) -> None:
     stopping = anyio.Event()
 
     def begin_shutdown(reason: str) -> None:
@@ -119,7 +133,7 @@ async def _serve(
                 tg.start_soon(_watch_signals, signals, supervisor, begin_shutdown, outcome)
             if stop is not None:
                 tg.start_soon(_watch_event, stop, begin_shutdown)
-            tg.start_soon(_announce_ready, supervisor, notifier, len(actors))
+            tg.start_soon(_announce_ready, supervisor, notifier, count)
             tg.start_soon(_announce_stopping, stopping, notifier)
             try:
                 await supervisor.run()

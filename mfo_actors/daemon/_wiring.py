@@ -1,22 +1,45 @@
 """Which actors make up an instance, and in what order: the one place the daemon is wired.
 
-The supervisor starts the list in order (each once the previous is ready) and stops it in
-reverse, so list an actor after everything it depends on: the store before the listener and
-the forwarder, the listener (which answers 503 while draining) before nothing it feeds.
+:func:`open_instance` opens what the actors share (the store, the MFO client, the flows) and
+yields the actors in start order; everything it opened is closed when the block exits, after
+the supervisor has stopped every actor. The supervisor starts the list in order (each once the
+previous is ready) and stops it in reverse, so an actor comes after everything it depends on:
+
+    watchdog, admin, breaker, auth, forwarder, scheduler, listener
+
+On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
+their store commit), then the scheduler and forwarder drain, and the admin port answers
+until the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from mfo_actors.actors.admin import AdminActor
+from mfo_actors.actors.auth import AuthRefresherActor
+from mfo_actors.actors.breaker import BreakerActor
+from mfo_actors.actors.forwarder import ForwarderActor
+from mfo_actors.actors.listener import ListenerActor
+from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor
+from mfo_actors.client import MFOClient, TokenBucket
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._watchdog import WatchdogActor
+from mfo_actors.errors import ConfigError
+from mfo_actors.metrics import OUTBOX_DEPTH
+from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Actor, Clock, Supervisor, SystemClock
+from mfo_actors.store import EventStore, open_store
+from mfo_actors.taskflow import Flow, FlowLoadError, default_registry, load_flows
 
-__all__ = ["DaemonContext", "build_actors"]
+__all__ = ["DaemonContext", "load_instance_flows", "open_instance"]
+
+log = get_logger(__name__)
 
 
 @dataclass(eq=False)
@@ -31,19 +54,111 @@ class DaemonContext:
     """The process environment the daemon was started with."""
     clock: Clock = field(default_factory=SystemClock)
     supervisor: Supervisor | None = None
-    """Set right after :func:`build_actors` returns, before any actor starts; actors that
-    report health (``/readyz``) read ``supervisor.statuses()`` from it at request time."""
+    """Set right after the actors are built, before any starts; ``/readyz`` reads
+    ``supervisor.statuses()`` from it at request time."""
 
 
-def build_actors(cfg: InstanceConfig, ctx: DaemonContext) -> list[Actor]:
-    """The instance's actors, in start order.
+def load_instance_flows(cfg: InstanceConfig) -> dict[str, Flow]:
+    """The flows of ``flows.dir`` (none when flows are disabled or the dir does not exist).
+
+    Raises:
+      ConfigError: a flow file is invalid (all problems are in the message).
+    """
+    if not cfg.flows.enabled:
+        return {}
+    try:
+        return load_flows(cfg.flows.dir, default_registry())
+    except FlowLoadError as exc:
+        lines = [str(e) for e in exc.errors] or [str(exc)]
+        raise ConfigError("; ".join(lines), file=cfg.flows.dir) from None
+
+
+@contextlib.asynccontextmanager
+async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterator[list[Actor]]:
+    """Open the shared resources and yield the instance's actors, in start order.
 
     Args:
       cfg: The loaded instance config.
-      ctx: Process-wide resources (state dir, notifier, clock, the supervisor once built).
+      ctx: Process-wide resources (state dir, notifier, clock; the supervisor once built).
+
+    Raises:
+      ConfigError: a flow file is invalid.
+      StoreError: the store cannot be opened.
     """
-    actors: list[Actor] = [
-        # First in, last out: keeps systemd's watchdog fed through the whole drain.
-        WatchdogActor(ctx.notifier, watchdog_interval(ctx.environ)),
-    ]
-    return actors
+    flows = load_instance_flows(cfg)
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(cfg))
+        recovered = await store.recover_claims()
+        if recovered:
+            log.info("daemon.claims_recovered", events=recovered)
+
+        breaker = BreakerActor(cfg, clock=ctx.clock)
+        auth = AuthRefresherActor(cfg, clock=ctx.clock)
+        rate = cfg.client.rate_limit
+        limiter = TokenBucket(rate.requests_per_second, rate.burst, clock=ctx.clock) if rate else None
+        # One client for the forwarder and the flows: one pool, one breaker, one rate limit.
+        client = await stack.enter_async_context(
+            MFOClient.from_config(cfg, auth=auth.provider, breaker=breaker.breaker,
+                                  rate_limiter=limiter)
+        )
+        matcher = RunMatcher(flows)
+        listener = ListenerActor(cfg, store, match_runs=matcher if matcher else None)
+
+        actors: list[Actor] = [
+            # First in, last out: keeps systemd's watchdog fed through the whole drain.
+            WatchdogActor(ctx.notifier, watchdog_interval(ctx.environ)),
+        ]
+        health: dict[str, Any] = {"breaker": breaker.health, "auth": auth.health}
+        if cfg.admin.enabled:
+            actors.append(AdminActor(cfg.admin, instance=cfg.instance,
+                                     readiness=_readiness(cfg, ctx, store, health)))
+        actors += [breaker, auth]
+        if cfg.forwarder.enabled:
+            forwarder = ForwarderActor(cfg, store, client.base, breaker.breaker, clock=ctx.clock)
+            health["forwarder"] = forwarder.health
+            actors.append(forwarder)
+        if flows:
+            scheduler = SchedulerActor(cfg, store, flows, client=client, clock=ctx.clock,
+                                       breaker_states=breaker.states.subscribe())
+            health["scheduler"] = scheduler.health
+            actors.append(scheduler)
+        if cfg.webhook_listener.enabled:
+            actors.append(listener)
+        yield actors
+
+
+def _readiness(
+    cfg: InstanceConfig, ctx: DaemonContext, store: EventStore, health: Mapping[str, Any]
+) -> Any:
+    """``/readyz``: 200 only when every actor is ready and the store answers."""
+    outbox = OUTBOX_DEPTH.labels(cfg.instance)
+
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        ok = True
+        statuses = ctx.supervisor.statuses() if ctx.supervisor is not None else {}
+        for name, status in statuses.items():
+            actor_ok = status.state == "ready"
+            check: dict[str, Any] = {"ok": actor_ok, "state": status.state,
+                                     "restarts": status.restarts}
+            if status.last_error:
+                check["last_error"] = status.last_error
+            if name in health:
+                check["detail"] = health[name]()
+            checks[name] = check
+            ok = ok and actor_ok
+        try:
+            stats = await store.stats()
+        except Exception as exc:  # the store is what readiness is about: report, don't raise
+            checks["store"] = {"ok": False, "error": repr(exc)}
+            ok = False
+        else:
+            outbox.set(stats.pending)
+            full = (stats.pending >= cfg.store.max_pending
+                    or stats.pending_bytes >= cfg.store.max_bytes)
+            checks["store"] = {"ok": not full, "pending": stats.pending,
+                               "pending_bytes": stats.pending_bytes, "dead": stats.dead}
+            ok = ok and not full
+        return ok, checks
+
+    return readiness

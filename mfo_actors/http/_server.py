@@ -311,7 +311,12 @@ class HttpServer:
             if self._head_check is not None:
                 checked = self._head_check(head)
                 if isinstance(checked, Response):
-                    skip_body = conn.their_state is h11.SEND_BODY
+                    # A request without a body can stay keep-alive: h11 has its end already.
+                    skip_body = conn.their_state is h11.SEND_BODY and (
+                        "transfer-encoding" in head.headers
+                        or head.headers.get("content-length", "0") != "0"
+                        or not isinstance(conn.next_event(), h11.EndOfMessage)
+                    )
                     self._in_flight += 1
                     try:
                         await self._send(stream, conn, head, checked, close=skip_body)
