@@ -176,7 +176,7 @@ def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[
     seconds = raw["duration_us"] / 1e6
     return {
         "requests": raw["requests"], "errors": errors,
-        "accepted_per_s": (raw["requests"] - raw["err_status"]) / seconds,
+        "accepted_per_s": (raw["requests"] - raw["err_status"]) / seconds, "seconds": seconds,
         "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
         "max_ms": raw["max_us"] / 1000,
     }
@@ -218,7 +218,8 @@ def _python_loadgen(port: int, connections: int, duration: float) -> dict[str, A
         return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
 
     return {"requests": counts["ok"] + counts["bad"], "errors": counts["bad"],
-            "accepted_per_s": counts["ok"] / seconds, "p50_ms": pct(50), "p99_ms": pct(99),
+            "accepted_per_s": counts["ok"] / seconds, "seconds": seconds,
+            "p50_ms": pct(50), "p99_ms": pct(99),
             "max_ms": latencies[-1] * 1000}
 
 
@@ -323,8 +324,10 @@ def main() -> None:
                     return run_wrk(port, conns, seconds, script)
                 return run_python(port, conns, seconds)
 
+            warmups: dict[str, int] = {}
             for kind in kinds:  # warm-up: caches, WAL growth, lazy imports
-                run(kind, min(levels[-1], 16), WARMUP_S)
+                res = run(kind, min(levels[-1], 16), WARMUP_S)
+                warmups[kind] = round(res["accepted_per_s"] * res["seconds"])
             for conns in levels:
                 for round_no in range(args.rounds):
                     # Alternate the order so neither side always runs right after the other.
@@ -339,6 +342,18 @@ def main() -> None:
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
+        # Every accepted request must be a row on disk (rows >= accepted: wrk stops with
+        # requests in flight that may still commit). Warm-up requests count too.
+        for kind in servers:
+            db = Path(tmp) / kind / ("peer.sqlite3" if kind == "peer" else "store.sqlite3")
+            with sqlite3.connect(db) as conn:
+                (rows,) = conn.execute("SELECT count(*) FROM events").fetchone()
+            accepted = sum(
+                round(r["accepted_per_s"] * r["seconds"])
+                for rs in results["runs"][kind].values() for r in rs) + warmups[kind]
+            results.setdefault("stored_rows", {})[kind] = {"rows": rows, "accepted": accepted}
+            status = "ok" if rows >= accepted else "MISSING ROWS"
+            print(f"{kind}: {rows} rows stored, {accepted} accepted: {status}")
     # The best round per cell: other load on a shared machine only ever slows a run down.
     results["best"] = {
         kind: {c: max(rs, key=lambda r: r["accepted_per_s"]) for c, rs in by_level.items()}

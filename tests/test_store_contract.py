@@ -327,6 +327,20 @@ class TestClaim:
             (again,) = await store.claim_due(limit=1, lease=30)
             assert again.attempts == 1
 
+    async def test_reschedule_without_attempt_keeps_the_count(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """A reschedule for a call never sent (breaker open) leaves the attempts alone."""
+        event = make_event(clock)
+        async with opener() as store:
+            await store.append(event)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            await store.reschedule(event.id, c.claim_token or "", next_attempt_at=clock() + 1,
+                                   error="circuit open", count_attempt=False)
+            stored = await store.get_event(event.id)
+            assert stored is not None
+            assert (stored.status, stored.attempts) == ("pending", 0)
+
     async def test_zero_limit_claims_nothing(self, opener: Opener, clock: FakeClock) -> None:
         async with opener() as store:
             await store.append(make_event(clock))

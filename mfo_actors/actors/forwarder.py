@@ -21,8 +21,8 @@ its lease is not spent waiting in a queue. Each worker POSTs one event (one atte
 * :class:`CircuitBreakerError` (nothing was sent): the worker keeps the event and waits
   for the breaker (``wait_until_callable``) while its lease allows (half of it), then tries
   again; only if the breaker stays shut longer is the event rescheduled to the breaker's
-  probe time. The store counts every reschedule as an attempt, so this case is kept rare:
-  the dispatcher does not claim while the breaker is open, and in half-open claims no more
+  probe time, without counting an attempt (nothing was sent), so however long an outage
+  lasts it never dead-letters an event. This case is also kept rare: the dispatcher does not claim while the breaker is open, and in half-open claims no more
   events than there are probe slots. Likewise it claims nothing while the auth refresher
   has no token (``provider.wait_ready()``), so failing logins do not use up attempts.
 
@@ -406,7 +406,8 @@ class ForwarderActor:
     async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
                           count: bool) -> None:
         await self._store.reschedule(
-            stored.event.id, token, next_attempt_at=self._clock.now() + delay, error=error)
+            stored.event.id, token, next_attempt_at=self._clock.now() + delay, error=error,
+            count_attempt=count)
         self._last_error = error
         if count:
             self.retried += 1

@@ -25,19 +25,17 @@ from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
 from mfo_actors.actors.forwarder import ForwarderActor
 from mfo_actors.actors.listener import ListenerActor
-from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor
+from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
 from mfo_actors.client import MFOClient, TokenBucket
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._watchdog import WatchdogActor
-from mfo_actors.errors import ConfigError
 from mfo_actors.metrics import OUTBOX_DEPTH
 from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Actor, Clock, Supervisor, SystemClock
 from mfo_actors.store import EventStore, open_store
-from mfo_actors.taskflow import Flow, FlowLoadError, default_registry, load_flows
 
-__all__ = ["DaemonContext", "load_instance_flows", "open_instance"]
+__all__ = ["DaemonContext", "open_instance"]
 
 log = get_logger(__name__)
 
@@ -56,21 +54,6 @@ class DaemonContext:
     supervisor: Supervisor | None = None
     """Set right after the actors are built, before any starts; ``/readyz`` reads
     ``supervisor.statuses()`` from it at request time."""
-
-
-def load_instance_flows(cfg: InstanceConfig) -> dict[str, Flow]:
-    """The flows of ``flows.dir`` (none when flows are disabled or the dir does not exist).
-
-    Raises:
-      ConfigError: a flow file is invalid (all problems are in the message).
-    """
-    if not cfg.flows.enabled:
-        return {}
-    try:
-        return load_flows(cfg.flows.dir, default_registry())
-    except FlowLoadError as exc:
-        lines = [str(e) for e in exc.errors] or [str(exc)]
-        raise ConfigError("; ".join(lines), file=cfg.flows.dir) from None
 
 
 @contextlib.asynccontextmanager
@@ -95,7 +78,8 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
         breaker = BreakerActor(cfg, clock=ctx.clock)
         auth = AuthRefresherActor(cfg, clock=ctx.clock)
         rate = cfg.client.rate_limit
-        limiter = TokenBucket(rate.requests_per_second, rate.burst, clock=ctx.clock) if rate else None
+        limiter = (TokenBucket(rate.requests_per_second, rate.burst, clock=ctx.clock)
+                   if rate else None)
         # One client for the forwarder and the flows: one pool, one breaker, one rate limit.
         client = await stack.enter_async_context(
             MFOClient.from_config(cfg, auth=auth.provider, breaker=breaker.breaker,

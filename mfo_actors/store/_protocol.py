@@ -163,9 +163,14 @@ class EventStore(Protocol):
         ...
 
     async def reschedule(
-        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
+        count_attempt: bool = True,
     ) -> None:
-        """Settle a claimed event as pending again, due at *next_attempt_at*; counts an attempt."""
+        """Settle a claimed event as pending again, due at *next_attempt_at*.
+
+        Counts an attempt unless *count_attempt* is False (nothing was sent: the breaker
+        was open), so a long outage never uses up an event's attempts.
+        """
         ...
 
     async def dead_letter(self, event_id: str, claim_token: str, *, reason: str) -> None:

@@ -676,21 +676,22 @@ class SQLiteStore:
         return None, _Delta(pending=-1, bytes=-row[0], delivered=1, wake_events=True)
 
     async def reschedule(
-        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
+        count_attempt: bool = True,
     ) -> None:
-        """Settle a claimed event as pending, due at *next_attempt_at*; counts an attempt."""
+        """Settle a claimed event as pending, due at *next_attempt_at* (see the protocol)."""
         await self._submit(_Op(partial(
-            self._tx_reschedule, event_id, claim_token, next_attempt_at, error)))
+            self._tx_reschedule, event_id, claim_token, next_attempt_at, error, count_attempt)))
 
     def _tx_reschedule(
-        self, event_id: str, token: str, next_at: float, error: str,
+        self, event_id: str, token: str, next_at: float, error: str, count_attempt: bool,
         conn: sqlite3.Connection, now: float,
     ) -> tuple[None, _Delta]:
         row = conn.execute(
             "UPDATE events SET status = 'pending', next_attempt_at = ?, last_error = ?, "
-            "attempts = attempts + 1, claim_token = NULL, lease_until = NULL "
+            "attempts = attempts + ?, claim_token = NULL, lease_until = NULL "
             "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size",
-            (next_at, error, event_id, token),
+            (next_at, error, int(count_attempt), event_id, token),
         ).fetchone()
         if row is None:
             log.warning("store.stale_settle", event_id=event_id, action="reschedule")
