@@ -15,7 +15,7 @@ class MFOError(Exception):
 
 
 class UserError(MFOError):
-    """Something the user can fix (a file, a flag, a key); the CLI prints ``str(err)`` and exits 1."""
+    """Something the user can fix (a file, a flag, a key): the CLI prints it and exits 1."""
 
 
 class ConfigError(UserError):

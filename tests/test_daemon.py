@@ -11,8 +11,8 @@ import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest

@@ -216,6 +216,24 @@ class TestAccept:
             event = await h.stored(r.json()["id"])
             assert event is not None and event.type == "k1" and event.dedupe_key == "d9"
 
+    async def test_default_type(self, tmp_path: Path) -> None:
+        """X-Event-Type, then X-GitHub-Event, then the JSON "type" field, else "unknown"."""
+        async with running_listener(tmp_path) as h:
+            cases = [
+                ('{"type": "a"}', {"x_event_type": "hdr", "x_github_event": "gh"}, "hdr"),
+                ('{"type": "a"}', {"x_github_event": "gh"}, "gh"),
+                ('{"type": "a", "x": [1, {"type": "b"}]}', {}, "a"),
+                ('{"type": 5}', {}, "5"),
+                ('[{"type": "a"}]', {}, "unknown"),
+                ('{"kind": "a"}', {}, "unknown"),
+            ]
+            for body, headers, expected in cases:
+                r = await h.post("/hooks/plain", body, **headers)
+                assert r.status_code == 202, body
+                event = await h.stored(r.json()["id"])
+                assert event is not None and event.type == expected, body
+                assert event.body == body.encode()
+
     async def test_match_runs_go_to_the_store(self, tmp_path: Path) -> None:
         store = FakeStore()
 
@@ -249,9 +267,13 @@ class TestRefuse:
         async with running_listener(tmp_path) as h:
             r = await h.post("/hooks/plain", '{"a": 1,}')
             assert r.status_code == 400
+            # deep inside a field the listener does not otherwise look at
+            assert (await h.post("/hooks/plain", '{"a": [1, {"b": tru}]}')).status_code == 400
+            assert (await h.post("/hooks/plain", '[1, 2')).status_code == 400
+            assert (await h.post("/hooks/plain", '')).status_code == 400
             assert "invalid JSON" in r.json()["error"] and "byte" in r.json()["error"]
             assert h.notified == []
-        assert counter(EVENTS_REJECTED, "ltest", "plain", "json") == before + 1
+        assert counter(EVENTS_REJECTED, "ltest", "plain", "json") == before + 4
 
     async def test_too_large_413(self, tmp_path: Path) -> None:
         async with running_listener(tmp_path) as h:

@@ -22,7 +22,8 @@ its lease is not spent waiting in a queue. Each worker POSTs one event (one atte
   for the breaker (``wait_until_callable``) while its lease allows (half of it), then tries
   again; only if the breaker stays shut longer is the event rescheduled to the breaker's
   probe time, without counting an attempt (nothing was sent), so however long an outage
-  lasts it never dead-letters an event. This case is also kept rare: the dispatcher does not claim while the breaker is open, and in half-open claims no more
+  lasts it never dead-letters an event. This case is also kept rare: the dispatcher does
+  not claim while the breaker is open, and in half-open claims no more
   events than there are probe slots. Likewise it claims nothing while the auth refresher
   has no token (``provider.wait_ready()``), so failing logins do not use up attempts.
 
