@@ -188,6 +188,26 @@ async def test_delivers_in_order_with_idempotency_key(tmp_path: Path) -> None:
         assert r.srv.app.stats.duplicates == 0
 
 
+async def test_order_per_source_holds_under_retries(tmp_path: Path) -> None:
+    """With a third of the calls failing, each source still arrives in acceptance order:
+    a failed event holds back the rest of its claimed run, which is given back unsent."""
+    async with rig(tmp_path, threshold=50) as r:
+        r.srv.app.set_faults(fail_rate=0.3, fail_status=503)
+        events = [make_event("a" if i % 3 else "b", n=i) for i in range(60)]
+        await r.append(events)
+        await r.wait_delivered(60, deadline=60)
+        got = r.srv.app.events
+        for src in ("a", "b"):
+            assert [e["id"] for e in got if e["body"]["source"] == src] == \
+                [e.id for e in events if e.source == src]
+        assert r.forwarder.retried > 0  # failures did happen mid-run
+        for ev in events:  # released events were not charged an attempt
+            stored = await r.store.get_event(ev.id)
+            assert stored is not None and stored.status == "delivered"
+        assert sum(s.attempts for s in [await r.store.get_event(e.id) for e in events]
+                   if s is not None) == 60 + r.forwarder.retried
+
+
 async def test_429_retry_after_delays_next_attempt(tmp_path: Path) -> None:
     """A 429 with Retry-After: 2 puts the next attempt at least 2 s later."""
     async with rig(tmp_path, outcomes=True) as r:

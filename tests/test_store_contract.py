@@ -341,6 +341,27 @@ class TestClaim:
             assert stored is not None
             assert (stored.status, stored.attempts) == ("pending", 0)
 
+    async def test_ordered_claim_takes_runs_per_source(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """per_source claims a source's head with the due events right behind it, in order;
+        the source stays blocked until the whole run is settled."""
+        a1, a2, a3, b1 = (make_event(clock, source=s) for s in ("a", "a", "a", "b"))
+        async with opener() as store:
+            for event in (a1, a2, a3, b1):
+                await store.append(event)
+            claimed = await store.claim_due(limit=10, lease=30, per_source=2)
+            assert [c.event.id for c in claimed] == [a1.id, a2.id, b1.id]
+            assert await store.claim_due(limit=10, lease=30, per_source=2) == []
+            token = {c.event.id: c.claim_token or "" for c in claimed}
+            await store.mark_delivered(a1.id, token[a1.id])
+            await store.reschedule(a2.id, token[a2.id], next_attempt_at=clock() + 5,
+                                   error="503")
+            assert await store.claim_due(limit=10, lease=30, per_source=2) == []
+            clock.advance(5)
+            again = await store.claim_due(limit=10, lease=30, per_source=2)
+            assert [c.event.id for c in again] == [a2.id, a3.id]
+
     async def test_zero_limit_claims_nothing(self, opener: Opener, clock: FakeClock) -> None:
         async with opener() as store:
             await store.append(make_event(clock))

@@ -36,8 +36,12 @@ workers keep fewer calls in flight than could still open it, so an outage costs 
 The rate limit is the client's (``rate_limiter=`` shared ``TokenBucket``), applied per request.
 
 Ordering guarantee under retries: with ``forwarder.ordering: source`` (the default) the store
-lets only the oldest undelivered event of a source be claimed, so events of one source reach
-the server in acceptance order, one at a time; an event being retried holds back the later
+lets only the oldest undelivered event of a source be claimed, together with up to
+``batch_size`` due events right behind it; one worker sends that run one event after the
+other (the next only once the previous was answered 2xx), so events of one source reach
+the server in acceptance order, one at a time, without a store round trip per claim. When an
+event of the run is rescheduled, the rest of the run is given back unsent (no attempt
+counted) and waits behind it: an event being retried holds back the later
 events of its source until it is delivered or dead-lettered (head-of-line blocking, by
 design). A dead-lettered event no longer holds them back, so after a replay it arrives after
 its successors. Sources are independent of each other. With ``ordering: none`` events are
@@ -60,6 +64,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 import msgspec
 
 from mfo_actors.client._retry import compute_backoff
@@ -83,6 +88,8 @@ from mfo_actors.runtime import RestartPolicy, SystemClock
 from mfo_actors.store import StoreError
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from mfo_actors.client._base import BaseClient
     from mfo_actors.client._breaker import CircuitBreaker
     from mfo_actors.config import InstanceConfig
@@ -159,6 +166,8 @@ class ForwarderActor:
         recorded the attempt already).
       clock: Time source (``now()`` for ``next_attempt_at``, ``monotonic()`` for waits).
       rng: Uniform [0, 1) source for the backoff jitter (tests pass a constant).
+      http_factory: Makes one connection pool per worker (see ``BaseClient.with_http``);
+        None: every worker shares *client*'s pool.
 
     Attributes:
       delivered, retried, dead: Counts since start (tests and ``health()``).
@@ -177,8 +186,10 @@ class ForwarderActor:
         outcomes: ChannelSender[DeliveryOutcome] | None = None,
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
+        http_factory: Callable[[], httpx.AsyncClient] | None = None,
     ) -> None:
         self._cfg = cfg
+        self._http_factory = http_factory
         self._fcfg = cfg.forwarder
         self._retry = cfg.client.retry
         self._store = store
@@ -226,7 +237,8 @@ class ForwarderActor:
         """Deliver until asked to stop; then finish the requests in flight and return."""
         self._stopping = False
         self._idle = self._concurrency
-        send, receive = anyio.create_memory_object_stream["StoredEvent"](self._concurrency)
+        send, receive = anyio.create_memory_object_stream[tuple[float, list["StoredEvent"]]](
+            self._concurrency)
         async with anyio.create_task_group() as workers:
             async with receive:
                 for n in range(self._concurrency):
@@ -276,15 +288,17 @@ class ForwarderActor:
                 # Shielded: a claim committed but not dispatched would sit out its lease.
                 with anyio.CancelScope(shield=True):
                     claimed = await self._store.claim_due(
-                        limit=limit, lease=lease, ordered_by_source=ordered)
+                        limit=limit, lease=lease, ordered_by_source=ordered,
+                        per_source=batch if ordered else 1)
             except StoreError as exc:
                 self._last_error = f"claim failed: {exc}"
                 log.error("forwarder.claim_failed", error=str(exc))
                 await self._clock.sleep(poll)
                 continue
-            for stored in claimed:
+            claimed_at = self._clock.monotonic()
+            for run in _runs_by_source(claimed) if ordered else ([e] for e in claimed):
                 self._idle -= 1
-                send.send_nowait(stored)  # room guaranteed: at most `idle` are queued
+                send.send_nowait((claimed_at, run))  # room guaranteed: at most `idle` queued
             if not claimed:
                 await self._store.wait_for_events(poll)
 
@@ -302,26 +316,61 @@ class ForwarderActor:
     # -- workers -------------------------------------------------------------------------
 
     async def _worker(self, receive: Any) -> None:
+        if self._http_factory is None:
+            await self._work(receive, self._client)
+            return
+        async with self._http_factory() as http:
+            await self._work(receive, self._client.with_http(http))
+
+    async def _work(self, receive: Any, client: BaseClient) -> None:
         async with receive:
-            async for stored in receive:
+            async for claimed_at, run in receive:
+                # One claim: a single event, or (ordering: source) consecutive events of one
+                # source, sent one after another in acceptance order.
+                hold_until = claimed_at + float(self._fcfg.lease) * LEASE_HOLD_FRACTION
+                sent = 0
                 try:
-                    await self._deliver(stored)
+                    # Settles of a run go to the store while the next event is sent (group
+                    # commit merges them); the run ends when all are durable. A crash before
+                    # that re-sends the event later, under the same Idempotency-Key.
+                    async with anyio.create_task_group() as settles:
+                        for stored in run:
+                            if sent and (self._stopping
+                                         or self._clock.monotonic() > hold_until):
+                                break
+                            sent += 1
+                            if not await self._deliver(stored, client, hold_until, settles):
+                                break  # rescheduled: the rest of its source waits behind it
+                    if sent < len(run):
+                        await self._release(run[sent:])
                 except StoreError as exc:
                     # The settle failed: the claim stays and its lease makes the event due
                     # again (at least once, same Idempotency-Key).
                     self._last_error = f"settle failed: {exc}"
-                    log.error("forwarder.settle_failed", event_id=stored.event.id,
+                    log.error("forwarder.settle_failed", event_id=run[0].event.id,
                               error=str(exc))
                 finally:
                     self._idle += 1
                     freed, self._freed = self._freed, anyio.Event()
                     freed.set()
 
-    async def _deliver(self, stored: StoredEvent) -> None:
+    async def _release(self, rest: list[StoredEvent]) -> None:
+        """Give back claimed events that were not sent (no attempt counted), due now."""
+        now = self._clock.now()
+        for stored in rest:
+            await self._store.reschedule(
+                stored.event.id, stored.claim_token or "", next_attempt_at=now,
+                error="not sent yet: an earlier event of its source was not delivered",
+                count_attempt=False)
+
+    async def _deliver(self, stored: StoredEvent, client: BaseClient, hold_until: float,
+                       settles: TaskGroup) -> bool:
+        """Send one claimed event and settle it; True when settled for good (delivered or
+        dead), False when rescheduled (later events of its source must wait). A delivered
+        event's settle runs in *settles*."""
         event = stored.event
         token = stored.claim_token or ""
         body = encode_event(event)
-        hold_until = self._clock.monotonic() + float(self._fcfg.lease) * LEASE_HOLD_FRACTION
         while True:
             # Healthy: returns at once. Failing: keeps calls in flight under the threshold.
             await self._wait_for_breaker(hold_until)
@@ -329,7 +378,7 @@ class ForwarderActor:
             try:
                 if self._gate_self:
                     self._breaker.before_call()
-                await self._client.request(
+                await client.request(
                     "POST", EVENTS_PATH, content=body, idempotency_key=event.id, retry=False)
             except CircuitBreakerError as exc:
                 # Nothing was sent. Keep the event while the lease allows, then give it back.
@@ -339,25 +388,23 @@ class ForwarderActor:
                     continue
                 await self._reschedule(stored, token, delay=exc.retry_in,
                                        error=f"circuit {exc.state}", count=False)
-                return
+                return False
             except RetryableError as exc:
                 await self._report(started, ok=False, failure=True, status=exc.status,
                                    error=str(exc))
-                await self._failed(stored, token, str(exc), retry_after=exc.retry_after)
-                return
+                return await self._failed(stored, token, str(exc), retry_after=exc.retry_after)
             except AuthError as exc:
                 # 401/403 after the one re-login, or no token (logins failing): not the
                 # event's fault, and not the upstream's (the breaker counts it as no failure).
                 if exc.code != "token_unavailable":
                     await self._report(started, ok=False, failure=False, status=exc.status,
                                        error=str(exc))
-                await self._failed(stored, token, f"auth: {exc}", retry_after=None)
-                return
+                return await self._failed(stored, token, f"auth: {exc}", retry_after=None)
             except APIError as exc:
                 await self._report(started, ok=False, failure=False, status=exc.status,
                                    error=str(exc))
                 await self._dead(stored, token, _dead_reason(exc))
-                return
+                return True
             except ValidationError as exc:
                 # A 2xx with a body we could not read: the server has the event.
                 log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
@@ -366,15 +413,24 @@ class ForwarderActor:
                 if self._gate_self:
                     self._breaker.record(ok=False, failure=True, status=None)
                 log.exception("forwarder.unexpected_error", event_id=event.id)
-                await self._failed(stored, token, f"unexpected: {exc!r}", retry_after=None)
-                return
+                return await self._failed(stored, token, f"unexpected: {exc!r}",
+                                          retry_after=None)
             await self._report(started, ok=True, failure=False, status=None, error=None)
+            settles.start_soon(self._settle_delivered, event, token)
+            return True
+
+    async def _settle_delivered(self, event: Event, token: str) -> None:
+        try:
             await self._store.mark_delivered(event.id, token)
-            self.delivered += 1
-            EVENTS_FORWARDED.labels(instance=self._instance).inc()
-            FORWARD_LATENCY.labels(instance=self._instance).observe(
-                max(0.0, self._clock.now() - event.received_at))
+        except StoreError as exc:
+            # The lease will make it due again: sent twice at worst, same Idempotency-Key.
+            self._last_error = f"settle failed: {exc}"
+            log.error("forwarder.settle_failed", event_id=event.id, error=str(exc))
             return
+        self.delivered += 1
+        EVENTS_FORWARDED.labels(instance=self._instance).inc()
+        FORWARD_LATENCY.labels(instance=self._instance).observe(
+            max(0.0, self._clock.now() - event.received_at))
 
     async def _wait_for_breaker(self, hold_until: float) -> None:
         allowance = self._breaker.allowance()
@@ -396,13 +452,15 @@ class ForwarderActor:
                 latency_s=max(0.0, self._clock.monotonic() - started), error=error))
 
     async def _failed(self, stored: StoredEvent, token: str, error: str, *,
-                      retry_after: float | None) -> None:
+                      retry_after: float | None) -> bool:
+        """Reschedule with backoff (False), or dead-letter once attempts run out (True)."""
         attempt = stored.attempts + 1
         if attempt >= self._retry.max_attempts:
             await self._dead(stored, token, f"gave up after {attempt} attempts: {error}")
-            return
+            return True
         delay = compute_backoff(attempt, self._retry, retry_after, rng=self._rng)
         await self._reschedule(stored, token, delay=delay, error=error, count=True)
+        return False
 
     async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
                           count: bool) -> None:
@@ -434,3 +492,11 @@ def _dead_reason(exc: APIError) -> str:
         except (TypeError, msgspec.EncodeError):
             text += f" {exc.details!r}"
     return text[:ERROR_BODY_LIMIT]
+
+
+def _runs_by_source(claimed: list[StoredEvent]) -> list[list[StoredEvent]]:
+    """Group a claim by source, keeping acceptance order within each group."""
+    runs: dict[str, list[StoredEvent]] = {}
+    for stored in claimed:
+        runs.setdefault(stored.event.source, []).append(stored)
+    return list(runs.values())

@@ -92,6 +92,16 @@ class BaseClient:
     def __repr__(self) -> str:
         return f"BaseClient({self.base_url!r}, retry={self.retry_policy!r})"
 
+    def with_http(self, http: httpx.AsyncClient) -> BaseClient:
+        """This client over another connection pool, sharing auth, breaker and rate limit.
+
+        httpcore scans every pooled connection on each request (``has_expired`` is a
+        ``select`` per connection), so N busy callers on one pool cost O(N) per request;
+        the forwarder gives each worker its own one-connection pool instead.
+        """
+        return BaseClient(self.base_url, auth=self.auth, http=http, retry=self.retry_policy,
+                          breaker=self.breaker, rate_limiter=self.rate_limiter)
+
     def url(self, path: str) -> str:
         return self.base_url + (path if path.startswith("/") else "/" + path)
 

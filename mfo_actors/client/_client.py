@@ -30,14 +30,19 @@ _KEEPALIVE_EXPIRY = 30.0
 
 
 def http_client_from_config(
-    cfg: ClientConfig, *, transport: httpx.AsyncBaseTransport | None = None
+    cfg: ClientConfig,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    max_connections: int | None = None,
 ) -> httpx.AsyncClient:
-    """One pooled ``httpx.AsyncClient`` for one upstream: timeouts and pool size from config."""
+    """One pooled ``httpx.AsyncClient`` for one upstream: timeouts and pool size from config
+    (*max_connections* overrides ``client.max_connections``)."""
+    size = cfg.max_connections if max_connections is None else max_connections
     return httpx.AsyncClient(
         transport=transport,
         timeout=httpx.Timeout(float(cfg.timeout)),
-        limits=httpx.Limits(max_connections=cfg.max_connections,
-                            max_keepalive_connections=cfg.max_connections,
+        limits=httpx.Limits(max_connections=size,
+                            max_keepalive_connections=size,
                             keepalive_expiry=_KEEPALIVE_EXPIRY),
         follow_redirects=False,
     )

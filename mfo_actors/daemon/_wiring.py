@@ -15,6 +15,7 @@ until the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from mfo_actors.actors.breaker import BreakerActor
 from mfo_actors.actors.forwarder import ForwarderActor
 from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
-from mfo_actors.client import MFOClient, TokenBucket
+from mfo_actors.client import MFOClient, TokenBucket, http_client_from_config
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._watchdog import WatchdogActor
@@ -98,7 +99,11 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
                                      readiness=_readiness(cfg, ctx, store, health)))
         actors += [breaker, auth]
         if cfg.forwarder.enabled:
-            forwarder = ForwarderActor(cfg, store, client.base, breaker.breaker, clock=ctx.clock)
+            forwarder = ForwarderActor(
+                cfg, store, client.base, breaker.breaker, clock=ctx.clock,
+                http_factory=functools.partial(http_client_from_config, cfg.client,
+                                               max_connections=1),
+            )
             health["forwarder"] = forwarder.health
             actors.append(forwarder)
         if flows:

@@ -148,13 +148,15 @@ class EventStore(Protocol):
         ...
 
     async def claim_due(
-        self, *, limit: int, lease: float, ordered_by_source: bool = True
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
     ) -> list[StoredEvent]:
         """Claim up to *limit* pending events whose next attempt is due, oldest first.
 
         A claim expires after *lease* seconds and the event becomes due again. With
         *ordered_by_source*, an event is claimable only when no older event of its source is
-        pending or claimed (one in flight per source, in acceptance order).
+        pending or claimed (one source in flight at a time, in acceptance order), and
+        *limit* counts sources: for each, up to *per_source* consecutive due events are
+        claimed together, oldest first, for one caller to send in that order.
         """
         ...
 

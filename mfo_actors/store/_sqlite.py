@@ -98,9 +98,14 @@ heads(seq) AS (
             WHERE status IN ('pending', 'claimed') AND source = src.s ORDER BY seq LIMIT 1)
     FROM src WHERE src.s IS NOT NULL
 )
-SELECT e.seq FROM heads JOIN events e ON e.seq = heads.seq
+SELECT e.seq, e.source FROM heads JOIN events e ON e.seq = heads.seq
 WHERE e.status = 'pending' AND e.next_attempt_at <= ?
 ORDER BY e.seq LIMIT ?
+"""
+# The events of one source right after its head, in acceptance order.
+_FOLLOWERS_SQL = """
+SELECT seq, status, next_attempt_at FROM events INDEXED BY events_outbox
+WHERE source = ? AND seq > ? AND status IN ('pending', 'claimed') ORDER BY seq LIMIT ?
 """
 
 _decode_headers = msgspec.json.Decoder(dict[str, str]).decode
@@ -622,16 +627,18 @@ class SQLiteStore:
         )
 
     async def claim_due(
-        self, *, limit: int, lease: float, ordered_by_source: bool = True
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
     ) -> list[StoredEvent]:
         """Claim up to *limit* due events (see the protocol), each batch with a new token."""
         if limit <= 0:
             await anyio.lowlevel.checkpoint()
             return []
-        return await self._submit(_Op(partial(self._tx_claim, limit, lease, ordered_by_source)))
+        return await self._submit(_Op(partial(
+            self._tx_claim, limit, lease, ordered_by_source, max(1, per_source))))
 
     def _tx_claim(
-        self, limit: int, lease: float, ordered: bool, conn: sqlite3.Connection, now: float
+        self, limit: int, lease: float, ordered: bool, per_source: int,
+        conn: sqlite3.Connection, now: float,
     ) -> tuple[list[StoredEvent], _Delta]:
         expired = conn.execute(
             "UPDATE events SET status = 'pending', claim_token = NULL, lease_until = NULL, "
@@ -641,7 +648,16 @@ class SQLiteStore:
         if expired:
             log.warning("store.leases_expired", count=expired)
         if ordered:
-            seqs = [r[0] for r in conn.execute(_HEADS_SQL, (now, limit))]
+            seqs = []
+            for head, source in conn.execute(_HEADS_SQL, (now, limit)).fetchall():
+                seqs.append(head)
+                if per_source > 1:
+                    # The head's followers, while they are due (a rescheduled one stops the run).
+                    for seq, status, due in conn.execute(_FOLLOWERS_SQL,
+                                                         (source, head, per_source - 1)):
+                        if status != "pending" or due > now:
+                            break
+                        seqs.append(seq)
         else:
             seqs = [r[0] for r in conn.execute(
                 "SELECT seq FROM events WHERE status = 'pending' AND next_attempt_at <= ? "
