@@ -200,6 +200,7 @@ class ForwarderActor:
         self._rng = rng
         self._instance = cfg.instance
         self._concurrency = max(1, self._fcfg.concurrency)
+        self._ordered = self._fcfg.ordering == "source"
         # The client applies the breaker itself when it holds one; else we must.
         self._gate_self = getattr(client, "breaker", None) is None
         # The auth refresher's provider can say when a token is there (RefreshingAuth);
@@ -280,23 +281,28 @@ class ForwarderActor:
             await self._breaker.wait_until_callable()
             if self._auth_ready is not None:
                 await self._auth_ready()  # no token (logins failing): claim nothing either
-            limit = min(self._idle, batch)
+            workers = min(self._idle, batch)
             allowance = self._breaker.allowance()
             if allowance is not None:
-                limit = min(limit, max(1, allowance))
+                workers = min(workers, max(1, allowance))
+            # Each idle worker gets a run: ordered, a source's next events; unordered, a
+            # share of the oldest due events (one each while the breaker is counting calls).
+            per_worker = 1 if allowance is not None else max(1, batch // self._concurrency)
             try:
                 # Shielded: a claim committed but not dispatched would sit out its lease.
                 with anyio.CancelScope(shield=True):
                     claimed = await self._store.claim_due(
-                        limit=limit, lease=lease, ordered_by_source=ordered,
-                        per_source=batch if ordered else 1)
+                        limit=workers if ordered else workers * per_worker, lease=lease,
+                        ordered_by_source=ordered, per_source=batch if ordered else 1)
             except StoreError as exc:
                 self._last_error = f"claim failed: {exc}"
                 log.error("forwarder.claim_failed", error=str(exc))
                 await self._clock.sleep(poll)
                 continue
             claimed_at = self._clock.monotonic()
-            for run in _runs_by_source(claimed) if ordered else ([e] for e in claimed):
+            runs = (_runs_by_source(claimed) if ordered
+                    else [claimed[i::workers] for i in range(min(workers, len(claimed)))])
+            for run in runs:
                 self._idle -= 1
                 send.send_nowait((claimed_at, run))  # room guaranteed: at most `idle` queued
             if not claimed:
@@ -339,7 +345,8 @@ class ForwarderActor:
                                          or self._clock.monotonic() > hold_until):
                                 break
                             sent += 1
-                            if not await self._deliver(stored, client, hold_until, settles):
+                            delivered = await self._deliver(stored, client, hold_until, settles)
+                            if not delivered and self._ordered:
                                 break  # rescheduled: the rest of its source waits behind it
                     if sent < len(run):
                         await self._release(run[sent:])

@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
-import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
-import structlog
-
+from mfo_actors.commands._common import (
+    LIST_DEFAULT_LIMIT,
+    common_parser,
+    fmt_time,
+    iso,
+    positive_int,
+    print_json,
+    short,
+    table,
+    with_store,
+)
 from mfo_actors.config import load_config
 from mfo_actors.errors import UserError
-from mfo_actors.observability import REDACTED, redact, redact_processor
-from mfo_actors.store import EventStore, StoredEvent, StoreError, open_store, sqlite_path
+from mfo_actors.observability import REDACTED, redact
+from mfo_actors.store import EventStore, StoredEvent
 
 __all__ = ["register"]
 
-LIST_DEFAULT_LIMIT = 50
 STATUSES = ("pending", "claimed", "delivered", "dead")
-ERROR_WIDTH = 60  # characters of last_error shown in a table cell
 # Header names whose values are credentials, besides what observability.redact knows.
 _SECRET_HEADER = re.compile(r"signature|authorization|token|secret|cookie|api-?key|password",
                             re.IGNORECASE)
@@ -45,14 +47,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     actions = parser.add_subparsers(dest="events_action", metavar="ACTION", required=True)
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", required=True, metavar="FILE", help="instance config file")
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    common = common_parser()
 
     p = actions.add_parser("list", parents=[common], help="list events, newest first")
     p.add_argument("--status", choices=STATUSES, help="only events in this state")
     p.add_argument("--source", help="only events of this source")
-    p.add_argument("--limit", type=_positive_int, default=LIST_DEFAULT_LIMIT,
+    p.add_argument("--limit", type=positive_int, default=LIST_DEFAULT_LIMIT,
                    help=f"at most N events (default {LIST_DEFAULT_LIMIT})")
     p.set_defaults(func=cmd_list)
 
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = actions.add_parser("dead", parents=[common], help="list dead-lettered events")
     p.add_argument("--source", help="only events of this source")
-    p.add_argument("--limit", type=_positive_int, default=LIST_DEFAULT_LIMIT,
+    p.add_argument("--limit", type=positive_int, default=LIST_DEFAULT_LIMIT,
                    help=f"at most N events (default {LIST_DEFAULT_LIMIT})")
     p.set_defaults(func=cmd_dead, status="dead")
 
@@ -71,16 +71,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("ids", nargs="*", metavar="ID", help="dead event ids")
     p.add_argument("--all-dead", action="store_true", help="replay every dead event")
     p.set_defaults(func=cmd_replay)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -94,11 +84,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     events = _with_store(args, body)
     if args.json:
-        _print_json([_summary(e) for e in events])
+        print_json([_summary(e) for e in events])
     elif not events:
         print("no events")
     else:
-        print(_table(
+        print(table(
             ["ID", "STATUS", "SOURCE", "TYPE", "RECEIVED", "ATTEMPTS", "NEXT/DONE", "ERROR"],
             [_row(e) for e in events],
         ))
@@ -121,7 +111,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise UserError(f"no event with id {args.id}")
     detail = _detail(stored)
     if args.json:
-        _print_json(detail)
+        print_json(detail)
         return 0
     fields = [(k, v) for k, v in detail.items() if k not in ("headers", "payload")]
     width = max(len(k) for k, _ in fields) + 1
@@ -160,7 +150,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     moved, skipped = _with_store(args, body)
     if args.json:
-        _print_json({"replayed": moved, "skipped_not_dead": skipped})
+        print_json({"replayed": moved, "skipped_not_dead": skipped})
         return 0
     for item in skipped:
         print(f"skipped, not dead: {item}")
@@ -173,51 +163,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _with_store(args: argparse.Namespace, body: Callable[[EventStore], Awaitable[Any]]) -> Any:
     """Load the config, open its store (without the daemon's lock), run *body*."""
-    cfg = load_config(args.config)
-
-    async def main() -> Any:
-        try:
-            async with open_store(cfg, must_exist=True) as store:
-                return await body(store)
-        except StoreError as exc:
-            where = sqlite_path(cfg) if cfg.store.backend == "sqlite" else cfg.store.url
-            if "no event store" in str(exc):
-                raise UserError(f"{args.config}: no event store at {where} "
-                                "(has the daemon run with this config?)") from None
-            raise UserError(f"{args.config}: {exc}") from None
-
-    with _quiet_logs():
-        return anyio.run(main, backend="asyncio")
-
-
-@contextmanager
-def _quiet_logs() -> Iterator[None]:
-    """Warnings and errors to stderr while the command runs: stdout is the command's output."""
-    was_configured, previous = structlog.is_configured(), structlog.get_config()
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, redact_processor,
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        if was_configured:
-            structlog.configure(**previous)
-        else:
-            structlog.reset_defaults()
-
-
-def _time(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    return with_store(load_config(args.config), args.config, body,
+                      missing="no event store at {where} (has the daemon run with this config?)")
 
 
 def _redact_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -241,9 +188,9 @@ def _summary(stored: StoredEvent) -> dict[str, Any]:
     e = stored.event
     return {
         "id": e.id, "source": e.source, "type": e.type, "status": stored.status,
-        "received_at": _iso(e.received_at), "attempts": stored.attempts,
-        "next_attempt_at": _iso(stored.next_attempt_at) if stored.status == "pending" else None,
-        "delivered_at": _iso(stored.delivered_at),
+        "received_at": iso(e.received_at), "attempts": stored.attempts,
+        "next_attempt_at": iso(stored.next_attempt_at) if stored.status == "pending" else None,
+        "delivered_at": iso(stored.delivered_at),
         "last_error": redact(stored.last_error) if stored.last_error else None,
     }
 
@@ -259,16 +206,13 @@ def _detail(stored: StoredEvent) -> dict[str, Any]:
 def _row(stored: StoredEvent) -> list[str]:
     e = stored.event
     if stored.status == "pending":
-        when = _time(stored.next_attempt_at)
+        when = fmt_time(stored.next_attempt_at)
     elif stored.status == "delivered":
-        when = _time(stored.delivered_at)
+        when = fmt_time(stored.delivered_at)
     else:
         when = ""
-    error = str(redact(stored.last_error or "")).replace("\n", " ")
-    if len(error) > ERROR_WIDTH:
-        error = error[: ERROR_WIDTH - 3] + "..."
-    return [e.id, stored.status, e.source, e.type, _time(e.received_at), str(stored.attempts),
-            when, error]
+    return [e.id, stored.status, e.source, e.type, fmt_time(e.received_at), str(stored.attempts),
+            when, short(stored.last_error)]
 
 
 def _cell(value: Any, key: str) -> str:
@@ -277,14 +221,3 @@ def _cell(value: Any, key: str) -> str:
     if key.endswith("_at") and isinstance(value, str):
         return value.replace("+00:00", "Z")
     return str(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = [header, *rows]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in lines)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))

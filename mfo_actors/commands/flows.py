@@ -23,13 +23,8 @@ import anyio
 
 from mfo_actors.actors._runs import StoreRecorder
 from mfo_actors.actors.scheduler import load_instance_flows
-from mfo_actors.commands.runs import (
-    fmt_duration,
-    print_json,
-    table,
-    task_table,
-    with_store,
-)
+from mfo_actors.commands._common import common_parser, print_json, table, with_store
+from mfo_actors.commands.runs import NO_RUN_STORE, fmt_duration, task_table
 from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.errors import UserError
 from mfo_actors.ids import new_id
@@ -51,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     "Mermaid graph, or run one now in the foreground.",
     )
     actions = parser.add_subparsers(dest="flows_action", metavar="ACTION", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", required=True, metavar="FILE", help="instance config file")
+    common = common_parser(json_output=False)
 
     p = actions.add_parser("list", parents=[common], help="list flows and their triggers")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
@@ -129,7 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_id, outcome
 
     level = logging.INFO if args.verbose else logging.ERROR
-    run_id, outcome = with_store(cfg, args.config, body, must_exist=False, log_level=level)
+    run_id, outcome = with_store(cfg, args.config, body, must_exist=False, log_level=level,
+                                 missing=NO_RUN_STORE)
     _report(run_id, outcome, as_json=args.json)
     return 0 if outcome.status == "done" else 1
 

@@ -8,33 +8,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import Any
 
-import anyio
-import structlog
-
-from mfo_actors.config import InstanceConfig, load_config
-from mfo_actors.errors import UserError
-from mfo_actors.observability import redact, redact_processor
-from mfo_actors.store import (
-    EventStore,
-    RunRecord,
-    StoreError,
-    TaskRunRecord,
-    open_store,
-    sqlite_path,
+from mfo_actors.commands._common import (
+    LIST_DEFAULT_LIMIT,
+    common_parser,
+    fmt_time,
+    iso,
+    positive_int,
+    print_json,
+    short,
+    table,
+    with_store,
 )
+from mfo_actors.config import load_config
+from mfo_actors.errors import UserError
+from mfo_actors.observability import redact
+from mfo_actors.store import EventStore, RunRecord, TaskRunRecord
 
 __all__ = ["register"]
 
-LIST_DEFAULT_LIMIT = 50
 RUN_STATUSES = ("new", "active", "done", "error")
-ERROR_WIDTH = 60  # characters of an error shown in a table cell
+NO_RUN_STORE = "no store at {where} (has the daemon or `flows run` run with this config?)"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,9 +40,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Inspect the flow run history of an instance (works while the daemon runs).",
     )
     actions = parser.add_subparsers(dest="runs_action", metavar="ACTION", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", required=True, metavar="FILE", help="instance config file")
-    common.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    common = common_parser()
 
     p = actions.add_parser("list", parents=[common], help="list runs, newest first")
     p.add_argument("--flow", help="only runs of this flow")
@@ -60,17 +54,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=cmd_show)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -80,7 +63,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     async def body(store: EventStore) -> list[RunRecord]:
         return await store.list_runs(flow=args.flow, status=args.status, limit=args.limit)
 
-    runs = with_store(load_config(args.config), args.config, body)
+    runs = with_store(load_config(args.config), args.config, body, missing=NO_RUN_STORE)
     if args.json:
         print_json([run_summary(r) for r in runs])
     elif not runs:
@@ -97,7 +80,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     async def body(store: EventStore) -> tuple[RunRecord, list[TaskRunRecord]] | None:
         return await store.get_run(args.id)
 
-    found = with_store(load_config(args.config), args.config, body)
+    found = with_store(load_config(args.config), args.config, body, missing=NO_RUN_STORE)
     if found is None:
         raise UserError(f"no run with id {args.id}")
     run, tasks = found
@@ -195,72 +178,3 @@ def fmt_duration(start: float | None, end: float | None) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
-
-
-def fmt_time(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def short(text: str | None) -> str:
-    """One line of at most ERROR_WIDTH characters, secrets redacted."""
-    out = str(redact(text or "")).replace("\n", " ")
-    return out if len(out) <= ERROR_WIDTH else out[: ERROR_WIDTH - 3] + "..."
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                     for line in [header, *rows])
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
-
-
-# -- plumbing ------------------------------------------------------------------------------
-
-
-def with_store(cfg: InstanceConfig, config_file: str,
-               body: Callable[[EventStore], Awaitable[Any]], *, must_exist: bool = True,
-               log_level: int = logging.WARNING) -> Any:
-    """Open *cfg*'s store (without the daemon's lock) and run *body* on asyncio."""
-
-    async def main() -> Any:
-        try:
-            async with open_store(cfg, must_exist=must_exist) as store:
-                return await body(store)
-        except StoreError as exc:
-            where = sqlite_path(cfg) if cfg.store.backend == "sqlite" else cfg.store.url
-            if "no event store" in str(exc):
-                raise UserError(f"{config_file}: no store at {where} "
-                                "(has the daemon or `flows run` run with this config?)") from None
-            raise UserError(f"{config_file}: {exc}") from None
-
-    with quiet_logs(log_level):
-        return anyio.run(main, backend="asyncio")
-
-
-@contextmanager
-def quiet_logs(level: int = logging.WARNING) -> Iterator[None]:
-    """Logs of *level* and above to stderr (stdout is the command's output), unless
-    configured."""
-    if structlog.is_configured():
-        yield
-        return
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, redact_processor,
-                    structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        structlog.reset_defaults()

@@ -252,6 +252,20 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _newest_first(
+    cols: str, table: str, limit: int, **equal: str | None
+) -> tuple[str, tuple[str | int, ...]]:
+    """``SELECT cols FROM table WHERE k = ? ... ORDER BY seq DESC LIMIT ?`` and its parameters.
+
+    Each keyword given a value (not None) is one ``column = ?`` filter.
+    """
+    given = {column: value for column, value in equal.items() if value is not None}
+    sql = f"SELECT {cols} FROM {table}"
+    if given:
+        sql += " WHERE " + " AND ".join(f"{column} = ?" for column in given)
+    return sql + " ORDER BY seq DESC LIMIT ?", (*given.values(), max(0, limit))
+
+
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     # isolation_level=None: we write BEGIN/COMMIT ourselves. check_same_thread=False: the
     # connection moves between worker threads, but only one uses it at a time (a limiter of 1).
@@ -762,21 +776,10 @@ class SQLiteStore:
         self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
     ) -> list[StoredEvent]:
         """Events, newest first (acceptance order), filtered by status and source."""
-        where: list[str] = []
-        params: list[str] = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if source is not None:
-            where.append("source = ?")
-            params.append(source)
-        sql = f"SELECT {_EVENT_COLS} FROM events"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+        sql, params = _newest_first(_EVENT_COLS, "events", limit, status=status, source=source)
 
         def read(conn: sqlite3.Connection) -> list[StoredEvent]:
-            return [_stored(r) for r in conn.execute(sql, (*params, max(0, limit)))]
+            return [_stored(r) for r in conn.execute(sql, params)]
 
         return await self._read(read)
 
@@ -987,21 +990,10 @@ class SQLiteStore:
         self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
     ) -> list[RunRecord]:
         """Runs, newest first."""
-        where: list[str] = []
-        params: list[str] = []
-        if flow is not None:
-            where.append("flow = ?")
-            params.append(flow)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        sql = f"SELECT {_RUN_COLS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
+        sql, params = _newest_first(_RUN_COLS, "runs", limit, flow=flow, status=status)
 
         def read(conn: sqlite3.Connection) -> list[RunRecord]:
-            return [_run(r) for r in conn.execute(sql, (*params, max(0, limit)))]
+            return [_run(r) for r in conn.execute(sql, params)]
 
         return await self._read(read)
 
