@@ -22,12 +22,26 @@ import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 import yaml
 
+from mfo_actors._yaml import (
+    Duration,
+    KeyPath,
+    LineMap,
+    Port,
+    Size,
+    dec_hook,
+    dotted,
+    parse_duration,
+    parse_size,
+    parse_yaml,
+    validation_error,
+)
 from mfo_actors.errors import ConfigError
 from mfo_actors.observability import register_secret
 
@@ -353,7 +367,7 @@ def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[st
         raise ValueError(f"cannot read credential {name}: {exc.strerror}") from None
 
 
-def _walk_strings(data: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, Any, Any]]:
+def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:
     """Yield (path, container, key) for every string value in nested dicts/lists."""
     if isinstance(data, dict):
         for key, value in data.items():
@@ -370,21 +384,21 @@ def _walk_strings(data: Any, path: _KeyPath = ()) -> Iterator[tuple[_KeyPath, An
 
 
 def _resolve_secrets(
-    data: Any, *, file: str, lines: _LineMap, base_dir: Path, environ: Mapping[str, str]
+    data: Any, *, file: str, lines: LineMap, base_dir: Path, environ: Mapping[str, str]
 ) -> None:
     for path, container, key in list(_walk_strings(data)):
         value: str = container[key]
         if "${" not in value:
             continue
 
-        def substitute(match: re.Match[str], path: _KeyPath = path) -> str:
+        def substitute(match: re.Match[str], path: KeyPath = path) -> str:
             try:
                 secret = _resolve_secret(
                     match.group(1), match.group(2), base_dir=base_dir, environ=environ
                 )
             except ValueError as exc:
                 raise ConfigError(
-                    str(exc), file=file, key=_dotted(path), line=lines.line(path)
+                    str(exc), file=file, key=dotted(path), line=lines.line(path)
                 ) from None
             register_secret(secret)
             return secret
@@ -392,9 +406,9 @@ def _resolve_secrets(
         container[key] = _SECRET_REF.sub(substitute, value)
 
 
-def _check_semantics(cfg: InstanceConfig, *, file: str, lines: _LineMap) -> None:
+def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
     def fail(message: str, *path: str | int) -> None:
-        raise ConfigError(message, file=file, key=_dotted(path), line=lines.line(path))
+        raise ConfigError(message, file=file, key=dotted(path), line=lines.line(path))
 
     if not _INSTANCE_NAME.fullmatch(cfg.instance):
         fail("instance name must be letters, digits, '.', '_' or '-' (at most 64)", "instance")
@@ -462,7 +476,7 @@ def load_config_text(
     Raises:
       ConfigError: naming the file, key path and line of the first problem.
     """
-    data, lines = _parse_yaml(text, file, InstanceConfig)
+    data, lines = parse_yaml(text, file, prepare=partial(_unflatten, struct=InstanceConfig))
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping", file=file, line=lines.line(()))
     base_dir = Path(file).parent if file != "<config>" else Path.cwd()
@@ -477,9 +491,9 @@ def load_config_text(
         data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
     data["source_file"] = file
     try:
-        cfg = msgspec.convert(data, InstanceConfig, dec_hook=_dec_hook)
+        cfg = msgspec.convert(data, InstanceConfig, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
-        raise _validation_error(exc, file=file, lines=lines) from None
+        raise validation_error(exc, file=file, lines=lines) from None
     _check_semantics(cfg, file=file, lines=lines)
     return cfg
 

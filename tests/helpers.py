@@ -17,13 +17,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 __all__ = [
     "DaemonProcess",
     "free_port",
+    "poll",
     "running_daemon",
     "start_daemon",
     "wait_for",
@@ -54,6 +57,18 @@ def wait_for(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {deadline}s waiting for {what}")
         time.sleep(POLL_INTERVAL)
+
+
+async def poll(cond: Callable[[], Awaitable[bool] | bool], *, deadline: float = 10.0) -> None:
+    """Re-check *cond* (sync or async) until it holds; fail the test after *deadline* seconds."""
+    with anyio.fail_after(deadline):
+        while True:
+            result = cond()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.005)
 
 
 def wait_http_ok(url: str, *, deadline: float = DEFAULT_DEADLINE) -> bytes:

@@ -10,7 +10,6 @@ The ``mock_server`` fixture is the same with default options.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pytest
 
 from mfo_actors.config import InstanceConfig, load_config_text
 from mfo_actors.mock_server import MockMFOServer, MockOptions, serve_mock_server
+from tests.helpers import free_port
 
 __all__ = ["MockServerHandle", "client_config", "free_port", "mock_server", "running_mock_server"]
 
@@ -55,13 +55,6 @@ async def running_mock_server(options: MockOptions | None = None
 async def mock_server() -> AsyncIterator[MockServerHandle]:
     async with running_mock_server() as srv:
         yield srv
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released): connecting to it is refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def client_config(base_url: str, *, auth: str = "login", max_attempts: int = 3,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -16,6 +16,7 @@ from mfo_actors.config import InstanceConfig
 from mfo_actors.metrics import TOKEN_REFRESH
 from mfo_actors.mock_server import MockOptions
 from mfo_actors.runtime import Clock, FakeClock, ReadySignal
+from tests.helpers import poll
 from tests.mock_fixtures import (
     EMAIL,
     PASSWORD,
@@ -44,18 +45,6 @@ async def running_refresher(
             yield actor
         finally:
             actor.request_stop()
-
-
-async def poll(cond: Callable[[], Awaitable[bool] | bool], *, deadline: float = 10.0) -> None:
-    """Re-check *cond* until it holds; fail the test after *deadline* seconds."""
-    with anyio.fail_after(deadline):
-        while True:
-            result = cond()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.005)
 
 
 async def test_first_header_waits_for_login() -> None:

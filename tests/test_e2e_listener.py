@@ -24,7 +24,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from tests.helpers import DaemonProcess, running_daemon, wait_http_ok, write_config
+from tests.helpers import DaemonProcess, free_port, running_daemon, wait_http_ok, write_config
 
 SW_SECRET = "whsec_" + base64.b64encode(b"e2e standard webhooks secret 32b").decode()
 GH_SECRET = "gh-e2e-secret-value"
@@ -54,7 +54,7 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
     config = write_config(
         tmp,
         webhook_listener={
-            "host": "127.0.0.1", "port": _free_port(), "max_body_size": "4KiB",
+            "host": "127.0.0.1", "port": free_port(), "max_body_size": "4KiB",
             "header_timeout": "1s", "body_timeout": "2s",
             "routes": [
                 {"path": "/hooks/sw", "source": "billing",
@@ -78,12 +78,6 @@ def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Instance]:
             yield inst
         finally:
             inst.http.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sw_headers(secret: str, body: bytes, *, ts: float, msg_id: str) -> dict[str, str]:
@@ -216,7 +210,7 @@ def test_full_store_answers_503_with_retry_after(tmp_path: Path) -> None:
     """Past store.max_pending the listener refuses with 503 + Retry-After, storing nothing."""
     config = write_config(
         tmp_path, store={"max_pending": 3}, forwarder={"enabled": False},
-        webhook_listener={"host": "127.0.0.1", "port": _free_port(), "path": "/webhook",
+        webhook_listener={"host": "127.0.0.1", "port": free_port(), "path": "/webhook",
                           "retry_after": "7s"},
     )
     with running_daemon(config):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,21 +28,10 @@ from mfo_actors.messages import DeliveryOutcome, Event
 from mfo_actors.mock_server import MockOptions
 from mfo_actors.runtime import ChannelReceiver, ReadySignal, open_channel
 from mfo_actors.store import EventStore, StoredEvent, open_store
+from tests.helpers import poll
 from tests.mock_fixtures import EMAIL, PASSWORD, MockServerHandle, running_mock_server
 
 pytestmark = pytest.mark.anyio
-
-
-async def poll(cond: Callable[[], Awaitable[bool] | bool], *, deadline: float = 10.0) -> None:
-    """Re-check *cond* until it holds; fail the test after *deadline* seconds."""
-    with anyio.fail_after(deadline):
-        while True:
-            result = cond()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await anyio.sleep(0.005)
 
 
 def make_config(

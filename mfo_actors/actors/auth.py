@@ -34,6 +34,7 @@ import anyio
 import httpx
 import msgspec
 
+from mfo_actors.actors._stop import cancel_on
 from mfo_actors.client._auth import jwt_expiry
 from mfo_actors.client.errors import (
     AuthError,
@@ -281,12 +282,7 @@ class AuthRefresherActor:
             timeout=httpx.Timeout(float(self._cfg.client.timeout)))
         try:
             async with anyio.create_task_group() as tg:
-
-                async def stop_watch() -> None:
-                    await self._stop.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stop_watch)
+                tg.start_soon(cancel_on, self._stop, tg.cancel_scope)
                 await self._refresh_loop(http)
         finally:
             if owns_http:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from mfo_actors.actors._stop import cancel_on
 from mfo_actors.client._breaker import CircuitBreaker
 from mfo_actors.messages import BreakerState, DeliveryOutcome
 from mfo_actors.observability import get_logger
@@ -93,12 +94,7 @@ class BreakerActor:
         ready.set()
         try:
             async with anyio.create_task_group() as tg:
-
-                async def stop_watch() -> None:
-                    await self._stop.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stop_watch)
+                tg.start_soon(cancel_on, self._stop, tg.cancel_scope)
                 async for outcome in self._inbox:
                     if outcome.upstream != self.breaker.upstream:
                         log.warning("breaker.outcome_for_other_upstream",

@@ -35,7 +35,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from mfo_actors.config import _dec_hook
+from mfo_actors._yaml import dec_hook
 from mfo_actors.ids import new_id
 from mfo_actors.messages import RunResult
 from mfo_actors.observability import get_logger
@@ -433,7 +433,7 @@ class _Run:
         assert node.task_type is not None
         try:
             raw = render_tree(node.config_tree, self.scope)
-            cfg = msgspec.convert(raw, node.task_type.config, dec_hook=_dec_hook)
+            cfg = msgspec.convert(raw, node.task_type.config, dec_hook=dec_hook)
         except TemplateError as exc:
             raise _NoRetry() from exc
         except msgspec.ValidationError as exc:

@@ -21,8 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from croniter import croniter
 
-# The config loader's YAML-with-lines helpers; shared rather than copied.
-from mfo_actors.config import _dec_hook, _LineMap, _parse_yaml
+from mfo_actors._yaml import KeyPath, LineMap, dec_hook, parse_yaml, split_validation_error
 from mfo_actors.errors import ConfigError
 from mfo_actors.taskflow._errors import ExpressionSyntaxError, FlowLoadError
 from mfo_actors.taskflow._expr import Expression, compile_expression
@@ -41,39 +40,19 @@ __all__ = ["check_flows", "load_flow", "load_flow_data", "load_flow_text", "load
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TASK_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
-_AT_PATH = re.compile(r" - at `\$(.*)`$")
-_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
-_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
-_Path = tuple[str | int, ...]
-
-
-def _msgspec_error(exc: msgspec.ValidationError) -> tuple[str, _Path]:
-    """Split msgspec's ``... - at `$.a[0].b``` into a message and a key path."""
-    message = str(exc)
-    path: list[str | int] = []
-    match = _AT_PATH.search(message)
-    if match:
-        message = message[: match.start()]
-        for name, index in _PATH_PART.findall(match.group(1)):
-            path.append(int(index) if index else name)
-    unknown = _UNKNOWN_FIELD.match(message)
-    if unknown:
-        path.append(unknown.group(1))
-        message = "unknown key"
-    return message, tuple(path)
 
 
 class _Compiler:
     """Compiles one flow; collects every problem instead of stopping at the first."""
 
-    def __init__(self, registry: TaskRegistry, file: str, lines: _LineMap | None) -> None:
+    def __init__(self, registry: TaskRegistry, file: str, lines: LineMap | None) -> None:
         self.registry = registry
         self.file = file
         self.lines = lines
         self.errors: list[ConfigError] = []
         self.ids: list[str] = []
 
-    def key(self, path: _Path) -> str | None:
+    def key(self, path: KeyPath) -> str | None:
         out = ""
         for i, part in enumerate(path):
             if isinstance(part, int):
@@ -100,9 +79,9 @@ class _Compiler:
             self.ids = [str(t["id"]) if isinstance(t, dict) and isinstance(t.get("id"), str)
                         else "" for t in raw_tasks]
         try:
-            spec = msgspec.convert(data, FlowSpec, dec_hook=_dec_hook)
+            spec = msgspec.convert(data, FlowSpec, dec_hook=dec_hook)
         except msgspec.ValidationError as exc:
-            message, path = _msgspec_error(exc)
+            message, path = split_validation_error(exc)
             self.fail(message, *path)
             return None
         return self.compile_spec(spec)
@@ -230,8 +209,8 @@ class _Compiler:
                 stack.extend(nodes[i].deps)
         return seen
 
-    def check_refs(self, refs: list[tuple[_Path, Ref]], nodes: list[Node], index: int | None,
-                   path: _Path) -> None:
+    def check_refs(self, refs: list[tuple[KeyPath, Ref]], nodes: list[Node], index: int | None,
+                   path: KeyPath) -> None:
         """References may name the event/input/flow/run, or a task that is an ancestor."""
         ancestors: set[int] | None = None
         for sub, ref in refs:
@@ -296,9 +275,9 @@ class _Compiler:
         self.check_refs(list(tree_refs(tree)), nodes, i, ("tasks", i, "config"))
         try:
             cfg = msgspec.convert(_placeholders(tree, tt.config) if templated else tree,
-                                  tt.config, dec_hook=_dec_hook)
+                                  tt.config, dec_hook=dec_hook)
         except msgspec.ValidationError as exc:
-            message, path = _msgspec_error(exc)
+            message, path = split_validation_error(exc)
             self.fail(message, "tasks", i, "config", *path)
             return
         target = getattr(cfg, "flow", None)
@@ -466,7 +445,7 @@ def _dummy(t: msgspec.inspect.Type, tmpl: Template) -> Any:
     return tmpl.source
 
 
-def _compile(data: Any, registry: TaskRegistry, file: str, lines: _LineMap | None
+def _compile(data: Any, registry: TaskRegistry, file: str, lines: LineMap | None
              ) -> tuple[Flow | None, list[ConfigError]]:
     compiler = _Compiler(registry, file, lines)
     flow = compiler.compile(data)
@@ -491,7 +470,7 @@ def load_flow_data(data: Mapping[str, Any], registry: TaskRegistry, *, file: str
 
 def load_flow_text(text: str, registry: TaskRegistry, *, file: str = "<flow>") -> Flow:
     """Compile a flow from YAML text; errors carry *file* and YAML lines."""
-    data, lines = _parse_yaml(text, file)
+    data, lines = parse_yaml(text, file)
     flow, errors = _compile(data, registry, file, lines)
     if errors or flow is None:
         _raise(errors)
@@ -543,7 +522,7 @@ def load_flows(directory: str | os.PathLike[str], registry: TaskRegistry) -> dic
         file = str(path)
         try:
             text = _read(file)
-            data, lines = _parse_yaml(text, file)
+            data, lines = parse_yaml(text, file)
         except ConfigError as exc:
             errors.append(exc)
             continue

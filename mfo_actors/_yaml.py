@@ -1,0 +1,228 @@
+"""YAML files validated into msgspec Structs (the instance config, flow files).
+
+Parse with PyYAML's SafeLoader keeping the line of every key (:class:`LineMap`), reject
+duplicate keys, convert with msgspec using :func:`dec_hook` for the value types written in
+these files (:class:`Duration`, :class:`Size`, :class:`Port`), and map msgspec's validation
+errors back to a key path and line (:func:`split_validation_error`, :func:`validation_error`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import yaml
+
+from mfo_actors.errors import ConfigError
+
+__all__ = [
+    "Duration",
+    "KeyPath",
+    "LineMap",
+    "Port",
+    "Size",
+    "dec_hook",
+    "dotted",
+    "parse_duration",
+    "parse_port",
+    "parse_size",
+    "parse_yaml",
+    "split_validation_error",
+    "validation_error",
+]
+
+
+class Duration(float):
+    """Seconds, written in YAML as ``500ms``, ``30s``, ``1m``, ``1h``, ``1d`` or a number."""
+
+
+class Size(int):
+    """A number of bytes, written in YAML as ``512KiB``, ``1MiB``, ``1GB`` or a number."""
+
+
+class Port(int):
+    """A TCP port, written as ``8080`` or in the seed's Go style ``":8080"``."""
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "k": 1024, "m": 1024**2, "g": 1024**3,
+}  # fmt: skip
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse ``"1m30s"``, ``"500ms"`` or a number of seconds; raise ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 30s, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value!r}")
+        return Duration(value)
+    if isinstance(value, str):
+        text = value.strip()
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return Duration(sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    raise ValueError(f"invalid duration {value!r} (use e.g. 500ms, 30s, 1m, 1h)")
+
+
+def parse_size(value: object) -> Size:
+    """Parse ``"1MiB"``, ``"512KiB"``, ``"10MB"`` or a number of bytes; else ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return Size(value)
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return Size(int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]))
+    raise ValueError(f"invalid size {value!r} (use e.g. 512KiB, 1MiB, 10MB)")
+
+
+def parse_port(value: object) -> Port:
+    """Parse ``8080`` or ``":8080"``; raise ValueError otherwise."""
+    valid_type = isinstance(value, int | str) and not isinstance(value, bool)
+    text = str(value).strip() if valid_type else ""
+    if text.startswith(":"):
+        text = text[1:]
+    if text.isdigit() and 0 <= int(text) <= 65535:
+        return Port(int(text))
+    raise ValueError(f"invalid port {value!r} (use 8080 or \":8080\")")
+
+
+def dec_hook(tp: type, obj: object) -> object:
+    """msgspec ``dec_hook`` for :class:`Duration`, :class:`Size` and :class:`Port` fields."""
+    if tp is Duration:
+        return parse_duration(obj)
+    if tp is Size:
+        return parse_size(obj)
+    if tp is Port:
+        return parse_port(obj)
+    raise NotImplementedError(f"no decoder for {tp!r}")
+
+
+KeyPath = tuple[str | int, ...]
+
+
+def dotted(path: KeyPath) -> str:
+    """``a.b[0].c`` for the key path ``("a", "b", 0, "c")``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class LineMap:
+    """Maps a key path to the 1-based YAML line where it is written."""
+
+    def __init__(self) -> None:
+        self._lines: dict[KeyPath, int] = {}
+
+    def record(self, node: yaml.Node, path: KeyPath = ()) -> None:
+        self._lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                self._lines[(*path, key)] = key_node.start_mark.line + 1
+                self.record(value_node, (*path, key))
+                self._lines[(*path, key)] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.record(item, (*path, i))
+
+    def line(self, path: KeyPath) -> int | None:
+        while path:
+            if path in self._lines:
+                return self._lines[path]
+            path = path[:-1]
+        return self._lines.get(())
+
+
+def _duplicate_key(node: yaml.Node, path: KeyPath = ()) -> tuple[KeyPath, int] | None:
+    """The first key written twice in one mapping (PyYAML would silently keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                return (*path, key), key_node.start_mark.line + 1
+            seen.add(key)
+            found = _duplicate_key(value_node, (*path, key))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, (*path, i))
+            if found:
+                return found
+    return None
+
+
+def parse_yaml(
+    text: str, file: str, *, prepare: Callable[[yaml.Node], None] | None = None
+) -> tuple[Any, LineMap]:
+    """Parse one YAML document with SafeLoader, keeping the line of every key.
+
+    *prepare* may rewrite the node tree first (after the duplicate-key check). An empty
+    document is ``{}``.
+
+    Raises:
+      ConfigError: invalid YAML or a duplicate key, with the file and line.
+    """
+    lines = LineMap()
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return {}, lines
+            duplicate = _duplicate_key(node)
+            if duplicate is not None:
+                raise ConfigError("duplicate key", file=file, key=dotted(duplicate[0]),
+                                  line=duplicate[1])
+            if prepare is not None:
+                prepare(node)
+            lines.record(node)
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    return data, lines
+
+
+_AT_PATH = re.compile(r" - at `\$(.*)`$")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+
+
+def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, KeyPath]:
+    """Split msgspec's ``... - at `$.a[0].b``` into a message and a key path."""
+    message = str(exc)
+    path: list[str | int] = []
+    match = _AT_PATH.search(message)
+    if match:
+        message = message[: match.start()]
+        for name, index in _PATH_PART.findall(match.group(1)):
+            path.append(int(index) if index else name)
+    unknown = _UNKNOWN_FIELD.match(message)
+    if unknown:
+        path.append(unknown.group(1))
+        message = "unknown key"
+    return message, tuple(path)
+
+
+def validation_error(exc: msgspec.ValidationError, *, file: str, lines: LineMap) -> ConfigError:
+    """*exc* as a ConfigError naming the file, the dotted key path and its line."""
+    message, path = split_validation_error(exc)
+    return ConfigError(message, file=file, key=dotted(path) or None, line=lines.line(path))
