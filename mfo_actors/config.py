@@ -230,6 +230,7 @@ class InstanceConfig(_Base, frozen=True):
     instance: str = "default"
     state_dir: str | None = None
     async_backend: Literal["asyncio", "trio"] = "asyncio"
+    uvloop: bool = True  # asyncio only: run on uvloop when it is installed (faster I/O)
     shutdown_timeout: Duration = Duration(30.0)  # drain deadline on SIGTERM
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+from typing import Any
 
 import anyio
 
-from mfo_actors.config import load_config
+from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.daemon import run_instance
 from mfo_actors.observability import configure_logging
 
@@ -29,4 +31,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     configure_logging(level=cfg.logging.level, fmt=cfg.logging.format, instance=cfg.instance)
-    return anyio.run(functools.partial(run_instance, cfg), backend=cfg.async_backend)
+    return anyio.run(functools.partial(run_instance, cfg), backend=cfg.async_backend,
+                     backend_options=backend_options(cfg))
+
+
+def backend_options(cfg: InstanceConfig) -> dict[str, Any]:
+    """anyio backend options: uvloop under asyncio when installed and not turned off."""
+    if cfg.async_backend != "asyncio" or not cfg.uvloop:
+        return {}
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
