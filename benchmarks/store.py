@@ -11,6 +11,9 @@ appends/s, p50/p99 append latency, and how many events one commit carried.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import sqlite3
 import statistics
 import tempfile
@@ -117,16 +120,32 @@ def fsync_ms(directory: Path) -> float:
     return statistics.median(times) * 1000
 
 
+RESULTS = Path(__file__).parent / "results" / "store.json"
+
+
 async def main(args: argparse.Namespace) -> None:
+    rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         d = Path(tmp)
+        commit_ms = fsync_ms(d)
         print(f"backend={args.backend} concurrency={args.concurrency} seconds={args.seconds} "
-              f"body={len(BODY)}B fsync(commit)={fsync_ms(d):.3f}ms")
+              f"body={len(BODY)}B fsync(commit)={commit_ms:.3f}ms")
         print(f"{'':24}{'appends/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'events/commit':>15}")
         for name, fn in (("SQLiteStore (group)", bench_store), ("naive 1 tx/event", bench_naive)):
             r = await fn(d / f"{name.split()[0]}.db", args.seconds, args.concurrency)
+            rows.append({"name": name, **r})
             print(f"{name:24}{r['appends_per_s']:>12,.0f}{r['p50_ms']:>10.2f}"
                   f"{r['p99_ms']:>10.2f}{r['events_per_commit']:>15.1f}")
+    RESULTS.parent.mkdir(exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[args.backend] = {
+        "settings": {"concurrency": args.concurrency, "seconds": args.seconds,
+                     "body_bytes": len(BODY), "fsync_commit_ms": round(commit_ms, 3)},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "rows": rows,
+    }
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
