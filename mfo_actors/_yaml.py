@@ -198,6 +198,9 @@ def parse_yaml(
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file) from None
+    except RecursionError:
+        # PyYAML's parser (and the walks above) recurse once per nesting level.
+        raise ConfigError("invalid YAML: nested too deeply", file=file) from None
     return data, lines
 
 

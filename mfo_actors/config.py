@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import yaml
@@ -455,6 +456,11 @@ def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
             fail("must be at least 1", "forwarder", name)
     if cfg.flows.concurrency < 1:
         fail("must be at least 1", "flows", "concurrency")
+    try:
+        ZoneInfo(cfg.flows.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        fail(f"unknown timezone {cfg.flows.timezone!r} (use an IANA name like Europe/Paris)",
+             "flows", "timezone")
     if cfg.store.backend == "redis":
         if not cfg.store.url:
             fail("the redis backend needs store.url (redis://host:port/db)", "store", "url")

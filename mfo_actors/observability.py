@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 
 import msgspec
 import structlog
+import structlog.tracebacks
 
 __all__ = [
     "REDACTED",
@@ -62,7 +63,7 @@ def _redact_text(text: str) -> str:
     pattern = _secret_pattern
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
-    if "earer" in text or "asic" in text:
+    if "earer" in text or "asic" in text or "EARER" in text or "ASIC" in text:
         text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     return text
 
@@ -160,9 +161,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Tracebacks become data before redaction, so their text is redacted too.
-            structlog.processors.dict_tracebacks
-            if fmt == "json"
-            else structlog.processors.format_exc_info,
+            _DICT_TRACEBACKS if fmt == "json" else structlog.processors.format_exc_info,
             redact_processor,
             renderer,
         ],
@@ -180,6 +179,13 @@ def configure_logging(
 
 
 _instance: str | None = None
+
+# Without frame locals: structlog cuts each local's repr to 80 characters, and a cut secret
+# no longer matches its registered value, so a prefix of it would escape redaction (locals
+# also hold webhook payloads, which have no place in a log).
+_DICT_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def _isatty(stream: TextIO) -> bool:

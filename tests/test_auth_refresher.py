@@ -174,3 +174,42 @@ async def test_token_and_none_modes() -> None:
     async with running_refresher(cfg) as actor:
         assert await actor.provider.header() is None
         assert actor.health()["ok"] is True
+
+
+async def test_token_expired_by_our_clock_does_not_cause_a_login_storm() -> None:
+    """A fresh token whose JWT exp is already past by our clock (clock skew) is kept until
+    a 401: before the fix the refresher logged in again every 50 ms, for ever."""
+    import base64
+
+    import httpx
+    import msgspec
+
+    clock = FakeClock()
+    logins = 0
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal logins
+        logins += 1
+        exp = clock.now() - 300  # the server's clock is 5 minutes behind ours
+        token = f"{b64(b'{}')}.{b64(msgspec.json.encode({'exp': exp}))}.sig{logins}"
+        return httpx.Response(200, json={"token": token})
+
+    cfg = client_config("http://mfo.test")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        actor = AuthRefresherActor(cfg, http, clock=clock, rng=lambda: 0.0)
+        ready = ReadySignal()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(actor.run, ready)
+            await ready.wait()
+            with anyio.fail_after(5):
+                await actor.provider.header()
+            with anyio.move_on_after(0.3):  # the buggy refresher sleeps on the clock at once
+                await clock.wait_for_sleepers(1)
+            for step in range(1, 21):
+                await clock.advance_to(step * 0.5)
+            assert logins == 1
+            assert actor.provider.token is not None
+            actor.request_stop()

@@ -461,3 +461,91 @@ async def test_login_failures_are_typed() -> None:
             auth = LoginAuth("http://mfo.test/auth", "me", "pw", http)
             with pytest.raises(exc_type):
                 await auth.header()
+
+
+# --- breaker slots of calls that end without an outcome (review fixes) -------------------------
+
+
+def _breaker(threshold: int = 2) -> object:
+    from mfo_actors.client._breaker import CircuitBreaker
+    from mfo_actors.config import CircuitBreakerConfig, Duration
+
+    return CircuitBreaker("up", CircuitBreakerConfig(
+        failure_threshold=threshold, reset_timeout=Duration(10.0), half_open_max_calls=1))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["request", "stream"])
+async def test_cancelled_call_gives_its_breaker_slot_back(kind: str) -> None:
+    """A call cancelled mid-flight leaves the breaker's in-flight window as it was.
+
+    Before the fix every cancelled call kept a closed-state slot for ever; ``threshold``
+    of them made ``wait_until_callable`` (the forwarder's dispatcher) wait for ever.
+    """
+    from mfo_actors.client._breaker import CircuitBreaker
+
+    breaker = _breaker(threshold=2)
+    assert isinstance(breaker, CircuitBreaker)
+    arrived = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        arrived.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        base = BaseClient("http://mfo.test", auth=NoAuth(), http=http, breaker=breaker)
+        for _ in range(2):
+            arrived = anyio.Event()
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    if kind == "request":
+                        await base.request("GET", "/api/info", retry=False)
+                    else:
+                        async with base.stream("POST", "/api/chat/stream", json={}):
+                            pass
+
+                tg.start_soon(call)
+                with anyio.fail_after(5):
+                    await arrived.wait()
+                tg.cancel_scope.cancel()
+        assert breaker.allowance() == 2
+        with anyio.fail_after(1):
+            await breaker.wait_until_callable()
+
+
+@pytest.mark.anyio
+async def test_local_error_gives_its_breaker_slot_back() -> None:
+    """An httpx error that is not a transport error (a bad gzip body) frees the slot too."""
+    from mfo_actors.client._breaker import CircuitBreaker
+
+    breaker = _breaker(threshold=1)
+    assert isinstance(breaker, CircuitBreaker)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.DecodingError("bad gzip", request=request)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        base = BaseClient("http://mfo.test", auth=NoAuth(), http=http, breaker=breaker)
+        with pytest.raises(httpx.DecodingError):
+            await base.request("GET", "/api/info", retry=False)
+    assert breaker.allowance() == 1
+
+
+def test_non_finite_retry_after_is_unreadable() -> None:
+    """``Retry-After: inf`` (or an overflowing number) would park an event for ever."""
+    for value in ["inf", "Infinity", "-inf", "1e999"]:
+        assert parse_retry_after(value) is None, value
+
+
+@pytest.mark.anyio
+async def test_login_auth_token_expired_by_our_clock_is_not_relogged_per_call() -> None:
+    """A token whose JWT exp is already past by our clock (clock skew with the server) is
+    used until the server refuses it: before the fix every call made a new login."""
+    server = LoginServer(token_exp=time.time() - 100)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        auth = LoginAuth("http://mfo.test/auth", "me", "pw", http)
+        for _ in range(3):
+            assert (await auth.header() or "").startswith("Bearer ")
+    assert server.logins == 1

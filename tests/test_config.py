@@ -84,6 +84,19 @@ class TestErrors:
         err = load_error("async_backend: trio\nstore: {backend: redis, url: redis://x}\n")
         assert err.key == "async_backend"
 
+    def test_unknown_flows_timezone_is_refused_at_load(self) -> None:
+        """Otherwise the scheduler crashes (and restarts forever) at its first cron tick."""
+        err = load_error("flows:\n  timezone: Mars/Olympus_Mons\n")
+        assert (err.key, err.line) == ("flows.timezone", 2)
+        assert "Mars/Olympus_Mons" in err.message
+        assert load_config_text("flows: {timezone: Europe/Paris}\n").flows.timezone == (
+            "Europe/Paris")
+
+    def test_deeply_nested_yaml_is_a_config_error(self) -> None:
+        """Not a RecursionError traceback out of the YAML parser."""
+        err = load_error("instance: a\nclient: " + "[" * 5000 + "]" * 5000 + "\n")
+        assert "nested too deeply" in err.message and err.file == "inst.yaml"
+
     def test_unreadable_file(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_config(tmp_path / "missing.yaml")

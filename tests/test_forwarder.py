@@ -173,7 +173,7 @@ async def test_delivers_in_order_with_idempotency_key(tmp_path: Path) -> None:
                 [e.id for e in events if e.source == src]
         assert all(e["idempotency_key"] == e["id"] for e in got)
         assert got[0]["body"]["payload"]["nested"] == {"a": [1, 2.5]}
-        assert r.forwarder.delivered == 40
+        await poll(lambda: r.forwarder.delivered == 40)  # its counter follows the store's
         assert r.srv.app.stats.duplicates == 0
 
 
@@ -355,3 +355,66 @@ async def test_no_attempts_spent_while_login_fails(tmp_path: Path) -> None:
         assert r.forwarder.retried == 0
         assert r.auth.logins == 1 and r.srv.app.stats.faults_injected >= 1
         assert r.server_ids() == [e.id for e in events]
+
+
+async def test_a_failed_reschedule_does_not_crash_the_forwarder(tmp_path: Path) -> None:
+    """A StoreError while rescheduling is logged, not fatal: the claim's lease brings the
+    event back and it is delivered (before the fix the worker's task group wrapped the
+    error in an ExceptionGroup that escaped ``except StoreError`` and killed ``run``)."""
+    from mfo_actors.store import StoreError
+
+    async with rig(tmp_path, lease="1s") as r:
+        real = r.store.reschedule
+        calls = 0
+
+        async def flaky_reschedule(*args: object, **kwargs: object) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise StoreError("disk hiccup")
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        r.store.reschedule = flaky_reschedule  # type: ignore[method-assign]
+        r.srv.app.set_faults(fail_next=1, fail_status=503)
+        ev = make_event()
+        await r.append([ev])
+        await r.wait_delivered(1)
+        assert calls >= 1
+        assert r.server_ids() == [ev.id]
+
+
+async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> None:
+    """With a client that holds no breaker the forwarder gates the calls itself; a call that
+    ends with ``token_unavailable`` (nothing sent) must give its slot back, or after
+    ``failure_threshold`` of them the dispatcher waits for the breaker for ever."""
+    from mfo_actors.actors.auth import TokenUnavailableError
+    from mfo_actors.client._breaker import CircuitBreaker
+
+    class NoToken:
+        async def header(self) -> str | None:
+            raise TokenUnavailableError("logins failing")
+
+        async def invalidate(self, token: str | None) -> None:
+            return None
+
+    async with running_mock_server(MockOptions(email=EMAIL, password=PASSWORD)) as srv:
+        cfg = make_config(srv.base_url, tmp_path, threshold=2, max_attempts=4)
+        async with open_store(cfg) as store:
+            breaker = CircuitBreaker("up", cfg.client.circuit_breaker)
+            async with MFOClient.from_config(cfg, auth=NoToken()) as client:
+                assert client.base.breaker is None
+                forwarder = ForwarderActor(cfg, store, client.base, breaker)
+                async with anyio.create_task_group() as tg:
+                    ready = ReadySignal()
+                    tg.start_soon(forwarder.run, ready)
+                    await ready.wait()
+                    ev = make_event()
+                    await store.append(ev)
+
+                    async def dead() -> bool:
+                        stored = await store.get_event(ev.id)
+                        return stored is not None and stored.status == "dead"
+
+                    await poll(dead, deadline=10)
+                    forwarder.request_stop()
+            assert breaker.allowance() == 2

@@ -387,3 +387,62 @@ class TestStreaming:
             with anyio.fail_after(5):
                 while server.active_connections:  # noqa: ASYNC110 (polling with a deadline)
                     await anyio.sleep(0.01)
+
+
+class TestCancellation:
+    async def test_cancel_does_not_wait_out_a_lingering_close(self) -> None:
+        """Cancelling the server (a shutdown deadline) ends a connection that is discarding a
+        refused body at once, not after LINGER_TIMEOUT: shutdown must keep its deadline."""
+        limits = HttpLimits(max_body_size=1000)
+        server = HttpServer(echo, limits=limits)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as outer:
+                port = await outer.start(server.serve, "127.0.0.1", 0)
+                # The client stays open (it never ends its body) until the server is gone.
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    client = Client(stream)
+                    await client.send_raw(
+                        b"POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n")
+                    assert (await client.reply()).status == 413  # the server lingers now
+                    started = anyio.current_time()
+                    outer.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                        # wait for the serve task to finish while the client stays connected
+                        while server.active_connections:  # noqa: ASYNC110 (deadline above)
+                            await anyio.sleep(0.01)
+                    elapsed = anyio.current_time() - started
+        assert elapsed < 1.0
+
+    async def test_client_bytes_during_a_stream_are_not_buffered_without_bound(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While a response streams, the server watches the socket for the client leaving;
+        a client sending data meanwhile must not grow the server's buffer without bound."""
+        fed = 0
+        original = h11.Connection.receive_data
+
+        def counting(self: h11.Connection, data: bytes) -> None:
+            nonlocal fed
+            fed += len(data)
+            original(self, data)
+
+        monkeypatch.setattr(h11.Connection, "receive_data", counting)
+        started = anyio.Event()
+
+        async def forever(request: Request) -> Response:
+            async def events() -> AsyncIterator[bytes]:
+                yield b"data: hello\n\n"
+                started.set()
+                await anyio.sleep_forever()
+                yield b""
+            return Response(200, [("content-type", "text/event-stream")], stream=events())
+
+        async with running(forever) as server, connect(server) as client:
+            await client.send_raw(raw_request("GET", "/events"))
+            with anyio.fail_after(5):
+                await started.wait()
+            junk = b"x" * (1024 * 1024)
+            with anyio.move_on_after(1.0):
+                for _ in range(64):
+                    await client.send_raw(junk)
+        assert fed < 1024 * 1024

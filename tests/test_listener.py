@@ -275,6 +275,17 @@ class TestRefuse:
             assert h.notified == []
         assert counter(EVENTS_REJECTED, "ltest", "plain", "json") == before + 4
 
+    @pytest.mark.parametrize("route", ["/hooks/plain", "/hooks/typed"])
+    async def test_deeply_nested_json_400_not_500(self, tmp_path: Path, route: str) -> None:
+        """JSON nested past the decoder's depth is refused as the sender's problem (400), not
+        a 500 with a traceback logged for every such request."""
+        body = '{"event": ' + "[" * 1500 + "]" * 1500 + "}"
+        async with running_listener(tmp_path) as h:
+            r = await h.post(route, body)
+            assert r.status_code == 400
+            assert "invalid JSON" in r.json()["error"]
+            assert isinstance(h.store, FakeStore) and h.store.events == []
+
     async def test_too_large_413(self, tmp_path: Path) -> None:
         async with running_listener(tmp_path) as h:
             big = json.dumps({"x": "a" * 5000})

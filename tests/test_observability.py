@@ -82,6 +82,12 @@ class TestFormat:
 
 
 class TestRedaction:
+    def test_bearer_tokens_in_free_text_are_redacted_in_any_case(self) -> None:
+        """``Bearer``, ``BEARER`` and ``basic`` credentials inside a message are all hidden."""
+        for text in ("got Authorization: Bearer tok-123", "AUTHORIZATION: BEARER tok-123",
+                     "header basic tok-123"):
+            assert "tok-123" not in redact(text)
+
     def test_secret_from_config_never_logged(
         self, captured: io.StringIO, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -112,6 +118,24 @@ class TestRedaction:
             get_logger("t").exception("call.failed")
         assert SECRET not in captured.getvalue()
         assert "call.failed" in captured.getvalue()
+
+    def test_long_secret_in_a_local_variable_is_not_leaked(self, captured: io.StringIO) -> None:
+        """JSON tracebacks must not show frame locals: they are cut to 80 characters, and a
+        cut secret no longer matches its registered value, so a prefix of it would leak."""
+        long_secret = "whsec-" + "A1b2C3d4" * 12
+        register_secret(long_secret)
+
+        def fail() -> None:
+            blob = f"prefix {long_secret}"
+            raise RuntimeError(f"failed with {len(blob)} bytes")
+
+        try:
+            fail()
+        except RuntimeError:
+            get_logger("t").exception("call.failed")
+        text = captured.getvalue()
+        assert "call.failed" in text
+        assert "A1b2C3d4A1b2C3d4" not in text
 
     def test_sensitive_keys_whatever_the_value(self) -> None:
         assert redact({"password": "x", "api_key": "y", "access_token": "z", "ok": 1}) == {

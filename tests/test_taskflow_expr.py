@@ -191,3 +191,14 @@ def test_syntax_error_reports_column() -> None:
         compile_expression("${a.n} == 1 and __import__")
     assert info.value.column == 17
     assert "__import__" in str(info.value)
+
+
+def test_long_and_or_chains_do_not_recurse() -> None:
+    # Within the length limit, `1or 1or ...` is ~1,000 operands: evaluating it must not
+    # nest one Python call per operand (RecursionError instead of a value).
+    chain = "0or " * 1000 + "1"
+    assert len(chain) <= 4096
+    assert compile_expression(chain).evaluate({}) == 1
+    assert compile_expression("1and " * 800 + "0").evaluate({}) == 0
+    assert compile_expression("1 and 2 and 3").evaluate({}) == 3
+    assert compile_expression("0 or '' or null").evaluate({}) is None

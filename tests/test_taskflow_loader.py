@@ -405,6 +405,13 @@ def test_invalid_yaml_has_line(tmp_path: Path) -> None:
     assert "invalid YAML" in err.message and err.line is not None
 
 
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    """A RecursionError out of the YAML parser would be a traceback in `check`."""
+    deep = "[" * 3000 + "]" * 3000
+    err = load_error(tmp_path, f"name: f\ntasks:\n  - {{id: a, type: noop, config: {deep}}}\n")
+    assert "nested too deeply" in err.message
+
+
 def test_several_problems_are_all_reported(tmp_path: Path) -> None:
     err = load_error(tmp_path, """
         name: f

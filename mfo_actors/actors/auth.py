@@ -373,6 +373,13 @@ class AuthRefresherActor:
             exp = jwt_expiry(token)
             if exp is not None:
                 lifetime = exp - now
+        if lifetime is not None and lifetime <= 0:
+            # Expired on arrival by our clock: clock skew with the server (or a bogus
+            # expires_in). Refreshing "at once" would log in every 50 ms for ever; the
+            # server stays the judge, so keep the token until it answers 401.
+            log.warning("auth.token_expiry_in_past", lifetime=round(lifetime, 1),
+                        hint="clock skew with the MFO server? refreshing on 401 only")
+            lifetime = None
         self._expires_at = None if lifetime is None else now + lifetime
         self._issued = token
         self.provider.set_token(token)

@@ -350,9 +350,11 @@ class ForwarderActor:
                                 break  # rescheduled: the rest of its source waits behind it
                     if sent < len(run):
                         await self._release(run[sent:])
-                except StoreError as exc:
+                except* StoreError as group:
                     # The settle failed: the claim stays and its lease makes the event due
-                    # again (at least once, same Idempotency-Key).
+                    # again (at least once, same Idempotency-Key). except*: a settle raised
+                    # inside the `settles` task group arrives wrapped in an ExceptionGroup.
+                    exc = group.exceptions[0]
                     self._last_error = f"settle failed: {exc}"
                     log.error("forwarder.settle_failed", event_id=run[0].event.id,
                               error=str(exc))
@@ -406,6 +408,8 @@ class ForwarderActor:
                 if exc.code != "token_unavailable":
                     await self._report(started, ok=False, failure=False, status=exc.status,
                                        error=str(exc))
+                elif self._gate_self:
+                    self._breaker.release()  # nothing was sent: no outcome, free the slot
                 return await self._failed(stored, token, f"auth: {exc}", retry_after=None)
             except APIError as exc:
                 await self._report(started, ok=False, failure=False, status=exc.status,
@@ -422,6 +426,10 @@ class ForwarderActor:
                 log.exception("forwarder.unexpected_error", event_id=event.id)
                 return await self._failed(stored, token, f"unexpected: {exc!r}",
                                           retry_after=None)
+            except BaseException:
+                if self._gate_self:
+                    self._breaker.release()  # cancelled mid-call: no outcome, free the slot
+                raise
             await self._report(started, ok=True, failure=False, status=None, error=None)
             settles.start_soon(self._settle_delivered, event, token)
             return True

@@ -148,15 +148,19 @@ def _parse_for_type(route: _Route, body: bytes) -> Any:
     """Validate a JSON body and return what ``event_type`` needs of it.
 
     Raises:
-      msgspec.DecodeError: the body is not valid JSON (the message names the position).
+      msgspec.DecodeError: the body is not valid JSON (the message names the position), or
+        is nested deeper than the decoder goes (a ``RecursionError`` would otherwise be a 500).
     """
-    if route.type_pointer is not None:
-        return _decode_json(body)
     try:
-        return {"type": _probe_json(body).type}
-    except msgspec.ValidationError:  # valid JSON, but not an object at the top
-        _validate_json(body)
-        return None
+        if route.type_pointer is not None:
+            return _decode_json(body)
+        try:
+            return {"type": _probe_json(body).type}
+        except msgspec.ValidationError:  # valid JSON, but not an object at the top
+            _validate_json(body)
+            return None
+    except RecursionError:
+        raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
 class _Route:

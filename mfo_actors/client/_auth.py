@@ -189,6 +189,12 @@ class LoginAuth:
             exp = jwt_expiry(login.token)
             if exp is not None:
                 lifetime = exp - time.time()
+        if lifetime is not None and lifetime <= 0:
+            # Expired on arrival by our clock (clock skew, or a bogus expires_in): a refresh
+            # deadline of "now" would log in again on every call. Keep it until a 401.
+            log.warning("auth.token_expiry_in_past", url=self._url,
+                        hint="clock skew with the MFO server? refreshing on 401 only")
+            lifetime = None
         self._token = login.token
         self._refresh_deadline = (
             self._clock() + max(0.0, lifetime) * self._refresh_at

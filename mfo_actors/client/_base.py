@@ -218,39 +218,50 @@ class BaseClient:
         if self.breaker is not None:
             self.breaker.before_call()
         relogged = False
-        while True:
-            if self.rate_limiter is not None:
-                await self.rate_limiter.acquire()
-            request = self.http.build_request(
-                method, url, content=body, headers=self._with_auth(send_headers, auth_header))
-            try:
-                response = await self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                self._record(ok=False, failure=True, status=None)
-                raise classify_transport_error(exc) from exc
-            try:
-                if response.status_code == 401 and not relogged:
-                    await response.aread()
-                    new_header = await self._relogin(auth_header)
-                    if new_header is not None:
-                        relogged, auth_header = True, new_header
-                        continue
-                if response.status_code >= 400:
-                    try:
+        recorded = False  # an outcome reached the breaker; else its slot is given back
+        try:
+            while True:
+                if self.rate_limiter is not None:
+                    await self.rate_limiter.acquire()
+                request = self.http.build_request(
+                    method, url, content=body,
+                    headers=self._with_auth(send_headers, auth_header))
+                try:
+                    response = await self.http.send(request, stream=True)
+                except httpx.TransportError as exc:
+                    recorded = True
+                    self._record(ok=False, failure=True, status=None)
+                    raise classify_transport_error(exc) from exc
+                try:
+                    if response.status_code == 401 and not relogged:
                         await response.aread()
-                    except httpx.TransportError as exc:
-                        self._record(ok=False, failure=True, status=None)
-                        raise classify_transport_error(exc) from exc
-                    error = classify_response(response.status_code, response.headers,
-                                              response.content)
-                    self._record_error(error, response.status_code)
-                    if error is not None:
-                        raise error
-                self._record(ok=True, failure=False, status=response.status_code)
-                yield response
-                return
-            finally:
-                await response.aclose()
+                        new_header = await self._relogin(auth_header)
+                        if new_header is not None:
+                            relogged, auth_header = True, new_header
+                            continue
+                    if response.status_code >= 400:
+                        try:
+                            await response.aread()
+                        except httpx.TransportError as exc:
+                            recorded = True
+                            self._record(ok=False, failure=True, status=None)
+                            raise classify_transport_error(exc) from exc
+                        error = classify_response(response.status_code, response.headers,
+                                                  response.content)
+                        recorded = True
+                        self._record_error(error, response.status_code)
+                        if error is not None:
+                            raise error
+                    recorded = True
+                    self._record(ok=True, failure=False, status=response.status_code)
+                    yield response
+                    return
+                finally:
+                    await response.aclose()
+        except BaseException:
+            if not recorded:
+                self._release()  # cancelled, or a local error before any outcome
+            raise
 
     # --- one attempt --------------------------------------------------------------------------
 
@@ -327,6 +338,9 @@ class BaseClient:
         except APIError as exc:  # the re-login itself was refused
             self._record(ok=False, failure=False, status=exc.status)
             raise
+        except BaseException:
+            self._release()  # cancelled, or a local error: no outcome, but free the slot
+            raise
         error = classify_response(response.status_code, response.headers, response.content)
         self._record_error(error, response.status_code)
         if error is not None:
@@ -336,6 +350,13 @@ class BaseClient:
     def _record(self, *, ok: bool, failure: bool, status: int | None) -> None:
         if self.breaker is not None:
             self.breaker.record(ok=ok, failure=failure, status=status)
+
+    def _release(self) -> None:
+        """The attempt ends without an outcome: give its breaker slot back (if the breaker
+        can; ``release`` is optional in the ``Breaker`` protocol)."""
+        release = getattr(self.breaker, "release", None)
+        if release is not None:
+            release()
 
     def _record_error(self, error: Exception | None, status: int) -> None:
         if error is None:

@@ -204,6 +204,21 @@ class CircuitBreaker:
         # open: the outcome of a call that started before the breaker opened; the breaker
         # already knows the upstream is failing and its timeout must not be extended.
 
+    def release(self) -> None:
+        """Give back the slot of a call :meth:`before_call` let through that ends without an
+        outcome (cancelled mid-call, or a local error before any answer): nothing is counted.
+
+        Without this a cancelled call would hold a closed-state in-flight slot for ever, and
+        enough of them would make :meth:`wait_until_callable` wait for ever.
+        """
+        if self._state == "closed":
+            if self._in_flight > 0:
+                self._in_flight -= 1
+                self._notify_waiters()
+        elif self._state == "half_open" and self._probes:
+            self._probes.pop()
+            self._notify_waiters()
+
     # -- waiting -----------------------------------------------------------------------
 
     async def wait_until_callable(self) -> None:

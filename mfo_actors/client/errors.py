@@ -20,6 +20,7 @@ forwarder all agree.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -181,7 +182,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except ValueError:
         pass
     else:
-        return max(0.0, seconds) if seconds == seconds else None  # NaN is unreadable
+        if not math.isfinite(seconds):
+            return None  # NaN or inf is unreadable (inf would park an event for ever)
+        return max(0.0, seconds)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

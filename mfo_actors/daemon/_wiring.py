@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from mfo_actors.actors.admin import AdminActor
 from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
@@ -39,6 +41,8 @@ from mfo_actors.store import EventStore, open_store
 __all__ = ["DaemonContext", "open_instance"]
 
 log = get_logger(__name__)
+
+READINESS_STORE_TIMEOUT = 2.0  # seconds; probes (systemd, k8s, load balancers) wait ~1-10 s
 
 
 @dataclass(eq=False)
@@ -137,7 +141,9 @@ def _readiness(
             checks[name] = check
             ok = ok and actor_ok
         try:
-            stats = await store.stats()
+            # A stuck store must not hang the probe (and pile up admin connections).
+            with anyio.fail_after(READINESS_STORE_TIMEOUT):
+                stats = await store.stats()
         except Exception as exc:  # the store is what readiness is about: report, don't raise
             checks["store"] = {"ok": False, "error": repr(exc)}
             ok = False

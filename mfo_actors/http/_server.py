@@ -263,12 +263,14 @@ class HttpServer:
         except Exception as exc:  # a bug in the core: log it, drop only this connection
             log.error("http.connection_failed", error=repr(exc), exc_info=True)
         finally:
-            with anyio.CancelScope(shield=True):
-                if linger:
+            try:
+                if linger:  # not shielded: a cancellation (shutdown deadline) cuts it short
                     await _linger(stream)
-                await stream.aclose()
-            self._conns.discard(state)
-            self._wake_drain()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                self._conns.discard(state)
+                self._wake_drain()
 
     async def _serve_connection(self, stream: anyio.abc.SocketStream, state: _ConnState) -> bool:
         """Serve requests until the connection ends; return True to close it lingering."""
@@ -527,14 +529,18 @@ class HttpServer:
         async def watch(scope: anyio.CancelScope) -> None:
             # A client that closes its side mid-stream (EOF or reset) ends the stream at once
             # instead of at the next write; pipelined bytes are kept for h11.
+            # Bytes kept are capped (one head's worth): past that, reading stops and TCP flow
+            # control holds the client back, instead of the buffer growing without bound.
             nonlocal gone
-            while True:
+            kept = 0
+            while kept <= self._limits.max_header_size:
                 try:
                     more = await stream.receive(RECEIVE_SIZE)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     gone = True
                     scope.cancel()
                     return
+                kept += len(more)
                 conn.receive_data(more)
 
         async with anyio.create_task_group() as tg:

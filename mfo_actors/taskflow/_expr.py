@@ -126,20 +126,42 @@ class _Parser:
         return ev
 
     def or_expr(self) -> Evaluator:
-        left = self.and_expr()
+        terms = [self.and_expr()]
         while self.peek()[:2] == ("kw", "or"):
             self.take()
-            right = self.and_expr()
-            left = (lambda a, b: lambda s: a(s) or b(s))(left, right)
-        return left
+            terms.append(self.and_expr())
+        if len(terms) == 1:
+            return terms[0]
+
+        # One flat loop, not a closure per operand: a long chain (``1or 1or ...``) must not
+        # nest evaluation calls as deep as it is long (RecursionError at run time).
+        def any_of(s: Scope) -> Any:
+            value: Any = None
+            for term in terms:
+                value = term(s)
+                if value:
+                    return value
+            return value
+
+        return any_of
 
     def and_expr(self) -> Evaluator:
-        left = self.not_expr()
+        terms = [self.not_expr()]
         while self.peek()[:2] == ("kw", "and"):
             self.take()
-            right = self.not_expr()
-            left = (lambda a, b: lambda s: a(s) and b(s))(left, right)
-        return left
+            terms.append(self.not_expr())
+        if len(terms) == 1:
+            return terms[0]
+
+        def all_of(s: Scope) -> Any:
+            value: Any = None
+            for term in terms:
+                value = term(s)
+                if not value:
+                    return value
+            return value
+
+        return all_of
 
     def not_expr(self) -> Evaluator:
         if self.peek()[:2] == ("kw", "not"):
