@@ -12,9 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 from mfo_actors.metrics import TASK_DURATION
-from mfo_actors.store import EventStore, TaskRunRecord
+from mfo_actors.observability import get_logger
+from mfo_actors.store import EventStore, StoreError, TaskRunRecord
 
 __all__ = ["StoreRecorder"]
+
+log = get_logger(__name__)
 
 # Task states that end a task (the engine calls task_finished exactly once with one of these).
 _TIMED_STATES = frozenset({"done", "error"})
@@ -42,10 +45,19 @@ class StoreRecorder:
         self._wall = wall
         self._first_start: dict[str, float] = {}
 
+    async def _write(self, record: TaskRunRecord) -> None:
+        # History must not crash the run: a failed write (disk full, store closing) is logged
+        # and the run goes on; its final state is settled by finish_run, or by recover_runs.
+        try:
+            await self._store.record_task(record)
+        except StoreError as exc:
+            log.error("scheduler.task_record_failed", run_id=self._run_id,
+                      task=record.task_id, state=record.state, error=str(exc))
+
     async def task_started(self, task_id: str, attempt: int) -> None:
         """A task (attempt) starts: its record becomes ``running`` with the attempt count."""
         started = self._first_start.setdefault(task_id, self._wall())
-        await self._store.record_task(TaskRunRecord(
+        await self._write(TaskRunRecord(
             run_id=self._run_id, task_id=task_id, state="running", attempts=attempt,
             started_at=started,
         ))
@@ -64,7 +76,7 @@ class StoreRecorder:
         store."""
         if started_at is None:
             started_at = self._first_start.get(task_id)
-        await self._store.record_task(TaskRunRecord(
+        await self._write(TaskRunRecord(
             run_id=self._run_id, task_id=task_id, state=state,  # type: ignore[arg-type]
             attempts=attempts, started_at=started_at, finished_at=finished_at, error=error,
             output=output,
