@@ -197,6 +197,25 @@ async def test_order_per_source_holds_under_retries(tmp_path: Path) -> None:
                    if s is not None) == 60 + r.forwarder.retried
 
 
+async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
+    tmp_path: Path
+) -> None:
+    """A request still open at 90% of the claim's lease is given up and rescheduled, so the
+    lease never hands the event to a second worker while the first request is in flight."""
+    async with rig(tmp_path, lease="1s") as r:
+        await r.auth.provider.wait_ready()  # the login must not be the slow call
+        r.srv.app.set_faults(latency=3.0)
+        ev = make_event()
+        await r.append([ev])
+        started = time.monotonic()
+        stored = await r.wait_event(ev.id, lambda s: s.attempts >= 1)
+        assert time.monotonic() - started < 2.5  # well before the 3 s answer would come
+        assert stored.last_error is not None and "lease" in stored.last_error
+        assert stored.status in ("pending", "claimed")
+        r.srv.app.set_faults(latency=0.0)
+        await r.wait_delivered(1)
+
+
 async def test_429_retry_after_delays_next_attempt(tmp_path: Path) -> None:
     """A 429 with Retry-After: 2 puts the next attempt at least 2 s later."""
     async with rig(tmp_path, outcomes=True) as r:

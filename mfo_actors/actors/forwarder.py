@@ -103,6 +103,10 @@ log = get_logger(__name__)
 
 EVENTS_PATH = "/api/events"
 LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
+# A send still unanswered at this fraction of the lease is abandoned and rescheduled, so the
+# claim is settled before the lease could hand the event to another worker (which would send
+# it a second time while the first request is still open).
+LEASE_SEND_FRACTION = 0.9
 STATS_INTERVAL = 1.0  # seconds between refreshes of mfo_outbox_depth
 ERROR_BODY_LIMIT = 2000  # characters of an error body kept in the dead-letter reason
 
@@ -380,6 +384,8 @@ class ForwarderActor:
         event = stored.event
         token = stored.claim_token or ""
         body = encode_event(event)
+        lease = float(self._fcfg.lease)
+        send_by = hold_until + lease * (LEASE_SEND_FRACTION - LEASE_HOLD_FRACTION)
         while True:
             # Healthy: returns at once. Failing: keeps calls in flight under the threshold.
             await self._wait_for_breaker(hold_until)
@@ -387,8 +393,10 @@ class ForwarderActor:
             try:
                 if self._gate_self:
                     self._breaker.before_call()
-                await client.request(
-                    "POST", EVENTS_PATH, content=body, idempotency_key=event.id, retry=False)
+                with anyio.fail_after(max(0.0, send_by - started)):
+                    await client.request(
+                        "POST", EVENTS_PATH, content=body, idempotency_key=event.id,
+                        retry=False)
             except CircuitBreakerError as exc:
                 # Nothing was sent. Keep the event while the lease allows, then give it back.
                 # (Only while our breaker agrees it is shut, so the wait above really waits.)
@@ -416,6 +424,13 @@ class ForwarderActor:
                                    error=str(exc))
                 await self._dead(stored, token, _dead_reason(exc))
                 return True
+            except TimeoutError:
+                # Auth waits, the rate limit and the request together outlasted the claim.
+                if self._gate_self:
+                    self._breaker.release()
+                error = f"no answer within {LEASE_SEND_FRACTION:.0%} of the {lease:g}s lease"
+                await self._report(started, ok=False, failure=True, status=None, error=error)
+                return await self._failed(stored, token, error, retry_after=None)
             except ValidationError as exc:
                 # A 2xx with a body we could not read: the server has the event.
                 log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
