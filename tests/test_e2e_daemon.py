@@ -165,6 +165,20 @@ class Sender:
             list(pool.map(worker, range(concurrency)))
 
 
+@contextlib.contextmanager
+def streaming(sender: Sender, *, concurrency: int, rate: float | None = None) -> Iterator[None]:
+    """Post webhooks from *concurrency* threads for as long as the block runs."""
+    stop = threading.Event()
+    thread = threading.Thread(target=sender.stream, kwargs={
+        "concurrency": concurrency, "stop": stop, "rate": rate})
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+
+
 def cli_json(*args: str) -> Any:
     out = subprocess.run(
         [sys.executable, "-m", "mfo_actors", *args, "--json"],
@@ -188,17 +202,13 @@ def test_kill_9_mid_stream_loses_no_accepted_event(tmp_path: Path) -> None:
     with mock_server("--no-auth") as upstream:
         config = instance_config(tmp_path, upstream)
         sender = Sender(listener_url(config))
-        stop = threading.Event()
         with running_daemon(config) as daemon:
             wait_http_ok(f"{admin_url(config)}/readyz")
-            streaming = threading.Thread(target=sender.stream, kwargs={
-                "concurrency": 16, "stop": stop})
-            streaming.start()
-            wait_for(lambda: len(sender.accepted) >= 1500, deadline=60, what="1500 accepted")
-            daemon.proc.send_signal(signal.SIGKILL)
-            daemon.proc.wait(10)
-            stop.set()
-            streaming.join(30)
+            with streaming(sender, concurrency=16):
+                wait_for(lambda: len(sender.accepted) >= 1500, deadline=60,
+                         what="1500 accepted")
+                daemon.proc.send_signal(signal.SIGKILL)
+                daemon.proc.wait(10)
         accepted = list(sender.accepted)
         assert len(accepted) >= 1500
 
@@ -220,17 +230,12 @@ def test_sigterm_mid_stream_drains_and_loses_nothing(tmp_path: Path) -> None:
     with mock_server("--no-auth") as upstream:
         config = instance_config(tmp_path, upstream)
         sender = Sender(listener_url(config))
-        stop = threading.Event()
         with running_daemon(config) as daemon:
             wait_http_ok(f"{admin_url(config)}/readyz")
-            streaming = threading.Thread(target=sender.stream, kwargs={
-                "concurrency": 8, "stop": stop})
-            streaming.start()
-            wait_for(lambda: len(sender.accepted) >= 500, deadline=60, what="500 accepted")
-            daemon.proc.send_signal(signal.SIGTERM)
-            assert daemon.proc.wait(30) == 0
-            stop.set()
-            streaming.join(30)
+            with streaming(sender, concurrency=8):
+                wait_for(lambda: len(sender.accepted) >= 500, deadline=60, what="500 accepted")
+                daemon.proc.send_signal(signal.SIGTERM)
+                assert daemon.proc.wait(30) == 0
         with running_daemon(config):
             got = wait_delivered(upstream, sender.accepted, deadline=120)
         assert set(sender.accepted) <= got
@@ -271,15 +276,10 @@ def test_expiring_tokens_lose_nothing_and_login_once_per_expiry(tmp_path: Path) 
             auth={"mode": "login", "email": "ops@example.com", "password": "${env:MFO_TEST_PW}"},
         )
         sender = Sender(listener_url(config))
-        stop = threading.Event()
         with running_daemon(config, env={"MFO_TEST_PW": "pw-test-1234"}) as daemon:
             wait_http_ok(f"{admin_url(config)}/readyz")
-            streaming = threading.Thread(target=sender.stream, kwargs={
-                "concurrency": 4, "stop": stop, "rate": 100.0})
-            streaming.start()
-            time.sleep(duration)  # the stream's length is the scenario, not a race guard
-            stop.set()
-            streaming.join(30)
+            with streaming(sender, concurrency=4, rate=100.0):
+                time.sleep(duration)  # the stream's length is the scenario, not a race guard
             got = wait_delivered(upstream, sender.accepted, deadline=60)
             output = "\n".join(daemon.output())
         stats = upstream.stats()

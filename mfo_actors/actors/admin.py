@@ -15,15 +15,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mfo_actors.actors._server_actor import ServerActor
 from mfo_actors.config import AdminConfig
 from mfo_actors.http import HttpLimits, HttpServer, Request, Response
 from mfo_actors.metrics import render_metrics
 from mfo_actors.observability import get_logger
-from mfo_actors.runtime import ReadySignal, RestartPolicy
 
 __all__ = ["AdminActor"]
 
@@ -38,7 +37,7 @@ _HEALTHY = b'{"status":"ok"}'
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 
-class AdminActor:
+class AdminActor(ServerActor):
     """Serves the admin endpoints of one instance.
 
     Args:
@@ -48,45 +47,18 @@ class AdminActor:
     """
 
     name = "admin"
-    restart = RestartPolicy("permanent")
 
     def __init__(self, cfg: AdminConfig, *, instance: str, readiness: Readiness) -> None:
+        super().__init__(host=cfg.host, port=int(cfg.port), drain_timeout=DRAIN_TIMEOUT)
         self._cfg = cfg
         self._instance = instance
         self._readiness = readiness
-        self._stopping = False
-        self._stop_event: anyio.Event | None = None
-        self._server: HttpServer | None = None
-        self._port: int | None = None
 
-    @property
-    def port(self) -> int:
-        """The bound port, once ``run`` has called ``ready.set()``."""
-        if self._port is None:
-            raise RuntimeError("the admin port is not listening yet")
-        return self._port
+    def _make_server(self) -> HttpServer:
+        return HttpServer(self._handle, limits=ADMIN_LIMITS)
 
-    async def run(self, ready: ReadySignal) -> None:
-        self._stop_event = anyio.Event()
-        if self._stopping:
-            return
-        server = self._server = HttpServer(self._handle, limits=ADMIN_LIMITS)
-        async with anyio.create_task_group() as tg:
-            self._port = await tg.start(server.serve, self._cfg.host, int(self._cfg.port))
-            log.info("admin.started", instance=self._instance, host=self._cfg.host,
-                     port=self._port)
-            ready.set()
-            await self._stop_event.wait()
-            server.stop_accepting()
-            await server.drain(DRAIN_TIMEOUT)
-            tg.cancel_scope.cancel()
-
-    def request_stop(self) -> None:
-        self._stopping = True
-        if self._server is not None:
-            self._server.stop_accepting()
-        if self._stop_event is not None:
-            self._stop_event.set()
+    def _started(self, port: int) -> None:
+        log.info("admin.started", instance=self._instance, host=self._cfg.host, port=port)
 
     async def _handle(self, request: Request) -> Response:
         path = request.path

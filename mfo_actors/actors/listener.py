@@ -43,9 +43,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import anyio
 import msgspec
 
+from mfo_actors.actors._server_actor import ServerActor
 from mfo_actors.actors._verify import SignatureError, verify
 from mfo_actors.config import InstanceConfig, RouteConfig, WebhookListenerConfig
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
@@ -53,7 +53,6 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event, EventStored
 from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED
 from mfo_actors.observability import get_logger
-from mfo_actors.runtime import ReadySignal, RestartPolicy
 from mfo_actors.store import (
     EventStore,
     RunRequest,
@@ -213,7 +212,7 @@ class _Route:
         return None
 
 
-class ListenerActor:
+class ListenerActor(ServerActor):
     """Serves the webhook routes of ``cfg.webhook_listener``; see the module docstring.
 
     Args:
@@ -226,7 +225,6 @@ class ListenerActor:
     """
 
     name = "listener"
-    restart = RestartPolicy("permanent")
 
     def __init__(
         self,
@@ -236,6 +234,8 @@ class ListenerActor:
         notify: Callable[[EventStored], None] | None = None,
         match_runs: Callable[[Event], Sequence[RunRequest]] | None = None,
     ) -> None:
+        super().__init__(host=cfg.webhook_listener.host, port=int(cfg.webhook_listener.port),
+                         drain_timeout=float(cfg.shutdown_timeout))
         self._cfg = cfg
         self._lcfg = cfg.webhook_listener
         self._store = store
@@ -246,44 +246,16 @@ class ListenerActor:
         self._not_found = EVENTS_REJECTED.labels(instance, "", "not_found")
         self._limits = limits_from_config(self._lcfg)
         self._retry_after = [("retry-after", str(max(1, math.ceil(self._lcfg.retry_after))))]
-        self._server: HttpServer | None = None
-        self._stopping = False
-        self._stop_event: anyio.Event | None = None
-        self._port: int | None = None
 
-    @property
-    def port(self) -> int:
-        """The bound port, once ``run`` has called ``ready.set()``."""
-        if self._port is None:
-            raise RuntimeError("the listener is not listening yet")
-        return self._port
+    def _make_server(self) -> HttpServer:
+        return HttpServer(self._handle, limits=self._limits, head_check=self._check_head)
 
-    async def run(self, ready: ReadySignal) -> None:
-        """Listen, then on :meth:`request_stop` refuse new work and drain in-flight requests."""
-        self._stop_event = anyio.Event()
-        if self._stopping:
-            return
-        server = self._server = HttpServer(
-            self._handle, limits=self._limits, head_check=self._check_head
-        )
-        async with anyio.create_task_group() as tg:
-            self._port = await tg.start(server.serve, self._lcfg.host, int(self._lcfg.port))
-            log.info("listener.started", host=self._lcfg.host, port=self._port,
-                     routes=sorted(self._routes))
-            ready.set()
-            await self._stop_event.wait()
-            server.stop_accepting()
-            drained = await server.drain(float(self._cfg.shutdown_timeout))
-            log.info("listener.stopped", drained=drained, in_flight=server.in_flight)
-            tg.cancel_scope.cancel()
+    def _started(self, port: int) -> None:
+        log.info("listener.started", host=self._lcfg.host, port=port,
+                 routes=sorted(self._routes))
 
-    def request_stop(self) -> None:
-        """Stop accepting; requests arriving on open connections get 503 + Connection: close."""
-        self._stopping = True
-        if self._server is not None:
-            self._server.stop_accepting()
-        if self._stop_event is not None:
-            self._stop_event.set()
+    def _stopped(self, server: HttpServer, drained: bool) -> None:
+        log.info("listener.stopped", drained=drained, in_flight=server.in_flight)
 
     # -- per request -------------------------------------------------------------------------
     def _unavailable(self, route: _Route, reason: str, message: str) -> Response:
