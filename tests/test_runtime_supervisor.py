@@ -25,6 +25,7 @@ from mfo_actors.runtime import (
     SupervisorGaveUp,
     open_channel,
 )
+from mfo_actors.runtime import _supervisor as supervisor_module
 
 pytestmark = pytest.mark.anyio
 
@@ -440,6 +441,31 @@ class TestShutdown:
             ("stop_requested", "a"), ("stopped", "a"),  # a still got a graceful stop
         ]
         assert sup.statuses()["stubborn"].state == "stopped"
+
+    async def test_first_to_stop_may_use_most_of_the_deadline(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The first actor to stop (the listener, in the daemon) gets all the time but a
+        small reserve per actor after it, not an equal share."""
+        monkeypatch.setattr(supervisor_module, "STOP_RESERVE", 0.1)
+        journal: list[tuple[str, str]] = []
+        a, b = Worker("a", journal), Worker("b", journal)
+        stubborn = Worker("stubborn", journal, ignore_stop=True)
+        sup = Supervisor([a, b, stubborn])
+        timeout = 0.9
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(WAIT):
+                await tg.start(sup.run)
+            t0 = anyio.current_time()
+            with anyio.fail_after(WAIT):
+                sup.shutdown(timeout)
+                await wait_state(sup, "stubborn", "stopped")
+            held = anyio.current_time() - t0
+            with anyio.fail_after(WAIT):
+                await wait_state(sup, "a", "stopped")
+        # 0.9 s less 0.1 s kept for each of a and b (an equal share would be 0.3 s).
+        assert 0.65 <= held < 0.9, f"stubborn actor held {held:.3f}s"
+        assert sup.statuses()["a"].state == sup.statuses()["b"].state == "stopped"
 
     async def test_no_restart_after_shutdown(self) -> None:
         """An actor waiting out its backoff is not restarted once shutdown began."""

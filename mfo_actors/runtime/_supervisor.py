@@ -32,6 +32,7 @@ log = get_logger("mfo_actors.runtime.supervisor")
 # Generous because it only runs on the way out, and a stop that drains in-flight work is
 # worth a few seconds.
 GIVE_UP_STOP_TIMEOUT = 10.0
+STOP_RESERVE = 1.0  # seconds kept for each actor still to stop (they stop fast once asked)
 
 
 class SupervisorGaveUp(MFOError):
@@ -207,9 +208,11 @@ class Supervisor:
         """Stop every actor gracefully, in reverse start order, within *timeout* seconds.
 
         For each actor in turn: ``request_stop()``, then wait for its ``run`` to return.
-        Each actor gets an equal share of the time still left, so a prompt one leaves more
-        for the rest; one still running when its share is up is cancelled. Returns at once
-        (the work happens in the supervisor's task); :meth:`run` returns when it is done.
+        Each actor may use the time still left but a reserve of up to ``STOP_RESERVE`` for
+        each actor after it (an equal share when time is shorter than that), so a prompt one
+        leaves more for the rest; one still running when its share is up is cancelled.
+        Returns at once (the work happens in the supervisor's task); :meth:`run` returns
+        when it is done.
         No restarts happen after this. Calling it again does nothing.
         """
         if timeout < 0 or math.isnan(timeout):
@@ -259,9 +262,13 @@ class Supervisor:
         for i, child in enumerate(order):
             if child.done.is_set():
                 continue
-            left = sum(1 for c in order[i:] if not c.done.is_set())
+            others = sum(1 for c in order[i + 1:] if not c.done.is_set())
             now = anyio.current_time()
-            self._stop_child(child, now + max(deadline - now, 0.0) / left)
+            remaining = max(deadline - now, 0.0)
+            # Everything left but a reserve for the actors still to stop: the first to stop
+            # (the listener, draining requests in flight) may use most of the deadline.
+            reserve = min(STOP_RESERVE, remaining / (others + 1))
+            self._stop_child(child, now + remaining - reserve * others)
             await child.done.wait()
 
     def _stop_child(self, child: _Child, deadline: float) -> None:
