@@ -216,6 +216,7 @@ class StoreConfig(_Base, frozen=True):
     max_pending: int = 100_000  # events not yet delivered before the listener answers 503
     max_bytes: Size = Size(1024**3)  # bytes of pending payloads before 503
     group_commit_max: int = 512  # events committed in one transaction at most
+    retention: Duration = Duration(7 * 86400)  # delivered events kept this long; 0: forever
 
 
 class LoggingConfig(_Base, frozen=True):

@@ -5,7 +5,7 @@ yields the actors in start order; everything it opened is closed when the block 
 the supervisor has stopped every actor. The supervisor starts the list in order (each once the
 previous is ready) and stops it in reverse, so an actor comes after everything it depends on:
 
-    watchdog, admin, breaker, auth, forwarder, scheduler, listener
+    watchdog, admin, retention, breaker, auth, forwarder, scheduler, listener
 
 On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
 their store commit), then the scheduler and forwarder drain, and the admin port answers
@@ -28,6 +28,7 @@ from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
 from mfo_actors.actors.forwarder import ForwarderActor
 from mfo_actors.actors.listener import ListenerActor
+from mfo_actors.actors.retention import RetentionActor
 from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
 from mfo_actors.client import MFOClient, TokenBucket, http_client_from_config
 from mfo_actors.config import InstanceConfig
@@ -101,7 +102,7 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
         if cfg.admin.enabled:
             actors.append(AdminActor(cfg.admin, instance=cfg.instance,
                                      readiness=_readiness(cfg, ctx, store, health)))
-        actors += [breaker, auth]
+        actors += [RetentionActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
             forwarder = ForwarderActor(
                 cfg, store, client.base, breaker.breaker, clock=ctx.clock,
