@@ -3,6 +3,10 @@
 All are frozen msgspec Structs, tagged by ``kind`` so a union of them can be decoded from the
 wire (the Redis backend sends some across hosts). Times are Unix seconds (float) from the
 wall clock unless a field says otherwise.
+
+A flow trigger is not a message: it is a ``store.RunRequest`` written in the same
+transaction as its event (or cron tick), so a crash cannot lose it; the scheduler claims
+runs from the store.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ __all__ = [
     "DeliveryOutcome",
     "Event",
     "EventStored",
-    "FlowTrigger",
     "Message",
     "RunResult",
     "RunStatus",
@@ -98,16 +101,6 @@ class BreakerState(Message, frozen=True):
 
 TriggerKind = Literal["event", "cron", "interval", "manual", "subflow", "rerun"]
 RunStatus = Literal["new", "active", "done", "error"]
-
-
-class FlowTrigger(Message, frozen=True):
-    """Start (or resume) a run of a flow; the run record already exists in the store."""
-
-    run_id: str
-    flow: str
-    trigger: TriggerKind
-    event_id: str | None = None
-    input: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class RunResult(Message, frozen=True):
