@@ -49,6 +49,7 @@ from mfo_actors.observability import register_secret
 __all__ = [
     "AdminConfig",
     "AuthConfig",
+    "CacheConfig",
     "CircuitBreakerConfig",
     "ClientConfig",
     "Duration",
@@ -60,6 +61,7 @@ __all__ = [
     "RateLimitConfig",
     "RetryConfig",
     "RouteConfig",
+    "SessionsConfig",
     "Size",
     "StoreConfig",
     "VerifyConfig",
@@ -99,6 +101,18 @@ class RateLimitConfig(_Base, frozen=True):
     burst: int | None = None  # default: max(1, requests_per_second)
 
 
+class CacheConfig(_Base, frozen=True):
+    """The optional response cache for idempotent GETs (``client.cache``; off when absent).
+
+    Only 2xx answers are kept, never one sent with ``Cache-Control: no-store`` or ``no-cache``;
+    a ``max-age`` below ``ttl`` shortens the entry's life. A non-GET call to an endpoint
+    group (``/api/memory``...) drops that group's entries.
+    """
+
+    ttl: Duration = Duration(60.0)
+    max_entries: int = 1000
+
+
 class ClientConfig(_Base, frozen=True):
     """How to reach the MFO server."""
 
@@ -109,6 +123,7 @@ class ClientConfig(_Base, frozen=True):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
     rate_limit: RateLimitConfig | None = None
+    cache: CacheConfig | None = None
 
     @property
     def effective_auth_base_url(self) -> str:
@@ -219,6 +234,15 @@ class StoreConfig(_Base, frozen=True):
     retention: Duration = Duration(7 * 86400)  # delivered events kept this long; 0: forever
 
 
+class SessionsConfig(_Base, frozen=True):
+    """Chat sessions keyed in flows (``mfo.chat`` with ``session:``), kept in the store."""
+
+    ttl: Duration = Duration(3600.0)  # idle this long: the next message starts a new thread
+    max_active: int = 10_000  # beyond this, the session idle the longest is closed
+    cleanup_interval: Duration = Duration(60.0)  # how often expired sessions are closed
+    context_messages: int = 20  # recent messages kept with a session (0: none)
+
+
 class LoggingConfig(_Base, frozen=True):
     """Log level and format (``json`` lines, or ``console``; default json unless a TTY)."""
 
@@ -240,6 +264,7 @@ class InstanceConfig(_Base, frozen=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     forwarder: ForwarderConfig = msgspec.field(default_factory=ForwarderConfig)
     flows: FlowsConfig = msgspec.field(default_factory=FlowsConfig)
+    sessions: SessionsConfig = msgspec.field(default_factory=SessionsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     source_file: str | None = None  # set by the loader; not a YAML key users write
@@ -457,6 +482,20 @@ def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
             fail("must be at least 1", "forwarder", name)
     if cfg.flows.concurrency < 1:
         fail("must be at least 1", "flows", "concurrency")
+    if cfg.client.cache is not None:
+        if cfg.client.cache.ttl <= 0:
+            fail("must be greater than 0", "client", "cache", "ttl")
+        if cfg.client.cache.max_entries < 1:
+            fail("must be at least 1", "client", "cache", "max_entries")
+    sessions = cfg.sessions
+    if sessions.ttl <= 0:
+        fail("must be greater than 0", "sessions", "ttl")
+    if sessions.max_active < 1:
+        fail("must be at least 1", "sessions", "max_active")
+    if sessions.cleanup_interval <= 0:
+        fail("must be greater than 0", "sessions", "cleanup_interval")
+    if sessions.context_messages < 0:
+        fail("must not be negative", "sessions", "context_messages")
     try:
         ZoneInfo(cfg.flows.timezone)
     except (ZoneInfoNotFoundError, ValueError):

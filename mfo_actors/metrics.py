@@ -20,8 +20,17 @@ __all__ = [
     "FORWARD_LATENCY",
     "OUTBOX_DEPTH",
     "REGISTRY",
+    "SESSIONS_ACTIVE",
+    "SESSIONS_CLOSED",
+    "SESSIONS_CREATED",
     "TASK_DURATION",
     "TOKEN_REFRESH",
+    "UPSTREAM_CACHE",
+    "UPSTREAM_ERRORS",
+    "UPSTREAM_REQUESTS",
+    "UPSTREAM_REQUEST_SECONDS",
+    "UPSTREAM_RESPONSE_BYTES",
+    "UPSTREAM_TOKENS",
     "render_metrics",
 ]
 
@@ -72,6 +81,54 @@ FLOW_RUNS = Counter(
 TASK_DURATION = Histogram(
     "mfo_task_duration_seconds", "Duration of one task of a flow run.",
     ["instance", "flow", "task"], registry=REGISTRY,
+)
+
+
+# -- calls to the MFO server (seeds 002 and 003), one set for the forwarder, flows and CLI ----
+# ``endpoint`` is the route with its variable segments as ``{id}`` (``/api/memory/{id}``), so
+# the label set stays small whatever the keys are.
+UPSTREAM_REQUESTS = Counter(
+    "mfo_upstream_requests", "HTTP exchanges with the MFO server, by endpoint and status "
+    "(status \"error\": no answer arrived: network error or timeout).",
+    ["instance", "endpoint", "status"], registry=REGISTRY,
+)
+UPSTREAM_REQUEST_SECONDS = Histogram(
+    "mfo_upstream_request_seconds", "Time from sending a request to its answer's head "
+    "(a whole body for non-streaming calls).",
+    ["instance", "endpoint"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UPSTREAM_ERRORS = Counter(
+    "mfo_upstream_errors", "Failed calls to the MFO server, by kind (timeout, network, "
+    "server_error, rate_limited, client_error, auth, circuit_open, validation).",
+    ["instance", "endpoint", "kind"], registry=REGISTRY,
+)
+UPSTREAM_RESPONSE_BYTES = Histogram(
+    "mfo_upstream_response_bytes", "Size of the MFO server's answers (bodies read whole).",
+    ["instance", "endpoint"], registry=REGISTRY,
+    buckets=(64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+)
+UPSTREAM_TOKENS = Counter(
+    "mfo_upstream_tokens", "Model tokens consumed, as the server reports them (usage).",
+    ["instance", "kind"], registry=REGISTRY,
+)
+UPSTREAM_CACHE = Counter(
+    "mfo_upstream_cache", "GET response cache lookups (client.cache), by result (hit, miss).",
+    ["instance", "result"], registry=REGISTRY,
+)
+
+# -- chat sessions ------------------------------------------------------------------------------
+SESSIONS_ACTIVE = Gauge(
+    "mfo_sessions_active", "Chat sessions open (not closed, not yet expired by the cleanup).",
+    ["instance"], registry=REGISTRY,
+)
+SESSIONS_CREATED = Counter(
+    "mfo_sessions_created", "Chat sessions started (a new thread for a session key).",
+    ["instance"], registry=REGISTRY,
+)
+SESSIONS_CLOSED = Counter(
+    "mfo_sessions_closed", "Chat sessions closed, by reason (expired, evicted, closed).",
+    ["instance", "reason"], registry=REGISTRY,
 )
 
 

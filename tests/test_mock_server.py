@@ -172,8 +172,12 @@ class TestEndpoints:
         job = decode(await app.handle(req("POST", "/api/jobs", {"type": "x", "params": {}})))
         assert job["status"] == "new"
         get = req("GET", f"/api/jobs/{job['id']}")
-        assert decode(await app.handle(get))["status"] == "active"
-        clock.now += 5
+        assert decode(await app.handle(get))["status"] == "new"  # the first quarter
+        clock.now += 1.25
+        answer = await app.handle(get)
+        assert decode(answer)["status"] == "active"
+        assert ("cache-control", "no-store") in answer.headers
+        clock.now += 3.75
         assert decode(await app.handle(get))["status"] == "done"
         failing = decode(await app.handle(req("POST", "/api/jobs", {"type": "fail"})))
         clock.now += 5

@@ -26,6 +26,7 @@ import anyio
 
 from mfo_actors.actors._stop import cancel_on
 from mfo_actors.client._breaker import CircuitBreaker
+from mfo_actors.client._policy import breaker_from_config
 from mfo_actors.messages import BreakerState, DeliveryOutcome
 from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Broadcast, RestartPolicy, open_channel
@@ -64,13 +65,8 @@ class BreakerActor:
         self, cfg: InstanceConfig, *, upstream: str | None = None, clock: Clock | None = None
     ) -> None:
         self.states: Broadcast[BreakerState] = Broadcast(BreakerState)
-        self.breaker = CircuitBreaker(
-            upstream or cfg.client.base_url,
-            cfg.client.circuit_breaker,
-            clock=clock,
-            on_change=self._publish,
-            instance=cfg.instance,
-        )
+        self.breaker: CircuitBreaker = breaker_from_config(cfg, clock=clock, upstream=upstream,
+                                                           on_change=self._publish)
         # The initial state, so a subscriber that reads `latest` before any change has one.
         self.states.publish_nowait(self.breaker.snapshot())
         self.outcomes: ChannelSender[DeliveryOutcome]

@@ -63,6 +63,7 @@ from mfo_actors.runtime import (
 )
 from mfo_actors.store import EventStore, RunRecord, RunRequest, StoreError
 from mfo_actors.taskflow import (
+    ChatSessions,
     EventTrigger,
     Flow,
     FlowExecutor,
@@ -182,6 +183,7 @@ class SchedulerActor:
       store: Durable run history (and the events that triggered runs).
       flows: The loaded flows by name (see :func:`load_instance_flows`).
       client: The shared MFO client for ``mfo.*`` tasks (None: those tasks fail).
+      sessions: Chat sessions for ``mfo.chat`` with ``session:`` (None: those tasks fail).
       clock: Time for cron/interval ticks (a ``FakeClock`` in tests).
       breaker_states: The MFO breaker's state changes; kept for :meth:`health`.
       results: Where each finished run's :class:`~mfo_actors.messages.RunResult` is
@@ -195,6 +197,7 @@ class SchedulerActor:
         flows: Mapping[str, Flow],
         *,
         client: MFOClient | None,
+        sessions: ChatSessions | None = None,
         clock: Clock | None = None,
         breaker_states: ChannelReceiver[BreakerState] | None = None,
         results: Broadcast[RunResult] | None = None,
@@ -208,7 +211,7 @@ class SchedulerActor:
         self._store = store
         self._flows = dict(flows)
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self._executor = FlowExecutor(self._flows, client=client, logger=log)
+        self._executor = FlowExecutor(self._flows, client=client, sessions=sessions, logger=log)
         self._breaker_states = breaker_states
         self._results = results
         self._in_flight = 0

@@ -7,11 +7,12 @@ path and the response model. Path segments taken from callers are percent-encode
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import msgspec
 
 from mfo_actors.client._base import BaseClient
@@ -40,7 +41,10 @@ from mfo_actors.client.models import (
     Notification,
     NotificationCreate,
     NotificationList,
+    Payment,
+    PaymentCreate,
     Resource,
+    ResourceCreate,
     ResourceList,
     ResourceSearchResults,
     ResourceSummary,
@@ -51,17 +55,20 @@ from mfo_actors.client.models import (
 )
 
 __all__ = [
+    "PENDING_JOB_STATES",
     "ChatAPI",
     "ChatStream",
     "EventsAPI",
     "JobsAPI",
     "MemoryAPI",
     "NotificationsAPI",
+    "PayAPI",
     "ResourcesAPI",
     "ToolsAPI",
 ]
 
 DONE = "[DONE]"  # SLOP's end-of-stream sentinel
+PENDING_JOB_STATES = frozenset({"new", "active"})  # seed 001: a job not yet done or error
 
 
 def _seg(value: str) -> str:
@@ -77,18 +84,26 @@ class ChatStream:
     """The chunks of one streamed reply, in order, until ``[DONE]`` (or the end of the body).
 
     Iterate it directly (it closes itself at the end), or use ``async with`` to be sure the
-    connection is released when you stop early::
+    connection is released when you stop early (or are cancelled: the HTTP stream is closed,
+    which the server sees as the client going away)::
 
         async with client.chat.stream("hello") as chunks:
             async for text in chunks:
                 ...
+
+    Attributes:
+      thread_id: The thread, once a chunk named it (else the request's ``thread_id``).
+      usage: The token counts, if the server sent them in a chunk (counted in metrics).
     """
 
     def __init__(self, base: BaseClient, request: ChatRequest) -> None:
-        self._gen = self._run(base, request)
+        self.thread_id: str | None = request.thread_id
+        self.usage: dict[str, Any] | None = None
+        self._base = base
+        self._gen = self._run(request)
 
-    @staticmethod
-    async def _run(base: BaseClient, request: ChatRequest) -> AsyncIterator[str]:
+    async def _run(self, request: ChatRequest) -> AsyncIterator[str]:
+        base = self._base
         async with base.stream("POST", "/api/chat/stream", json=request) as response:
             async for event in iter_sse(response.aiter_bytes()):
                 data = event.data
@@ -105,8 +120,15 @@ class ChatStream:
                         raise APIError(int(err.get("status") or 500),
                                        str(err.get("code") or "stream_error"),
                                        str(err.get("message") or ""))
+                    thread_id = obj.get("thread_id")
+                    if isinstance(thread_id, str) and thread_id:
+                        self.thread_id = thread_id
+                    usage = obj.get("usage")
+                    if isinstance(usage, dict):
+                        self.usage = usage
+                        base.metrics.tokens(usage)
                     content = obj.get("content")
-                    if isinstance(content, str):
+                    if isinstance(content, str) and content:
                         yield content
                 elif isinstance(obj, str):
                     yield obj
@@ -156,7 +178,11 @@ class ChatAPI(_Group):
         Not retried (a POST without an idempotency key could be answered twice).
         """
         request = self._request(message, messages, thread_id, model)
-        return await self._base.post("/api/chat", json=request, response_type=ChatResponse)
+        reply: ChatResponse = await self._base.post("/api/chat", json=request,
+                                                    response_type=ChatResponse)
+        if reply.usage:
+            self._base.metrics.tokens(reply.usage)
+        return reply
 
     def stream(self, message: str | None = None, *, messages: list[dict[str, Any]] | None = None,
                thread_id: str | None = None, model: str | None = None) -> ChatStream:
@@ -237,6 +263,29 @@ class ResourcesAPI(_Group):
         return (await self._base.get("/api/resources/search", params={"q": query},
                                      response_type=ResourceSearchResults)).results
 
+    async def create(self, title: str, content: Any = None, *, type: str = "document",
+                     metadata: dict[str, Any] | None = None, resource_id: str | None = None,
+                     idempotency_key: str | None = None) -> Resource:
+        """Create a resource (``POST /api/resources``); retried only with a key."""
+        body = ResourceCreate(title=title, content=content, type=type, metadata=metadata,
+                              id=resource_id)
+        return await self._base.post("/api/resources", json=body,
+                                     idempotency_key=idempotency_key, response_type=Resource)
+
+
+class PayAPI(_Group):
+    """``/api/pay`` (SLOP 4.5): payments. A payment is never sent twice: it is retried only
+    with an *idempotency_key*, which the server must use to recognise the repeat."""
+
+    async def create(self, amount: float, currency: str, description: str | None = None, *,
+                     idempotency_key: str | None = None) -> Payment:
+        body = PaymentCreate(amount=amount, currency=currency, description=description)
+        return await self._base.post("/api/pay", json=body, idempotency_key=idempotency_key,
+                                     response_type=Payment)
+
+    async def get(self, transaction_id: str) -> Payment:
+        return await self._base.get(f"/api/pay/{_seg(transaction_id)}", response_type=Payment)
+
 
 class EventsAPI(_Group):
     """``POST /api/events``: forward an event; the server dedupes by ``Idempotency-Key``."""
@@ -261,10 +310,50 @@ class JobsAPI(_Group):
                                      idempotency_key=idempotency_key, response_type=Job)
 
     async def get(self, job_id: str) -> Job:
-        return await self._base.get(f"/api/jobs/{_seg(job_id)}", response_type=Job)
+        """The job now (never from the response cache: a job changes on its own)."""
+        return await self._base.get(f"/api/jobs/{_seg(job_id)}", response_type=Job,
+                                    cache=False)
 
-    async def list(self) -> list[Job]:
-        return (await self._base.get("/api/jobs", response_type=JobList)).jobs
+    async def list(self) -> builtins.list[Job]:
+        return (await self._base.get("/api/jobs", response_type=JobList, cache=False)).jobs
+
+    async def cancel(self, job_id: str) -> Job:
+        """Ask the server to stop a job (``POST /api/jobs/{id}/cancel``); the job as it is
+        after. Cancelling twice is the same as once, so the call is retried like a PUT."""
+        return await self._base.post(f"/api/jobs/{_seg(job_id)}/cancel", idempotent=True,
+                                     response_type=Job)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        poll_interval: float = 1.0,
+        timeout: float | None = None,  # noqa: ASYNC109 (a wait limit that cancels the polls)
+        on_status: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Poll the job until it leaves ``new``/``active``; return it as it ended.
+
+        A job that ends in ``error`` is returned, not raised: the caller decides.
+
+        Args:
+          poll_interval: Seconds between two polls.
+          timeout: Give up after this many seconds (``TimeoutError``); None: never.
+          on_status: Called with the job at every status seen, the first included.
+
+        Raises:
+          TimeoutError: still unfinished after *timeout* seconds.
+        """
+        last: str | None = None
+        with anyio.fail_after(timeout):
+            while True:
+                job = await self.get(job_id)
+                if job.status != last:
+                    last = job.status
+                    if on_status is not None:
+                        on_status(job)
+                if job.status not in PENDING_JOB_STATES:
+                    return job
+                await anyio.sleep(poll_interval)
 
 
 class NotificationsAPI(_Group):

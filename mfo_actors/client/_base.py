@@ -24,10 +24,13 @@ import httpx
 import msgspec
 
 from mfo_actors.client._auth import AuthProvider
+from mfo_actors.client._cache import ResponseCache
 from mfo_actors.client._hooks import Breaker, RateLimiter
+from mfo_actors.client._observe import RequestMetrics, endpoint_label
 from mfo_actors.client._retry import RetryPolicy
 from mfo_actors.client.errors import (
     APIError,
+    ClientError,
     RetryableError,
     ValidationError,
     classify_response,
@@ -70,6 +73,9 @@ class BaseClient:
       retry: The policy for ``retry=True`` calls; ``None`` means one attempt always.
       breaker: Optional circuit breaker consulted before and told after each attempt.
       rate_limiter: Optional limiter awaited before each request sent.
+      cache: Optional cache of GET answers (see :class:`ResponseCache`); None: no cache.
+      metrics: Where exchanges, errors and tokens are counted (``mfo_upstream_*``); default
+        a :class:`RequestMetrics` labelled ``instance="default"``.
     """
 
     def __init__(
@@ -81,6 +87,8 @@ class BaseClient:
         retry: RetryPolicy | None = None,
         breaker: Breaker | None = None,
         rate_limiter: RateLimiter | None = None,
+        cache: ResponseCache | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.auth = auth
@@ -88,6 +96,8 @@ class BaseClient:
         self.retry_policy = retry
         self.breaker = breaker
         self.rate_limiter = rate_limiter
+        self.cache = cache
+        self.metrics = metrics if metrics is not None else RequestMetrics()
 
     def __repr__(self) -> str:
         return f"BaseClient({self.base_url!r}, retry={self.retry_policy!r})"
@@ -100,7 +110,8 @@ class BaseClient:
         the forwarder gives each worker its own one-connection pool instead.
         """
         return BaseClient(self.base_url, auth=self.auth, http=http, retry=self.retry_policy,
-                          breaker=self.breaker, rate_limiter=self.rate_limiter)
+                          breaker=self.breaker, rate_limiter=self.rate_limiter,
+                          cache=self.cache, metrics=self.metrics)
 
     def url(self, path: str) -> str:
         return self.base_url + (path if path.startswith("/") else "/" + path)
@@ -112,7 +123,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: type[T], params: Mapping[str, str] | None = ...,
-        idempotent: bool | None = ...,
+        idempotent: bool | None = ..., cache: bool = ...,
     ) -> T: ...
 
     @overload
@@ -120,7 +131,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: None = ..., params: Mapping[str, str] | None = ...,
-        idempotent: bool | None = ...,
+        idempotent: bool | None = ..., cache: bool = ...,
     ) -> Any: ...
 
     async def request(
@@ -136,6 +147,7 @@ class BaseClient:
         response_type: type[T] | None = None,
         params: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        cache: bool = True,
     ) -> T | Any:
         """Call ``method base_url+path`` and return the decoded body.
 
@@ -151,6 +163,8 @@ class BaseClient:
           params: Query string parameters.
           idempotent: Override the method's rule (``True``: a POST that is safe to repeat,
             such as an upsert or a query, is retried without sending a key).
+          cache: ``False``: a GET neither read from nor written to the response cache
+            (state that changes on its own, such as a job being polled).
 
         Raises:
           APIError: a 4xx answer (``AuthError`` for 401/403 after one re-login).
@@ -162,10 +176,31 @@ class BaseClient:
         method = method.upper()
         body, send_headers = self._prepare(json, content, headers, idempotency_key)
         url = self.url(path)
+        endpoint = endpoint_label(path)
+        store = self.cache
+        cache_key: str | None = None
+        if store is not None:
+            if method != "GET":
+                store.invalidate(path)  # before sending: a read racing the write refetches
+            elif cache:
+                cache_key = store.key(url, params)
+                hit = store.get(cache_key)
+                self.metrics.cache(hit is not None)
+                if hit is not None:
+                    return self._decode_body(hit.body, response_type)
 
         async def attempt() -> T | Any:
-            response = await self._attempt(method, url, body, send_headers, params)
-            return self._decode(response, response_type)
+            try:
+                response = await self._attempt(method, url, body, send_headers, params,
+                                               endpoint)
+                result = self._decode(response, response_type)
+            except ClientError as exc:
+                self.metrics.error(endpoint, exc)
+                raise
+            if cache_key is not None and store is not None:
+                store.put(cache_key, path, response.status_code, response.headers,
+                          response.content)
+            return result
 
         if retry and self.retry_policy is not None:
             if idempotent is not None:
@@ -178,9 +213,10 @@ class BaseClient:
         return await attempt()
 
     async def get(self, path: str, *, response_type: type[T] | None = None,
-                  params: Mapping[str, str] | None = None, retry: bool = True) -> T | Any:
+                  params: Mapping[str, str] | None = None, retry: bool = True,
+                  cache: bool = True) -> T | Any:
         return await self.request("GET", path, response_type=response_type, params=params,
-                                  retry=retry)
+                                  retry=retry, cache=cache)
 
     async def post(self, path: str, *, json: Any = None, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None,
@@ -214,9 +250,15 @@ class BaseClient:
         body, send_headers = self._prepare(json, None, headers, None)
         send_headers.setdefault("accept", "text/event-stream")
         url = self.url(path)
+        endpoint = endpoint_label(path)
+        metrics = self.metrics
         auth_header = await self.auth.header()
         if self.breaker is not None:
-            self.breaker.before_call()
+            try:
+                self.breaker.before_call()
+            except ClientError as exc:
+                metrics.error(endpoint, exc)
+                raise
         relogged = False
         recorded = False  # an outcome reached the breaker; else its slot is given back
         try:
@@ -226,12 +268,17 @@ class BaseClient:
                 request = self.http.build_request(
                     method, url, content=body,
                     headers=self._with_auth(send_headers, auth_header))
+                started = time.perf_counter()
                 try:
                     response = await self.http.send(request, stream=True)
                 except httpx.TransportError as exc:
                     recorded = True
                     self._record(ok=False, failure=True, status=None)
-                    raise classify_transport_error(exc) from exc
+                    metrics.exchange(endpoint, None, time.perf_counter() - started)
+                    lost = classify_transport_error(exc)
+                    metrics.error(endpoint, lost)
+                    raise lost from exc
+                metrics.exchange(endpoint, response.status_code, time.perf_counter() - started)
                 try:
                     if response.status_code == 401 and not relogged:
                         await response.aread()
@@ -251,6 +298,7 @@ class BaseClient:
                         recorded = True
                         self._record_error(error, response.status_code)
                         if error is not None:
+                            metrics.error(endpoint, error)
                             raise error
                     recorded = True
                     self._record(ok=True, failure=False, status=response.status_code)
@@ -293,7 +341,7 @@ class BaseClient:
 
     async def _send(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str],
-        params: Mapping[str, str] | None, auth_header: str | None,
+        params: Mapping[str, str] | None, auth_header: str | None, endpoint: str,
     ) -> httpx.Response:
         if self.rate_limiter is not None:
             await self.rate_limiter.acquire()
@@ -303,11 +351,14 @@ class BaseClient:
                 method, url, content=body, headers=self._with_auth(headers, auth_header),
                 params=params)
         except httpx.TransportError as exc:
+            self.metrics.exchange(endpoint, None, time.perf_counter() - started)
             log.debug("client.transport_error", method=method, url=url,
                       error=type(exc).__name__)
             raise classify_transport_error(exc) from exc
+        elapsed = time.perf_counter() - started
+        self.metrics.exchange(endpoint, response.status_code, elapsed, len(response.content))
         log.debug("client.response", method=method, url=url, status=response.status_code,
-                  elapsed_ms=round((time.perf_counter() - started) * 1000, 1))
+                  elapsed_ms=round(elapsed * 1000, 1))
         return response
 
     async def _relogin(self, rejected_header: str | None) -> str | None:
@@ -321,17 +372,19 @@ class BaseClient:
 
     async def _attempt(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str],
-        params: Mapping[str, str] | None,
+        params: Mapping[str, str] | None, endpoint: str,
     ) -> httpx.Response:
         auth_header = await self.auth.header()
         if self.breaker is not None:
             self.breaker.before_call()
         try:
-            response = await self._send(method, url, body, headers, params, auth_header)
+            response = await self._send(method, url, body, headers, params, auth_header,
+                                        endpoint)
             if response.status_code == 401:
                 new_header = await self._relogin(auth_header)
                 if new_header is not None:
-                    response = await self._send(method, url, body, headers, params, new_header)
+                    response = await self._send(method, url, body, headers, params, new_header,
+                                                endpoint)
         except RetryableError as exc:
             self._record(ok=False, failure=True, status=exc.status)
             raise
@@ -364,9 +417,12 @@ class BaseClient:
         else:
             self._record(ok=False, failure=isinstance(error, RetryableError), status=status)
 
+    @classmethod
+    def _decode(cls, response: httpx.Response, response_type: type[T] | None) -> T | Any:
+        return cls._decode_body(response.content, response_type)
+
     @staticmethod
-    def _decode(response: httpx.Response, response_type: type[T] | None) -> T | Any:
-        body = response.content
+    def _decode_body(body: bytes, response_type: type[T] | None) -> T | Any:
         if response_type is None:
             if not body.strip():
                 return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -12,15 +13,26 @@ from mfo_actors.client._api import (
     JobsAPI,
     MemoryAPI,
     NotificationsAPI,
+    PayAPI,
     ResourcesAPI,
     ToolsAPI,
 )
 from mfo_actors.client._auth import AuthProvider, LoginAuth, NoAuth, StaticTokenAuth
 from mfo_actors.client._base import BaseClient
 from mfo_actors.client._hooks import Breaker, RateLimiter
+from mfo_actors.client._observe import RequestMetrics
+from mfo_actors.client._policy import (
+    breaker_from_config,
+    cache_from_config,
+    rate_limiter_from_config,
+    retry_from_config,
+)
 from mfo_actors.client._retry import RetryPolicy
 from mfo_actors.client.models import Info
 from mfo_actors.config import AuthConfig, ClientConfig, InstanceConfig
+
+if TYPE_CHECKING:
+    from mfo_actors.runtime import Clock
 
 __all__ = ["MFOClient", "auth_from_config", "http_client_from_config"]
 
@@ -64,8 +76,8 @@ def auth_from_config(auth: AuthConfig, client: ClientConfig, http: httpx.AsyncCl
 
 
 class MFOClient:
-    """The MFO (SLOP) API: ``chat``, ``tools``, ``memory``, ``resources``, ``events``, ``jobs``,
-    ``notifications`` and :meth:`info`, over one :class:`BaseClient` (``client.base``).
+    """The MFO (SLOP) API: ``chat``, ``tools``, ``memory``, ``resources``, ``pay``, ``events``,
+    ``jobs``, ``notifications`` and :meth:`info`, over one :class:`BaseClient` (``client.base``).
 
     Usage::
 
@@ -85,6 +97,7 @@ class MFOClient:
         self.tools = ToolsAPI(base)
         self.memory = MemoryAPI(base)
         self.resources = ResourcesAPI(base)
+        self.pay = PayAPI(base)
         self.events = EventsAPI(base)
         self.jobs = JobsAPI(base)
         self.notifications = NotificationsAPI(base)
@@ -101,11 +114,19 @@ class MFOClient:
         breaker: Breaker | None = None,
         rate_limiter: RateLimiter | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
     ) -> MFOClient:
-        """A client for ``cfg.client`` with auth from ``cfg.auth`` unless *auth* is given.
+        """A client for ``cfg.client`` protected as the daemon protects its own.
+
+        ``client.retry``, ``client.circuit_breaker``, ``client.rate_limit`` and
+        ``client.cache`` are applied by the same functions the daemon uses
+        (:mod:`mfo_actors.client._policy`); auth comes from ``cfg.auth``. Each given argument
+        replaces what the config would build (the daemon passes its breaker actor's breaker
+        and its auth refresher's provider, shared by every caller).
 
         Args:
           transport: An httpx transport to use instead of the network (tests).
+          clock: Time for the breaker, rate limit and cache (a ``FakeClock`` in tests).
         """
         http = http_client_from_config(cfg.client, transport=transport)
         return cls(
@@ -113,9 +134,12 @@ class MFOClient:
                 cfg.client.base_url,
                 auth=auth if auth is not None else auth_from_config(cfg.auth, cfg.client, http),
                 http=http,
-                retry=RetryPolicy.from_config(cfg.client.retry),
-                breaker=breaker,
-                rate_limiter=rate_limiter,
+                retry=retry_from_config(cfg.client),
+                breaker=breaker if breaker is not None else breaker_from_config(cfg, clock=clock),
+                rate_limiter=(rate_limiter if rate_limiter is not None
+                              else rate_limiter_from_config(cfg.client, clock=clock)),
+                cache=cache_from_config(cfg.client, clock=clock),
+                metrics=RequestMetrics(cfg.instance),
             ),
             owns_http=True,
         )

@@ -28,9 +28,13 @@ Endpoint map (method, path -> request -> response):
 ``GET  /api/resources``                                            :class:`ResourceList`
 ``GET  /api/resources/{id}``                                       :class:`Resource`
 ``GET  /api/resources/search?q=``                                  :class:`ResourceSearchResults`
+``POST /api/resources``                    :class:`ResourceCreate`  :class:`Resource`
+``POST /api/pay`` + Idempotency-Key        :class:`PaymentCreate`  :class:`Payment`
+``GET  /api/pay/{transaction_id}``                                 :class:`Payment`
 ``POST /api/events`` + Idempotency-Key     event object            :class:`EventAck`
 ``POST /api/jobs``                         :class:`JobCreate`      :class:`Job`
 ``GET  /api/jobs`` / ``/api/jobs/{id}``                            :class:`JobList` / `Job`
+``POST /api/jobs/{id}/cancel``                                     :class:`Job`
 ``GET  /api/notifications``                                        :class:`NotificationList`
 ``POST /api/notifications``                :class:`NotificationCreate`  :class:`Notification`
 ``GET  /api/info``                                                 :class:`Info`
@@ -74,7 +78,10 @@ __all__ = [
     "Notification",
     "NotificationCreate",
     "NotificationList",
+    "Payment",
+    "PaymentCreate",
     "Resource",
+    "ResourceCreate",
     "ResourceList",
     "ResourceSearchResults",
     "ResourceSummary",
@@ -151,6 +158,7 @@ class ChatResponse(_Response, frozen=True):
     message_id: str | None = None
     content: str = ""
     model: str | None = None
+    usage: dict[str, Any] | None = None  # tokens, when the server reports them (OpenAI's names)
 
     def __post_init__(self) -> None:
         if not self.content:
@@ -301,6 +309,17 @@ class ResourceSearchResults(_Response, frozen=True):
     results: list[ResourceSummary]
 
 
+class ResourceCreate(_Request, frozen=True):
+    """``POST /api/resources`` (the seed's ``CreateResource``); the server picks the id unless
+    one is given."""
+
+    title: str
+    content: Any = None
+    type: str = "document"
+    metadata: dict[str, Any] | None = None
+    id: str | None = None
+
+
 class Resource(_Response, frozen=True):
     """``GET /api/resources/{id}``."""
 
@@ -309,6 +328,28 @@ class Resource(_Response, frozen=True):
     type: str | None = None
     content: Any = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    created_at: str | None = None
+
+
+# --- pay (SLOP 4.5) ---------------------------------------------------------------------------
+
+
+class PaymentCreate(_Request, frozen=True):
+    """``POST /api/pay``."""
+
+    amount: float
+    currency: str
+    description: str | None = None
+
+
+class Payment(_Response, frozen=True):
+    """``POST /api/pay`` and ``GET /api/pay/{transaction_id}``."""
+
+    transaction_id: str
+    status: str
+    amount: float | None = None
+    currency: str | None = None
+    description: str | None = None
     created_at: str | None = None
 
 
@@ -338,6 +379,8 @@ class JobCreate(_Request, frozen=True):
 
 
 class Job(_Response, frozen=True):
+    """A job; ``new`` and ``active`` are the states of one not yet finished."""
+
     id: str
     type: str
     status: str  # new | active | done | error

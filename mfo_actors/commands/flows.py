@@ -23,6 +23,7 @@ import anyio
 
 from mfo_actors.actors._runs import StoreRecorder
 from mfo_actors.actors.scheduler import load_instance_flows
+from mfo_actors.actors.sessions import StoreSessions
 from mfo_actors.commands._common import common_parser, print_json, table, with_store
 from mfo_actors.commands.runs import NO_RUN_STORE, fmt_duration, task_table
 from mfo_actors.config import InstanceConfig, load_config
@@ -105,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                              input=run_input)], claim=True)
         print(f"run {run_id} of {flow.name} started", file=sys.stderr)
         try:
-            executor = FlowExecutor(flows, client=client)
+            executor = FlowExecutor(flows, client=client, sessions=StoreSessions(
+                store, cfg.sessions, instance=cfg.instance))
             recorder = StoreRecorder(store, run_id, flow.name, instance=cfg.instance)
             outcome = await executor.run(flow, run_id=run_id, input=run_input,
                                          recorder=recorder, progress=progress)

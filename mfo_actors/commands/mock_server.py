@@ -53,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="full outage for this long after start-up")
     parser.add_argument("--outage-mode", choices=["503", "close"], default="503",
                         help="answer 503 during an outage, or drop the connection")
+    parser.add_argument("--stream-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="pause between two SSE chunks of a streamed chat answer")
+    parser.add_argument("--job-duration", type=float, default=0.0, metavar="SECONDS",
+                        help="time a job takes from new to done (new for its first quarter)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the failure coin")
     parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio",
                         help="async backend (default %(default)s)")
@@ -67,7 +71,7 @@ def _options(args: argparse.Namespace) -> MockOptions:
         raise UserError(f"--fail-rate must be between 0 and 1, got {args.fail_rate}")
     if not 400 <= args.fail_status <= 599:
         raise UserError(f"--fail-status must be 400..599, got {args.fail_status}")
-    for flag in ("latency", "token_lifetime", "outage_for"):
+    for flag in ("latency", "token_lifetime", "outage_for", "stream_delay", "job_duration"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must not be negative")
     if not 0 <= args.port <= 65535:
@@ -77,6 +81,7 @@ def _options(args: argparse.Namespace) -> MockOptions:
         token_lifetime=args.token_lifetime, fail_rate=args.fail_rate,
         fail_status=args.fail_status, retry_after=args.retry_after, latency=args.latency,
         outage_for=args.outage_for, outage_mode=args.outage_mode, seed=args.seed,
+        stream_delay=args.stream_delay, job_duration=args.job_duration,
     )
 
 

@@ -94,9 +94,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     if tasks:
         print()
         print(task_table(tasks))
+        with_output = [t for t in tasks if t.output]
+        if with_output:
+            print()
+            print("task outputs:")
+            for t in with_output:
+                text = json.dumps(redact(t.output), ensure_ascii=False, default=str)
+                print(f"  {t.task_id}: {_clip(text)}")
     else:
         print("no task records")
     return 0
+
+
+OUTPUT_WIDTH = 300  # characters of a task's output JSON shown by ``runs show``
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= OUTPUT_WIDTH else text[: OUTPUT_WIDTH - 3] + "..."
 
 
 # -- rendering (shared with ``flows run``) ---------------------------------------------------

@@ -5,7 +5,7 @@ yields the actors in start order; everything it opened is closed when the block 
 the supervisor has stopped every actor. The supervisor starts the list in order (each once the
 previous is ready) and stops it in reverse, so an actor comes after everything it depends on:
 
-    watchdog, admin, retention, breaker, auth, forwarder, scheduler, listener
+    watchdog, admin, retention, sessions, breaker, auth, forwarder, scheduler, listener
 
 On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
 their store commit), then the scheduler and forwarder drain, and the admin port answers
@@ -30,7 +30,8 @@ from mfo_actors.actors.forwarder import ForwarderActor
 from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.actors.retention import RetentionActor
 from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
-from mfo_actors.client import MFOClient, TokenBucket, http_client_from_config
+from mfo_actors.actors.sessions import SessionsActor, StoreSessions
+from mfo_actors.client import MFOClient, http_client_from_config
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._watchdog import WatchdogActor
@@ -83,13 +84,11 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
 
         breaker = BreakerActor(cfg, clock=ctx.clock)
         auth = AuthRefresherActor(cfg, clock=ctx.clock)
-        rate = cfg.client.rate_limit
-        limiter = (TokenBucket(rate.requests_per_second, rate.burst, clock=ctx.clock)
-                   if rate else None)
-        # One client for the forwarder and the flows: one pool, one breaker, one rate limit.
+        # One client for the forwarder and the flows: one pool, one breaker, one rate limit
+        # (client.rate_limit, built by from_config as for any library caller).
         client = await stack.enter_async_context(
             MFOClient.from_config(cfg, auth=auth.provider, breaker=breaker.breaker,
-                                  rate_limiter=limiter)
+                                  clock=ctx.clock)
         )
         matcher = RunMatcher(flows)
         listener = ListenerActor(cfg, store, match_runs=matcher if matcher else None)
@@ -102,7 +101,8 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
         if cfg.admin.enabled:
             actors.append(AdminActor(cfg.admin, instance=cfg.instance,
                                      readiness=_readiness(cfg, ctx, store, health)))
-        actors += [RetentionActor(cfg, store, clock=ctx.clock), breaker, auth]
+        actors += [RetentionActor(cfg, store, clock=ctx.clock),
+                   SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
             forwarder = ForwarderActor(
                 cfg, store, client.base, breaker.breaker, clock=ctx.clock,
@@ -112,8 +112,10 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             health["forwarder"] = forwarder.health
             actors.append(forwarder)
         if flows:
-            scheduler = SchedulerActor(cfg, store, flows, client=client, clock=ctx.clock,
-                                       breaker_states=breaker.states.subscribe())
+            scheduler = SchedulerActor(
+                cfg, store, flows, client=client, clock=ctx.clock,
+                sessions=StoreSessions(store, cfg.sessions, instance=cfg.instance),
+                breaker_states=breaker.states.subscribe())
             health["scheduler"] = scheduler.health
             actors.append(scheduler)
         if cfg.webhook_listener.enabled:

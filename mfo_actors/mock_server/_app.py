@@ -13,8 +13,21 @@ Routes (all JSON; errors are SLOP's ``{"error": {"code", "message", "status"}}``
   ``require_auth=False``.
 * ``POST /api/events`` records each event and dedupes by ``Idempotency-Key`` (falling back
   to the body's ``id``): 202 the first time, 200 ``"duplicate": true`` after.
+* Chat threads: a ``thread_id`` the server has not seen starts that thread (SLOP's reference
+  implementations echo the client's id), so a client may choose it. Answers carry ``usage``
+  (words counted as tokens). ``POST /api/chat/stream`` sends one SSE chunk per word,
+  ``stream_delay`` seconds apart, the first naming the thread, the last the usage; a client
+  that goes away mid-stream is counted in ``streams_disconnected``.
+* Jobs move through seed 001's states over time: ``new`` for the first quarter of
+  ``job_duration``, ``active`` until it has passed, then ``done`` (result: type and params)
+  or ``error`` for a job of type ``fail``. ``POST /api/jobs/{id}/cancel`` ends a job not yet
+  finished in ``error`` "cancelled" (409 once finished). Job answers are ``Cache-Control:
+  no-store``.
+* ``POST /api/resources`` creates a resource; ``POST /api/pay`` records a payment (deduped by
+  ``Idempotency-Key``), ``GET /api/pay/{id}`` reads it back.
 * Control (never faulted, never authenticated): ``GET|POST /_mock/faults`` (read / change
-  faults at run time), ``GET /_mock/stats``, ``GET /_mock/events``, ``POST /_mock/reset``.
+  faults at run time), ``GET /_mock/stats``, ``GET /_mock/events``, ``GET /_mock/threads``
+  (message counts per thread), ``POST /_mock/reset``.
 
 Faults (constructor :class:`MockOptions` or ``POST /_mock/faults`` with the same keys):
 ``fail_rate`` (fraction of ``/api`` requests answered ``fail_status``, default 503),
@@ -103,6 +116,12 @@ class MockStats(msgspec.Struct, kw_only=True):
     expired_token_requests: int = 0
     unauthorized_requests: int = 0
     faults_injected: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_disconnected: int = 0  # the client closed the connection before [DONE]
+    jobs_created: int = 0
+    jobs_cancelled: int = 0
+    payments: int = 0
 
 
 @dataclass(slots=True)
@@ -247,7 +266,11 @@ class MockMFOServer:
         self._chats: dict[str, m.Chat] = {}
         self._memory: dict[str, m.MemoryItem] = {}
         self._jobs: dict[str, tuple[m.Job, float]] = {}
+        self._cancelled: dict[str, float] = {}  # job id -> when it was cancelled
         self._notifications: list[m.Notification] = []
+        self._resources: dict[str, m.Resource] = {r.id: r for r in _RESOURCES}
+        self._payments: dict[str, m.Payment] = {}
+        self._payment_keys: dict[str, str] = {}  # Idempotency-Key -> transaction id
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -381,6 +404,8 @@ class MockMFOServer:
                 {"id": e.id, "idempotency_key": e.key, "received_at": e.received_at,
                  "count": e.count, "headers": e.headers, "body": e.body}
                 for e in self._event_log]})
+        if path == "/_mock/threads" and method == "GET":
+            return _json({"threads": self.threads})
         if path == "/_mock/faults" and method == "GET":
             return _json(self._fault_view())
         if path == "/_mock/faults" and method == "POST":
@@ -451,7 +476,18 @@ class MockMFOServer:
         self._chats.clear()
         self._memory.clear()
         self._jobs.clear()
+        self._cancelled.clear()
         self._notifications.clear()
+        self._resources = {r.id: r for r in _RESOURCES}
+        self._payments.clear()
+        self._payment_keys.clear()
+
+    @property
+    def threads(self) -> dict[str, dict[str, int]]:
+        """Per thread: how many messages, and how many from the user (for tests)."""
+        return {t.id: {"messages": len(t.messages),
+                       "user_messages": sum(1 for msg in t.messages if msg.role == "user")}
+                for t in self._threads.values()}
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -487,7 +523,7 @@ class MockMFOServer:
             "info": self._api_info, "chat": self._api_chat, "tools": self._api_tools,
             "memory": self._api_memory, "resources": self._api_resources,
             "events": self._api_events, "jobs": self._api_jobs,
-            "notifications": self._api_notifications,
+            "notifications": self._api_notifications, "pay": self._api_pay,
         }.get(group)
         if handler is None:
             raise _HTTPError(404, "not_found", f"no endpoint /api/{group}")
@@ -504,7 +540,9 @@ class MockMFOServer:
             m.InfoEndpoint(path="/api/tools", methods=["GET", "POST"], description="Tools"),
             m.InfoEndpoint(path="/api/memory", methods=["GET", "POST", "PUT", "DELETE"],
                            description="Key-value memory"),
-            m.InfoEndpoint(path="/api/resources", methods=["GET"], description="Resources"),
+            m.InfoEndpoint(path="/api/resources", methods=["GET", "POST"],
+                           description="Resources"),
+            m.InfoEndpoint(path="/api/pay", methods=["GET", "POST"], description="Payments"),
             m.InfoEndpoint(path="/api/events", methods=["POST"],
                            description="Event intake, deduplicated by Idempotency-Key"),
             m.InfoEndpoint(path="/api/jobs", methods=["GET", "POST"], description="Jobs"),
@@ -559,16 +597,18 @@ class MockMFOServer:
                 return _json(m.ChatList(chats=chats[::-1]))
             _allow(method, "POST")
             chat = self._typed(request, m.ChatRequest)
-            thread, chat_id, reply, _ = self._reply_to(chat)
+            thread, chat_id, reply, said = self._reply_to(chat)
             return _json({"id": chat_id, "message": reply, "thread_id": thread.id,
-                          "message_id": reply.id, "model": chat.model or "echo"})
+                          "message_id": reply.id, "model": chat.model or "echo",
+                          "usage": _usage(said, reply.content)})
         if rest == ["stream"]:
             _allow(method, "POST")
             chat = self._typed(request, m.ChatRequest)
-            _, _, reply, _ = self._reply_to(chat)
+            thread, _, reply, said = self._reply_to(chat)
             return Response(200, [("content-type", "text/event-stream"),
                                   ("cache-control", "no-cache")],
-                            stream=self._sse(reply.content))
+                            stream=self._sse(reply.content, thread.id,
+                                             _usage(said, reply.content)))
         if len(rest) == 1:
             _allow(method, "GET")
             key = rest[0]
@@ -584,16 +624,31 @@ class MockMFOServer:
             return _json(found)
         raise _HTTPError(404, "not_found", "no such chat endpoint")
 
-    async def _sse(self, text: str) -> AsyncIterator[bytes]:
+    async def _sse(self, text: str, thread_id: str, usage: dict[str, int]
+                   ) -> AsyncIterator[bytes]:
         delay = self.faults.stream_delay
-        yield b": mfo-mock stream\n\n"  # a comment, as keep-alives are sent
-        words = text.split(" ")
-        for i, word in enumerate(words):
-            chunk = word if i == 0 else " " + word
-            yield b"event: message\ndata: " + _encode({"content": chunk}) + b"\n\n"
-            if delay:
-                await anyio.sleep(delay)
-        yield b"data: [DONE]\n\n"
+        self.stats.streams_started += 1
+        finished = False
+        try:
+            yield b": mfo-mock stream\n\n"  # a comment, as keep-alives are sent
+            words = text.split(" ")
+            for i, word in enumerate(words):
+                chunk: dict[str, Any] = {"content": word if i == 0 else " " + word}
+                if i == 0:
+                    chunk["thread_id"] = thread_id
+                yield b"event: message\ndata: " + _encode(chunk) + b"\n\n"
+                if delay:
+                    await anyio.sleep(delay)
+            yield b"data: " + _encode({"usage": usage}) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+        finally:
+            # The HTTP core closes this generator early when the client goes away.
+            if finished:
+                self.stats.streams_completed += 1
+            else:
+                self.stats.streams_disconnected += 1
+                log.info("mock.stream_disconnected", thread_id=thread_id)
 
     # tools --------------------------------------------------------------------------------
 
@@ -678,23 +733,34 @@ class MockMFOServer:
     # resources ----------------------------------------------------------------------------
 
     async def _api_resources(self, method: str, rest: list[str], request: Request) -> Response:
+        if not rest and method == "POST":
+            create = self._typed(request, m.ResourceCreate)
+            resource_id = create.id or f"res_{new_id()}"
+            if resource_id in self._resources:
+                raise _HTTPError(409, "conflict", f"resource {resource_id} exists")
+            resource = m.Resource(id=resource_id, title=create.title, type=create.type,
+                                  content=create.content, metadata=create.metadata or {},
+                                  created_at=_iso(self._clock()))
+            self._resources[resource_id] = resource
+            return _json(resource, status=201)
         _allow(method, "GET")
         if not rest:
             return _json(m.ResourceList(resources=[
-                m.ResourceSummary(id=r.id, title=r.title, type=r.type) for r in _RESOURCES]))
+                m.ResourceSummary(id=r.id, title=r.title, type=r.type)
+                for r in self._resources.values()]))
         if rest == ["search"]:
             q = " ".join(parse_qs(request.query).get("q", [""])).lower().strip()
             if not q:
                 raise _HTTPError(400, "invalid_request", "Missing required parameter: q")
             results = []
-            for r in _RESOURCES:
+            for r in self._resources.values():
                 title = (r.title or "").lower()
                 if q in title or q in str(r.content).lower():
                     results.append(m.ResourceSummary(id=r.id, title=r.title, type=r.type,
                                                      score=0.98 if q in title else 0.75))
             results.sort(key=lambda s: -(s.score or 0))
             return _json(m.ResourceSearchResults(results=results))
-        found = next((r for r in _RESOURCES if r.id == rest[0]), None) if len(rest) == 1 else None
+        found = self._resources.get(rest[0]) if len(rest) == 1 else None
         if found is None:
             raise _HTTPError(404, "not_found", f"no resource {'/'.join(rest)}")
         return _json(found)
@@ -733,31 +799,77 @@ class MockMFOServer:
     async def _api_jobs(self, method: str, rest: list[str], request: Request) -> Response:
         if not rest:
             if method == "GET":
-                return _json(m.JobList(jobs=[self._job_now(j) for j in self._jobs]))
+                return _no_store(_json(m.JobList(jobs=[self._job_now(j) for j in self._jobs])))
             _allow(method, "POST")
             create = self._typed(request, m.JobCreate)
             now = self._clock()
             job = m.Job(id=f"job_{new_id()}", type=create.type, status="new",
                         params=create.params, created_at=_iso(now), updated_at=_iso(now))
             self._jobs[job.id] = (job, now)
-            return _json(job, status=201)
-        _allow(method, "GET")
-        if len(rest) != 1 or rest[0] not in self._jobs:
+            self.stats.jobs_created += 1
+            return _no_store(_json(job, status=201))
+        if rest[0] not in self._jobs or len(rest) > 2 or (len(rest) == 2 and rest[1] != "cancel"):
             raise _HTTPError(404, "not_found", f"no job {'/'.join(rest)}")
-        return _json(self._job_now(rest[0]))
+        job_id = rest[0]
+        if len(rest) == 2:
+            _allow(method, "POST")
+            current = self._job_now(job_id)
+            if current.status not in ("new", "active"):
+                if job_id in self._cancelled:
+                    return _no_store(_json(current))  # cancelling twice is cancelling once
+                raise _HTTPError(409, "conflict", f"job {job_id} already ended ({current.status})")
+            self._cancelled[job_id] = self._clock()
+            self.stats.jobs_cancelled += 1
+            return _no_store(_json(self._job_now(job_id)))
+        _allow(method, "GET")
+        return _no_store(_json(self._job_now(job_id)))
 
     def _job_now(self, job_id: str) -> m.Job:
-        """A job's state now: active until ``job_duration`` has passed, then done (or error)."""
+        """A job's state now: ``new`` for the first quarter of ``job_duration``, ``active``
+        until it has passed, then done (or error); ``error`` "cancelled" once cancelled."""
         job, created = self._jobs[job_id]
+        duration = self.faults.job_duration
+        cancelled = self._cancelled.get(job_id)
+        if cancelled is not None:
+            return msgspec.structs.replace(job, status="error", error="cancelled",
+                                           updated_at=_iso(cancelled))
         now = self._clock()
-        if now < created + self.faults.job_duration:
-            return msgspec.structs.replace(job, status="active")
-        stamp = _iso(created + self.faults.job_duration)
+        if now < created + duration / 4:
+            return job
+        if now < created + duration:
+            return msgspec.structs.replace(job, status="active",
+                                           updated_at=_iso(created + duration / 4))
+        stamp = _iso(created + duration)
         if job.type == "fail":
             return msgspec.structs.replace(job, status="error", error="the job failed",
                                            updated_at=stamp)
         return msgspec.structs.replace(job, status="done", updated_at=stamp,
                                        result={"type": job.type, "params": job.params})
+
+    # pay ----------------------------------------------------------------------------------
+
+    async def _api_pay(self, method: str, rest: list[str], request: Request) -> Response:
+        if not rest:
+            _allow(method, "POST")
+            key = request.header("idempotency-key")
+            if key and key in self._payment_keys:
+                return _json(self._payments[self._payment_keys[key]])
+            create = self._typed(request, m.PaymentCreate)
+            if not create.amount > 0 or not create.currency:
+                raise _HTTPError(400, "invalid_request", "amount must be > 0, with a currency")
+            payment = m.Payment(transaction_id=f"tx_{new_id()}", status="success",
+                                amount=create.amount, currency=create.currency,
+                                description=create.description, created_at=_iso(self._clock()))
+            self._payments[payment.transaction_id] = payment
+            if key:
+                self._payment_keys[key] = payment.transaction_id
+            self.stats.payments += 1
+            return _json(payment)
+        _allow(method, "GET")
+        found = self._payments.get(rest[0]) if len(rest) == 1 else None
+        if found is None:
+            raise _HTTPError(404, "not_found", f"no payment {'/'.join(rest)}")
+        return _json(found)
 
     # notifications ------------------------------------------------------------------------
 
@@ -776,6 +888,19 @@ class MockMFOServer:
         return _json(note, status=201)
 
 
+def _usage(said: str, reply: str) -> dict[str, int]:
+    """Token counts as a model server reports them (here: words)."""
+    prompt, completion = len(said.split()), len(reply.split())
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _no_store(response: Response) -> Response:
+    """Mark an answer that changes on its own (a job) as not to be cached."""
+    response.headers.append(("cache-control", "no-store"))
+    return response
+
+
 def _allow(method: str, *allowed: str) -> None:
     if method not in allowed:
         raise _HTTPError(405, "method_not_allowed", f"use {' or '.join(allowed)}",
@@ -787,8 +912,9 @@ def _check_faults(faults: MockOptions) -> None:
         raise ValueError("fail_rate must be between 0 and 1")
     if not 400 <= faults.fail_status <= 599:
         raise ValueError("fail_status must be an HTTP error status (400-599)")
-    if faults.latency < 0 or faults.token_lifetime < 0 or faults.stream_delay < 0:
-        raise ValueError("latency, token_lifetime and stream_delay must be >= 0")
+    if faults.latency < 0 or faults.token_lifetime < 0 or faults.stream_delay < 0 \
+            or faults.job_duration < 0:
+        raise ValueError("latency, token_lifetime, stream_delay and job_duration must be >= 0")
     if faults.retry_after is not None and faults.retry_after < 0:
         raise ValueError("retry_after must be >= 0")
     if faults.outage_mode not in ("503", "close"):

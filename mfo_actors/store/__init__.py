@@ -1,4 +1,4 @@
-"""Durable events and run history behind one protocol (SQLite by default, Redis for scale-out)."""
+"""Durable events, run history and chat sessions behind one protocol (SQLite by default)."""
 
 from mfo_actors.store._open import DEFAULT_SQLITE_FILE as DEFAULT_SQLITE_FILE
 from mfo_actors.store._open import open_store as open_store
@@ -8,6 +8,9 @@ from mfo_actors.store._protocol import EventStatus as EventStatus
 from mfo_actors.store._protocol import EventStore as EventStore
 from mfo_actors.store._protocol import RunRecord as RunRecord
 from mfo_actors.store._protocol import RunRequest as RunRequest
+from mfo_actors.store._protocol import SessionOpen as SessionOpen
+from mfo_actors.store._protocol import SessionRecord as SessionRecord
+from mfo_actors.store._protocol import SessionStatus as SessionStatus
 from mfo_actors.store._protocol import StoreClosedError as StoreClosedError
 from mfo_actors.store._protocol import StoredEvent as StoredEvent
 from mfo_actors.store._protocol import StoreError as StoreError
@@ -30,6 +33,9 @@ __all__ = [
     "RunRequest",
     "SQLiteStore",
     "SQLiteStoreStatistics",
+    "SessionOpen",
+    "SessionRecord",
+    "SessionStatus",
     "StoreClosedError",
     "StoreError",
     "StoreFullError",

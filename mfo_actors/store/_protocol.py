@@ -14,6 +14,11 @@ Event lifecycle::
 
 Run lifecycle (seed 001): new --claim_runs--> active --finish_run--> done | error.
 A run found active at start-up was interrupted by a crash (``recover_runs``).
+
+Chat session lifecycle: open_session --> active (record_turn: turns + 1, last_activity now)
+--> closed (``expired`` after the TTL idle, ``evicted`` past max_active, ``closed`` by hand).
+At most one session of a key is active: ``open_session`` decides in one transaction, so two
+runs opening the same new key at once get the same session, and so the same thread.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ __all__ = [
     "EventStore",
     "RunRecord",
     "RunRequest",
+    "SessionOpen",
+    "SessionRecord",
+    "SessionStatus",
     "StoreClosedError",
     "StoreError",
     "StoreFullError",
@@ -43,6 +51,7 @@ __all__ = [
 
 EventStatus = Literal["pending", "claimed", "delivered", "dead"]
 TaskState = Literal["pending", "running", "done", "error", "skipped", "cancelled"]
+SessionStatus = Literal["active", "closed"]
 
 
 class StoreError(MFOError):
@@ -128,6 +137,30 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     interrupted: int = 0  # how many times a crash interrupted this run
     schedule_key: str | None = None  # cron/interval runs: which trigger fired ...
     tick: float | None = None  # ... and for which tick
+
+
+class SessionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One chat session: which MFO thread a key talks in, and how much it has said."""
+
+    session_id: str
+    key: str
+    thread_id: str
+    status: SessionStatus
+    turns: int = 0  # messages answered in this session
+    created_at: float
+    last_activity: float
+    closed_at: float | None = None
+    close_reason: str | None = None  # expired | evicted | closed
+    context: list[dict[str, Any]] = msgspec.field(default_factory=list)  # recent messages
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class SessionOpen(msgspec.Struct, frozen=True, kw_only=True):
+    """What :meth:`EventStore.open_session` did."""
+
+    session: SessionRecord
+    created: bool  # True: a new session (a new thread); False: an active one continued
+    closed: list[SessionRecord] = msgspec.field(default_factory=list)  # closed to make way
 
 
 @runtime_checkable
@@ -271,6 +304,51 @@ class EventStore(Protocol):
 
     async def last_tick(self, flow: str, schedule_key: str) -> float | None:
         """The latest tick recorded for a cron/interval trigger, or None."""
+        ...
+
+    # -- chat sessions --------------------------------------------------------------------
+    async def open_session(
+        self, key: str, *, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionOpen:
+        """The active session of *key*, or a new one talking in *thread_id*, in one transaction.
+
+        An active session idle for *ttl* seconds or more is closed (``expired``) and a new one
+        started. Starting one when *max_active* are active first closes the one idle the
+        longest (``evicted``). Two calls racing on a new key return the same session: the
+        second sees the first's (``created`` False), so both talk in one thread.
+        """
+        ...
+
+    async def record_turn(
+        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
+        context_limit: int = 20, metadata: dict[str, Any] | None = None,
+    ) -> SessionRecord | None:
+        """One exchange happened: ``turns + 1``, ``last_activity`` now, the thread the server
+        answered in, *messages* appended to the context (the last *context_limit* kept),
+        *metadata* merged. Returns the session after the change; None if unknown."""
+        ...
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        """The active session of *key*, else its latest closed one, else None."""
+        ...
+
+    async def list_sessions(
+        self, *, status: SessionStatus | None = None, limit: int = 100
+    ) -> list[SessionRecord]:
+        """Sessions, most recently active first."""
+        ...
+
+    async def close_session(self, key: str, *, reason: str = "closed") -> SessionRecord | None:
+        """Close the active session of *key*; the closed session, or None if none was active."""
+        ...
+
+    async def expire_sessions(self, *, ttl: float) -> list[SessionRecord]:
+        """Close (``expired``) every active session idle for *ttl* seconds or more."""
+        ...
+
+    async def count_sessions(self) -> int:
+        """How many sessions are active (for ``mfo_sessions_active``)."""
         ...
 
     async def aclose(self) -> None:

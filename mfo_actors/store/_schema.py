@@ -86,6 +86,34 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    """Chat sessions: a key chosen in a flow -> an MFO thread, its turns and recent context."""
+    _run_script(
+        conn,
+        """
+        CREATE TABLE sessions (
+            seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id    TEXT    NOT NULL UNIQUE,
+            key           TEXT    NOT NULL,
+            thread_id     TEXT    NOT NULL,
+            status        TEXT    NOT NULL,                     -- active|closed
+            turns         INTEGER NOT NULL DEFAULT 0,
+            created_at    REAL    NOT NULL,
+            last_activity REAL    NOT NULL,
+            closed_at     REAL,
+            close_reason  TEXT,                                 -- expired|evicted|closed
+            context       BLOB    NOT NULL,                     -- JSON list of recent messages
+            metadata      BLOB    NOT NULL                      -- JSON object
+        );
+        -- At most one active session per key: what makes two racing opens share a thread.
+        CREATE UNIQUE INDEX sessions_active_key ON sessions (key) WHERE status = 'active';
+        -- Expiry and eviction (the active session idle the longest first).
+        CREATE INDEX sessions_idle ON sessions (status, last_activity);
+        CREATE INDEX sessions_key ON sessions (key, seq);
+        """
+    )
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
     for statement in script.split(";"):
@@ -94,7 +122,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # MIGRATIONS[i] brings a file from version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

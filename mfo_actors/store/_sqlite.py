@@ -43,6 +43,9 @@ from mfo_actors.store._protocol import (
     EventStatus,
     RunRecord,
     RunRequest,
+    SessionOpen,
+    SessionRecord,
+    SessionStatus,
     StoreClosedError,
     StoredEvent,
     StoreError,
@@ -80,6 +83,10 @@ _RUN_COLS = (
     "error, outputs, interrupted, schedule_key, tick"
 )
 _TASK_COLS = "run_id, task_id, state, attempts, started_at, finished_at, error, output"
+_SESSION_COLS = (
+    "session_id, key, thread_id, status, turns, created_at, last_activity, closed_at, "
+    "close_reason, context, metadata"
+)
 
 # Each source's head (its oldest pending-or-claimed event), found with a loose index scan over
 # events_outbox: one index probe per distinct source, whatever the outbox depth. INDEXED BY is
@@ -212,6 +219,15 @@ def _capped_json(value: dict[str, Any] | None) -> bytes | None:
     return data
 
 
+def _capped_list(messages: list[dict[str, Any]]) -> bytes:
+    """JSON of a session's context; the oldest messages go first past OUTPUT_CAP."""
+    data = _json(messages)
+    while len(data) > OUTPUT_CAP and messages:
+        messages = messages[max(1, len(messages) // 4):]
+        data = _json(messages)
+    return data
+
+
 def _load(data: bytes | None) -> Any:
     return None if data is None else msgspec.json.decode(data)
 
@@ -242,6 +258,26 @@ def _task(row: Sequence[Any]) -> TaskRunRecord:
         run_id=row[0], task_id=row[1], state=row[2], attempts=row[3], started_at=row[4],
         finished_at=row[5], error=row[6], output=_load(row[7]),
     )
+
+
+def _session(row: Sequence[Any]) -> SessionRecord:
+    return SessionRecord(
+        session_id=row[0], key=row[1], thread_id=row[2], status=row[3], turns=row[4],
+        created_at=row[5], last_activity=row[6], closed_at=row[7], close_reason=row[8],
+        context=_load(row[9]) or [], metadata=_load(row[10]) or {},
+    )
+
+
+def _close_sessions(conn: sqlite3.Connection, where: str, params: tuple[Any, ...],
+                    reason: str, now: float) -> list[SessionRecord]:
+    """Close the active sessions matching *where*; returns them as closed."""
+    rows = conn.execute(
+        f"UPDATE sessions SET status = 'closed', closed_at = ?, close_reason = ? "
+        f"WHERE status = 'active' AND {where} RETURNING seq, {_SESSION_COLS}",
+        (now, reason, *params),
+    ).fetchall()
+    rows.sort(key=lambda r: r[0])
+    return [_session(r[1:]) for r in rows]
 
 
 def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> list[Sequence[str]]:
@@ -1006,6 +1042,128 @@ class SQLiteStore:
                 (flow, schedule_key),
             ).fetchone()
             return None if tick is None else float(tick)
+
+        return await self._read(read)
+
+    # -- chat sessions -----------------------------------------------------------------------
+
+    async def open_session(
+        self, key: str, *, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionOpen:
+        """The active session of *key* (closed first if idle past *ttl*), or a new one."""
+        return await self._submit(_Op(partial(
+            self._tx_open_session, key, thread_id, ttl, max(1, max_active), metadata or {})))
+
+    def _tx_open_session(
+        self, key: str, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any], conn: sqlite3.Connection, now: float,
+    ) -> tuple[SessionOpen, _Delta]:
+        row = conn.execute(
+            f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ? AND status = 'active'", (key,)
+        ).fetchone()
+        closed: list[SessionRecord] = []
+        if row is not None:
+            current = _session(row)
+            if current.last_activity + ttl > now:
+                return SessionOpen(session=current, created=False), _NO_CHANGE
+            closed += _close_sessions(conn, "session_id = ?", (current.session_id,),
+                                      "expired", now)
+        (active,) = conn.execute(
+            "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
+        if active >= max_active:
+            closed += _close_sessions(
+                conn, "seq IN (SELECT seq FROM sessions WHERE status = 'active' "
+                "ORDER BY last_activity, seq LIMIT ?)", (active - max_active + 1,),
+                "evicted", now)
+        row = conn.execute(
+            f"INSERT INTO sessions (session_id, key, thread_id, status, turns, created_at, "
+            f"last_activity, context, metadata) VALUES (?, ?, ?, 'active', 0, ?, ?, ?, ?) "
+            f"RETURNING {_SESSION_COLS}",
+            (new_id(), key, thread_id, now, now, b"[]", _json(metadata)),
+        ).fetchone()
+        return SessionOpen(session=_session(row), created=True, closed=closed), _NO_CHANGE
+
+    async def record_turn(
+        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
+        context_limit: int = 20, metadata: dict[str, Any] | None = None,
+    ) -> SessionRecord | None:
+        """Count one exchange of the session and keep its messages in the context."""
+        return await self._submit(_Op(partial(
+            self._tx_record_turn, session_id, thread_id, tuple(messages), context_limit,
+            metadata)))
+
+    def _tx_record_turn(
+        self, session_id: str, thread_id: str, messages: Sequence[dict[str, Any]],
+        limit: int, metadata: dict[str, Any] | None, conn: sqlite3.Connection, now: float,
+    ) -> tuple[SessionRecord | None, _Delta]:
+        row = conn.execute("SELECT context, metadata FROM sessions WHERE session_id = ?",
+                           (session_id,)).fetchone()
+        if row is None:
+            return None, _NO_CHANGE
+        context = [*(_load(row[0]) or []), *messages]
+        context = context[len(context) - limit:] if limit > 0 else []
+        merged = {**(_load(row[1]) or {}), **(metadata or {})}
+        updated = conn.execute(
+            f"UPDATE sessions SET turns = turns + 1, last_activity = MAX(last_activity, ?), "
+            f"thread_id = ?, context = ?, metadata = ? WHERE session_id = ? "
+            f"RETURNING {_SESSION_COLS}",
+            (now, thread_id, _capped_list(context), _json(merged), session_id),
+        ).fetchone()
+        return _session(updated), _NO_CHANGE
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        """The active session of *key*, else its latest closed one."""
+
+        def read(conn: sqlite3.Connection) -> SessionRecord | None:
+            row = conn.execute(
+                f"SELECT {_SESSION_COLS} FROM sessions WHERE key = ? "
+                f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1", (key,)).fetchone()
+            return None if row is None else _session(row)
+
+        return await self._read(read)
+
+    async def list_sessions(
+        self, *, status: SessionStatus | None = None, limit: int = 100
+    ) -> list[SessionRecord]:
+        """Sessions, most recently active first."""
+        sql = f"SELECT {_SESSION_COLS} FROM sessions"
+        params: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            params = (status,)
+        sql += " ORDER BY last_activity DESC, seq DESC LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> list[SessionRecord]:
+            return [_session(r) for r in conn.execute(sql, (*params, max(0, limit)))]
+
+        return await self._read(read)
+
+    async def close_session(self, key: str, *, reason: str = "closed") -> SessionRecord | None:
+        """Close the active session of *key* (None if it had none)."""
+
+        def tx(conn: sqlite3.Connection, now: float) -> tuple[SessionRecord | None, _Delta]:
+            closed = _close_sessions(conn, "key = ?", (key,), reason, now)
+            return (closed[0] if closed else None), _NO_CHANGE
+
+        return await self._submit(_Op(tx))
+
+    async def expire_sessions(self, *, ttl: float) -> list[SessionRecord]:
+        """Close every active session idle for *ttl* seconds or more."""
+
+        def tx(conn: sqlite3.Connection, now: float) -> tuple[list[SessionRecord], _Delta]:
+            return _close_sessions(conn, "last_activity <= ?", (now - ttl,), "expired",
+                                   now), _NO_CHANGE
+
+        return await self._submit(_Op(tx))
+
+    async def count_sessions(self) -> int:
+        """Active sessions."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
+            return int(n)
 
         return await self._read(read)
 

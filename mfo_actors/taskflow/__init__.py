@@ -57,12 +57,20 @@ Running::
 Task types (config keys -> outputs):
 
 ============================  =========================================  ====================
-``mfo.chat``                  message | messages | prompt_file, thread_id  content, thread_id
+``mfo.chat``                  message | messages | prompt_file,          content, thread_id
+                              thread_id | session, stream, model         (usage), session,
+                                                                         turns; stream:
+                                                                         chunks,
+                                                                         first_token_seconds
 ``mfo.event``                 type, payload, source                      id (idempotency key)
 ``mfo.memory.set/get/delete`` key (, value)                              get: value
 ``mfo.tool``                  tool, params                               result
 ``mfo.resource.get``          id                                         the resource's fields
-``mfo.job.create``            type, params                               job_id
+``mfo.resource.create``       title, content, type, metadata, id         the resource's fields
+``mfo.job.create``            type, params, wait, poll_interval,         job_id, status; wait:
+                              timeout, cancel_on_timeout                 states, result
+``mfo.job.cancel``            job_id                                     job_id, status, error
+``mfo.pay``                   amount, currency, description              transaction_id, status
 ``http.request``              method, url, headers, json | body, timeout   status, json, text
 ``set``                       values                                     those values
 ``log``                       message, level                             (none)
@@ -76,7 +84,10 @@ Custom types: ``registry.register("name", factory, config=MyStruct)`` where
 ``@registry.factory("name", config=...)`` / ``@registry.task("name", config=...)`` (the
 latter for ``async def fn(ctx, config)``); installed packages use the entry-point group
 ``mfo_actors.tasks``. Templates are ``${task.key}``, ``${event.payload.x}``,
-``${event.source}``, ``${input.x}``, ``${flow.name}``, ``${run.id}`` (see ``_template``);
+``${event.source}``, ``${input.x}``, ``${flow.name}``, ``${run.id}``, and after an
+``mfo.chat`` with ``session:`` ``${session.thread_id}``, ``${session.turns}`` (see
+``_sessions``; ``_template``). A task that fails may raise :class:`TaskFailure` with an
+``output`` (kept in its record: ``mfo.job.create`` keeps the job id and its states there);
 ``when:`` is a small expression language, never eval (see ``_expr``).
 """
 
@@ -88,7 +99,10 @@ from mfo_actors.taskflow._errors import ClientUnavailableError as ClientUnavaila
 from mfo_actors.taskflow._errors import ExpressionError as ExpressionError
 from mfo_actors.taskflow._errors import ExpressionSyntaxError as ExpressionSyntaxError
 from mfo_actors.taskflow._errors import FlowLoadError as FlowLoadError
+from mfo_actors.taskflow._errors import JobFailedError as JobFailedError
+from mfo_actors.taskflow._errors import SessionsUnavailableError as SessionsUnavailableError
 from mfo_actors.taskflow._errors import SubflowError as SubflowError
+from mfo_actors.taskflow._errors import TaskFailure as TaskFailure
 from mfo_actors.taskflow._errors import TaskflowError as TaskflowError
 from mfo_actors.taskflow._errors import TaskOutputError as TaskOutputError
 from mfo_actors.taskflow._errors import TemplateError as TemplateError
@@ -121,16 +135,19 @@ from mfo_actors.taskflow._registry import TaskFactory as TaskFactory
 from mfo_actors.taskflow._registry import TaskFunc as TaskFunc
 from mfo_actors.taskflow._registry import TaskRegistry as TaskRegistry
 from mfo_actors.taskflow._registry import TaskType as TaskType
+from mfo_actors.taskflow._sessions import SESSION_FIELDS as SESSION_FIELDS
+from mfo_actors.taskflow._sessions import ChatSessions as ChatSessions
 from mfo_actors.taskflow._template import Template as Template
 from mfo_actors.taskflow._template import compile_template as compile_template
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "ClientUnavailableError", "EmptyConfig", "EventMatchSpec",
-    "EventTrigger", "Expression", "ExpressionError", "ExpressionSyntaxError", "Flow",
-    "FlowExecutor", "FlowLoadError", "FlowSpec", "Node", "ProgressCallback", "RetrySpec",
-    "RunOutcome", "RunRecorder", "ScheduleTrigger", "SubflowError", "TaskContext",
-    "TaskFactory", "TaskFunc", "TaskOutcome", "TaskOutputError", "TaskRegistry", "TaskSpec",
-    "TaskType", "TaskflowError", "Template", "TemplateError", "TriggerSpec",
+    "ENTRY_POINT_GROUP", "SESSION_FIELDS", "ChatSessions", "ClientUnavailableError",
+    "EmptyConfig", "EventMatchSpec", "EventTrigger", "Expression", "ExpressionError",
+    "ExpressionSyntaxError", "Flow", "FlowExecutor", "FlowLoadError", "FlowSpec",
+    "JobFailedError", "Node", "ProgressCallback", "RetrySpec", "RunOutcome", "RunRecorder",
+    "ScheduleTrigger", "SessionsUnavailableError", "SubflowError", "TaskContext",
+    "TaskFactory", "TaskFailure", "TaskFunc", "TaskOutcome", "TaskOutputError", "TaskRegistry",
+    "TaskSpec", "TaskType", "TaskflowError", "Template", "TemplateError", "TriggerSpec",
     "UnknownFlowError", "builtin_registry", "check_flows", "compile_expression",
     "compile_template", "default_registry", "event_scope", "load_flow", "load_flow_data",
     "load_flow_text", "load_flows", "to_mermaid",

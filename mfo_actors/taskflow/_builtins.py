@@ -7,6 +7,8 @@ rate limit); without one they fail with :class:`ClientUnavailableError`.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import anyio
@@ -15,7 +17,12 @@ import msgspec
 
 from mfo_actors.config import Duration
 from mfo_actors.taskflow._context import TaskContext
-from mfo_actors.taskflow._errors import ClientUnavailableError
+from mfo_actors.taskflow._errors import (
+    ClientUnavailableError,
+    JobFailedError,
+    SessionsUnavailableError,
+    TaskFailure,
+)
 from mfo_actors.taskflow._registry import TaskFunc, TaskRegistry
 
 __all__ = [
@@ -23,10 +30,13 @@ __all__ = [
     "ConditionConfig",
     "EventConfig",
     "HttpRequestConfig",
+    "JobCancelConfig",
     "JobCreateConfig",
     "LogConfig",
     "MemoryGetConfig",
     "MemorySetConfig",
+    "PayConfig",
+    "ResourceCreateConfig",
     "ResourceGetConfig",
     "SetConfig",
     "SleepConfig",
@@ -43,7 +53,12 @@ class _Cfg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class ChatConfig(_Cfg, frozen=True, kw_only=True):
     """``mfo.chat``: one of ``message``, ``messages`` or ``prompt_file`` (a Markdown template
-    beside the flow file, its ``${...}`` rendered like any config value)."""
+    beside the flow file, its ``${...}`` rendered like any config value).
+
+    ``session: KEY`` continues the chat session of KEY (``${event.payload.user.id}``, say):
+    the same thread until it has been idle ``sessions.ttl``. ``stream: true`` reads the
+    answer as it is produced (SSE) and records ``chunks`` and ``first_token_seconds``.
+    """
 
     template_files: ClassVar[tuple[str, ...]] = ("prompt_file",)
 
@@ -51,11 +66,19 @@ class ChatConfig(_Cfg, frozen=True, kw_only=True):
     messages: list[dict[str, Any]] | None = None
     prompt_file: str | None = None  # at run time: the rendered contents of the file
     thread_id: str | None = None
+    session: str | None = None
+    stream: bool = False
+    model: str | None = None
 
     def __post_init__(self) -> None:
         given = [n for n in ("message", "messages", "prompt_file") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError("mfo.chat needs exactly one of message, messages, prompt_file")
+        if self.session is not None and self.thread_id is not None:
+            raise ValueError("mfo.chat takes session or thread_id, not both "
+                             "(a session chooses its thread)")
+        if self.session is not None and not self.session.strip():
+            raise ValueError("session must not be empty (it names whose conversation this is)")
 
 
 class EventConfig(_Cfg, frozen=True, kw_only=True):
@@ -83,8 +106,47 @@ class ResourceGetConfig(_Cfg, frozen=True, kw_only=True):
 
 
 class JobCreateConfig(_Cfg, frozen=True, kw_only=True):
+    """``mfo.job.create``; with ``wait: true`` the task ends with the job (its result, or
+    its error), polling every ``poll_interval`` for at most ``timeout`` (then the job is
+    cancelled unless ``cancel_on_timeout: false``)."""
+
     type: str
     params: dict[str, Any] = msgspec.field(default_factory=dict)
+    wait: bool = False
+    poll_interval: Duration = Duration(1.0)
+    timeout: Duration | None = None
+    cancel_on_timeout: bool = True
+
+    def __post_init__(self) -> None:
+        if self.poll_interval <= 0:
+            raise ValueError("poll_interval must be greater than 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be greater than 0")
+
+
+class JobCancelConfig(_Cfg, frozen=True, kw_only=True):
+    job_id: str
+
+
+class ResourceCreateConfig(_Cfg, frozen=True, kw_only=True):
+    title: str
+    content: Any = None
+    type: str = "document"
+    metadata: dict[str, Any] | None = None
+    id: str | None = None
+
+
+class PayConfig(_Cfg, frozen=True, kw_only=True):
+    """``mfo.pay`` (SLOP's ``/pay``): sent with a key stable across retries and reruns of
+    the run, so a payment is made once."""
+
+    amount: float
+    currency: str
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.amount > 0:
+            raise ValueError("amount must be greater than 0")
 
 
 class HttpRequestConfig(_Cfg, frozen=True, kw_only=True):
@@ -141,10 +203,63 @@ def _chat(cfg: ChatConfig) -> TaskFunc:
     async def run(ctx: TaskContext) -> dict[str, Any]:
         client = _client(ctx)
         message = cfg.message if cfg.message is not None else cfg.prompt_file
-        reply = await client.chat.send(message, messages=cfg.messages, thread_id=cfg.thread_id)
-        return {"content": reply.content, "thread_id": reply.thread_id}
+        thread_id = cfg.thread_id
+        session: Mapping[str, Any] | None = None
+        keeper = ctx.sessions
+        if cfg.session is not None:
+            if keeper is None:
+                raise SessionsUnavailableError()
+            session = await keeper.open(cfg.session, flow=ctx.flow, run_id=ctx.run_id)
+            thread_id = session["thread_id"]
+        if cfg.stream:
+            out = await _streamed_reply(client, message, cfg.messages, thread_id, cfg.model)
+        else:
+            reply = await client.chat.send(message, messages=cfg.messages, thread_id=thread_id,
+                                           model=cfg.model)
+            out = {"content": reply.content, "thread_id": reply.thread_id or thread_id}
+            if reply.usage:
+                out["usage"] = reply.usage
+        if session is not None and keeper is not None:
+            session = await keeper.record_turn(
+                session, thread_id=out["thread_id"] or session["thread_id"],
+                sent=message if message is not None else _last_user(cfg.messages),
+                reply=out["content"])
+            ctx.set_session(session)
+            out["session"] = session["key"]
+            out["turns"] = session["turns"]
+        return out
 
     return run
+
+
+async def _streamed_reply(client: Any, message: str | None,
+                          messages: list[dict[str, Any]] | None, thread_id: str | None,
+                          model: str | None) -> dict[str, Any]:
+    """Read a streamed answer whole; cancelling closes the HTTP stream (``async with``)."""
+    started = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    async with client.chat.stream(message, messages=messages, thread_id=thread_id,
+                                  model=model) as chunks:
+        async for text in chunks:
+            if first is None:
+                first = time.perf_counter() - started
+            parts.append(text)
+        out: dict[str, Any] = {
+            "content": "".join(parts), "thread_id": chunks.thread_id, "chunks": len(parts),
+            "first_token_seconds": None if first is None else round(first, 6),
+            "stream_seconds": round(time.perf_counter() - started, 6),
+        }  # fmt: skip
+        if chunks.usage:
+            out["usage"] = chunks.usage
+    return out
+
+
+def _last_user(messages: list[dict[str, Any]] | None) -> str | None:
+    for msg in reversed(messages or []):
+        if msg.get("role") == "user" and isinstance(msg.get("content"), str):
+            return str(msg["content"])
+    return None
 
 
 def _event(cfg: EventConfig) -> TaskFunc:
@@ -203,9 +318,73 @@ def _resource_get(cfg: ResourceGetConfig) -> TaskFunc:
 
 def _job_create(cfg: JobCreateConfig) -> TaskFunc:
     async def run(ctx: TaskContext) -> dict[str, Any]:
-        job = await _client(ctx).jobs.create(cfg.type, cfg.params,
-                                             idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
-        return {"job_id": job.id}
+        client = _client(ctx)
+        job = await client.jobs.create(cfg.type, cfg.params,
+                                       idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
+        if not cfg.wait:
+            return {"job_id": job.id, "status": job.status}
+        states = [{"state": job.status, "at": time.time()}]
+        out: dict[str, Any] = {"job_id": job.id, "states": states}
+
+        def seen(now: Any) -> None:
+            if now.status != states[-1]["state"]:
+                states.append({"state": now.status, "at": time.time()})
+                ctx.log.info("taskflow.job_state", job_id=job.id, state=now.status)
+
+        try:
+            final = await client.jobs.wait(job.id, poll_interval=cfg.poll_interval,
+                                           timeout=cfg.timeout, on_status=seen)
+        except TimeoutError:
+            out["status"] = states[-1]["state"]
+            if cfg.cancel_on_timeout:
+                out["cancelled"] = await _cancel_quietly(ctx, client, job.id)
+            raise TaskFailure(f"job {job.id} did not finish within {cfg.timeout:g}s "
+                              f"(still {states[-1]['state']})", output=out) from None
+        out["status"] = final.status
+        if final.status == "done":
+            out["result"] = final.result
+            return out
+        out["error"] = final.error
+        raise JobFailedError(f"job {job.id} ended in {final.status}: "
+                             f"{final.error or 'the server gave no reason'}", output=out)
+
+    return run
+
+
+async def _cancel_quietly(ctx: TaskContext, client: Any, job_id: str) -> bool:
+    """Best effort: the task fails either way, with whether the server took the cancel."""
+    try:
+        await client.jobs.cancel(job_id)
+    except Exception as exc:  # reported in the log; the timeout is the task's error
+        ctx.log.warning("taskflow.job_cancel_failed", job_id=job_id, error=str(exc))
+        return False
+    return True
+
+
+def _job_cancel(cfg: JobCancelConfig) -> TaskFunc:
+    async def run(ctx: TaskContext) -> dict[str, Any]:
+        job = await _client(ctx).jobs.cancel(cfg.job_id)
+        return {"job_id": job.id, "status": job.status, "error": job.error}
+
+    return run
+
+
+def _resource_create(cfg: ResourceCreateConfig) -> TaskFunc:
+    async def run(ctx: TaskContext) -> dict[str, Any]:
+        resource = await _client(ctx).resources.create(
+            cfg.title, cfg.content, type=cfg.type, metadata=cfg.metadata, resource_id=cfg.id,
+            idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
+        out = msgspec.to_builtins(resource)
+        return out if isinstance(out, dict) else {"value": out}
+
+    return run
+
+
+def _pay(cfg: PayConfig) -> TaskFunc:
+    async def run(ctx: TaskContext) -> dict[str, Any]:
+        payment = await _client(ctx).pay.create(cfg.amount, cfg.currency, cfg.description,
+                                                idempotency_key=f"{ctx.run_id}.{ctx.task_id}")
+        return {"transaction_id": payment.transaction_id, "status": payment.status}
 
     return run
 
@@ -280,6 +459,9 @@ def builtin_registry() -> TaskRegistry:
     registry.register("mfo.tool", _tool, config=ToolConfig)
     registry.register("mfo.resource.get", _resource_get, config=ResourceGetConfig)
     registry.register("mfo.job.create", _job_create, config=JobCreateConfig)
+    registry.register("mfo.job.cancel", _job_cancel, config=JobCancelConfig)
+    registry.register("mfo.resource.create", _resource_create, config=ResourceCreateConfig)
+    registry.register("mfo.pay", _pay, config=PayConfig)
     registry.register("http.request", _http_request, config=HttpRequestConfig)
     registry.register("set", _set, config=SetConfig)
     registry.register("log", _log, config=LogConfig)

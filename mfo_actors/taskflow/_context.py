@@ -12,6 +12,7 @@ from mfo_actors.taskflow._template import compile_template
 if TYPE_CHECKING:
     from mfo_actors.taskflow._executor import _Run
     from mfo_actors.taskflow._flow import Node
+    from mfo_actors.taskflow._sessions import ChatSessions
 
 __all__ = ["TaskContext", "event_scope"]
 
@@ -31,6 +32,7 @@ class TaskContext:
       outputs: The template scope: outputs of finished tasks by id (its ancestors' are
         always there), plus ``event``/``input``/``flow``/``run``. Read-only by convention.
       client: The MFO client (``mfo_actors.client.MFOClient``) or None.
+      sessions: The chat session keeper (:class:`ChatSessions`) or None.
     """
 
     __slots__ = ("_node", "_run", "attempt", "config")
@@ -72,6 +74,14 @@ class TaskContext:
     @property
     def client(self) -> Any:
         return self._run.executor.client
+
+    @property
+    def sessions(self) -> ChatSessions | None:
+        return self._run.executor.sessions
+
+    def set_session(self, session: Mapping[str, Any]) -> None:
+        """Make *session* the run's ``${session.…}`` (the last one a task talked in)."""
+        self._run.scope["session"] = dict(session)
 
     @property
     def log(self) -> Any:

@@ -12,11 +12,16 @@
         ├── ExpressionError             a ``when:`` expression failed to evaluate
         ├── TaskOutputError             a task function returned something not a dict
         ├── ClientUnavailableError      an ``mfo.*`` task ran without an MFO client
+        ├── SessionsUnavailableError    ``mfo.chat`` with ``session:`` ran without a store
+        ├── TaskFailure                 a task failed and says what it did (``output``)
+        │   └── JobFailedError          ``mfo.job.create`` waited for a job that ended in error
         ├── UnknownFlowError            ``run``/``subflow`` named a flow that is not loaded
         └── SubflowError                a subflow run ended in error
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from mfo_actors.errors import ConfigError, MFOError, UserError
 
@@ -25,7 +30,10 @@ __all__ = [
     "ExpressionError",
     "ExpressionSyntaxError",
     "FlowLoadError",
+    "JobFailedError",
+    "SessionsUnavailableError",
     "SubflowError",
+    "TaskFailure",
     "TaskOutputError",
     "TaskflowError",
     "TemplateError",
@@ -58,6 +66,30 @@ class ClientUnavailableError(TaskflowError):
             "(pass client= to FlowExecutor)"
         )
         self.task_type = task_type
+
+
+class SessionsUnavailableError(TaskflowError):
+    """``mfo.chat`` with ``session:`` ran, but the executor was given no session keeper."""
+
+    def __init__(self) -> None:
+        super().__init__("chat sessions need a store: this executor has none "
+                         "(pass sessions= to FlowExecutor)")
+
+
+class TaskFailure(TaskflowError):
+    """A task failed; *output* says what it did before (kept in the task's record).
+
+    Raise it (or a subclass) from a task so that ``runs show`` has more than the message:
+    the id of a job and its state history, say.
+    """
+
+    def __init__(self, message: str, *, output: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class JobFailedError(TaskFailure):
+    """A job ``mfo.job.create`` waited for ended in ``error``; the message is the job's."""
 
 
 class UnknownFlowError(TaskflowError):

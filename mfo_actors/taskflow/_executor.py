@@ -43,12 +43,14 @@ from mfo_actors.taskflow._context import TaskContext, event_scope
 from mfo_actors.taskflow._errors import (
     ExpressionError,
     SubflowError,
+    TaskFailure,
     TaskOutputError,
     TemplateError,
     UnknownFlowError,
 )
 from mfo_actors.taskflow._flow import Flow, Node
 from mfo_actors.taskflow._registry import TaskFunc
+from mfo_actors.taskflow._sessions import ChatSessions
 from mfo_actors.taskflow._template import render_tree
 
 __all__ = ["FlowExecutor", "ProgressCallback", "RunOutcome", "RunRecorder", "TaskOutcome"]
@@ -165,6 +167,8 @@ class FlowExecutor:
     Args:
       flows: The loaded flows by name (for :meth:`run` by name and for ``subflow``).
       client: The MFO client handed to tasks as ``ctx.client`` (None: ``mfo.*`` tasks fail).
+      sessions: Chat sessions for ``mfo.chat`` with ``session:`` (``ctx.sessions``; None:
+        those tasks fail).
       limiter: Instance-wide cap on runs at once (``flows.concurrency``); subflows run inside
         their parent's slot and do not take another.
       logger: A structlog logger (default ``get_logger("mfo_actors.taskflow")``).
@@ -175,11 +179,13 @@ class FlowExecutor:
         flows: Mapping[str, Flow] | None = None,
         *,
         client: Any = None,
+        sessions: ChatSessions | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         logger: Any = None,
     ) -> None:
         self.flows: dict[str, Flow] = dict(flows or {})
         self.client = client
+        self.sessions = sessions
         self.limiter = limiter
         self.log = logger if logger is not None else get_logger("mfo_actors.taskflow")
 
@@ -394,7 +400,8 @@ class _Run:
             await self.fail(i, _describe(exc.__cause__ or exc))
             return
         except Exception as exc:
-            await self.fail(i, _describe(exc))
+            await self.fail(i, _describe(exc),
+                            exc.output if isinstance(exc, TaskFailure) else None)
             return
         if out is None:
             out = {}
@@ -487,7 +494,7 @@ class _Run:
 
     # -- state changes ---------------------------------------------------------------------
 
-    async def fail(self, i: int, error: str) -> None:
+    async def fail(self, i: int, error: str, output: dict[str, Any] | None = None) -> None:
         node = self.nodes[i]
         self.state[i] = "error"
         self.errors[i] = error
@@ -498,7 +505,7 @@ class _Run:
                          error=error)
         if self.progress is not None:
             self.progress(node.id, "error")
-        await self.record(node.id, "error", self.attempts[i], None, error, self.started[i],
+        await self.record(node.id, "error", self.attempts[i], output, error, self.started[i],
                           self.finished[i])
         if self.flow.spec.on_failure == "fail_fast":
             self.stopping = True

@@ -28,6 +28,7 @@ from mfo_actors.taskflow._expr import Expression, compile_expression
 from mfo_actors.taskflow._flow import EventTrigger, Flow, Node, ScheduleTrigger
 from mfo_actors.taskflow._model import FlowSpec
 from mfo_actors.taskflow._registry import TaskRegistry
+from mfo_actors.taskflow._sessions import SESSION_FIELDS
 from mfo_actors.taskflow._template import (
     RESERVED_ROOTS,
     Ref,
@@ -220,11 +221,15 @@ class _Compiler:
                     self.fail(f"${{{ref.text}}}: flow has only name and file", *where)
                 if ref.root == "run" and ref.path != ("id",):
                     self.fail(f"${{{ref.text}}}: run has only id", *where)
+                if ref.root == "session":
+                    if ancestors is None and index is not None:
+                        ancestors = self.ancestors(nodes, index)
+                    self.check_session_ref(ref, nodes, ancestors, index, where)
                 continue
             target = next((n for n in nodes if n.id == ref.root), None)
             if target is None:
                 self.fail(f"${{{ref.text}}} names no task of this flow "
-                          f"(nor event, input, flow, run)", *where)
+                          f"(nor event, input, flow, run, session)", *where)
                 continue
             if index is None:
                 continue
@@ -233,6 +238,22 @@ class _Compiler:
             if target.index not in ancestors:
                 self.fail(f"${{{ref.text}}} refers to task {ref.root!r}, which is not an "
                           f"ancestor of {nodes[index].id!r} (add it to dependencies)", *where)
+
+    def check_session_ref(self, ref: Ref, nodes: list[Node], ancestors: set[int] | None,
+                          index: int | None, where: KeyPath) -> None:
+        """``${session.x}``: a session field, set by an ``mfo.chat`` with ``session:`` that
+        runs before (an ancestor; for ``outputs:``, any task of the flow)."""
+        if not ref.path or ref.path[0] not in SESSION_FIELDS:
+            self.fail(f"${{{ref.text}}}: session has only "
+                      f"{', '.join(sorted(SESSION_FIELDS))}", *where)
+            return
+        sources = [n for n in nodes if n.type == "mfo.chat" and "session" in n.spec.config]
+        if index is not None:
+            sources = [n for n in sources if ancestors is not None and n.index in ancestors]
+        if not sources:
+            whose = f"of {nodes[index].id!r} " if index is not None else ""
+            self.fail(f"${{{ref.text}}}: no mfo.chat task with session: runs before it "
+                      f"(add one to the dependencies {whose}first)", *where)
 
     def expression(self, text: str, *path: str | int) -> Expression | None:
         try:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Roots that are not task ids; a task may not be named like one of them.
-RESERVED_ROOTS = frozenset({"event", "input", "flow", "run"})
+RESERVED_ROOTS = frozenset({"event", "input", "flow", "run", "session"})
 
 _TOKEN = re.compile(r"\$\$\{|\$\{([^{}]*)\}")
 _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*|\d+")
@@ -87,6 +87,8 @@ class Ref:
 def _missing_root(root: str) -> str:
     if root == "event":
         return "this run was not started by an event"
+    if root == "session":
+        return "no chat session in this run yet (an mfo.chat task with session: sets it)"
     if root in RESERVED_ROOTS:
         return f"no {root} in this run"
     return f"task {root!r} has no outputs (it was skipped or failed)"

@@ -1,0 +1,123 @@
+"""An optional in-memory cache of GET answers (``client.cache``), as seed 002 suggests.
+
+For data that changes slowly (tool lists, resources, info) polled by many flow runs. Rules:
+
+* only GET, only a 2xx answer (errors are never kept);
+* ``Cache-Control: no-store`` or ``no-cache`` from the server: not kept; ``max-age=N``
+  shortens the entry's life to N seconds (0: not kept);
+* any other call (POST, PUT, DELETE) to an endpoint group, ``/api/memory`` say, drops the
+  cached answers of that group, so a write is never followed by a stale read in this process;
+* at most ``max_entries`` answers, the least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from urllib.parse import urlencode
+
+from mfo_actors.config import CacheConfig
+
+__all__ = ["CachedAnswer", "ResponseCache", "cache_lifetime", "group_of"]
+
+
+def group_of(path: str) -> str:
+    """``/api/memory/k`` -> ``/api/memory``: what a write invalidates."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    return "/" + "/".join(parts[:2])
+
+
+def cache_lifetime(cache_control: str | None, ttl: float) -> float:
+    """Seconds an answer with this ``Cache-Control`` may be kept (0: not at all)."""
+    if not cache_control:
+        return ttl
+    lifetime = ttl
+    for directive in cache_control.lower().split(","):
+        name, _, value = directive.strip().partition("=")
+        if name in ("no-store", "no-cache"):
+            return 0.0
+        if name == "max-age":
+            try:
+                lifetime = min(lifetime, max(0.0, float(value.strip().strip('"'))))
+            except ValueError:
+                return 0.0  # a max-age we cannot read: keep nothing rather than guess
+    return lifetime
+
+
+class CachedAnswer:
+    """A kept 2xx body and when it stops being fresh."""
+
+    __slots__ = ("body", "expires", "group", "status")
+
+    def __init__(self, status: int, body: bytes, expires: float, group: str) -> None:
+        self.status = status
+        self.body = body
+        self.expires = expires
+        self.group = group
+
+
+class ResponseCache:
+    """LRU of fresh GET answers, keyed by URL and query.
+
+    Args:
+      ttl: Seconds an answer is kept at most.
+      max_entries: Answers kept at most.
+      monotonic: Time source (a fake one in tests).
+    """
+
+    def __init__(self, ttl: float, max_entries: int, *,
+                 monotonic: Callable[[], float] | None = None) -> None:
+        self.ttl = float(ttl)
+        self.max_entries = max(1, max_entries)
+        self._now = monotonic if monotonic is not None else time.monotonic
+        self._entries: OrderedDict[str, CachedAnswer] = OrderedDict()
+
+    @classmethod
+    def from_config(cls, cfg: CacheConfig, *, monotonic: Callable[[], float] | None = None
+                    ) -> ResponseCache:
+        return cls(float(cfg.ttl), cfg.max_entries, monotonic=monotonic)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def key(url: str, params: Mapping[str, str] | None) -> str:
+        return url if not params else f"{url}?{urlencode(sorted(params.items()))}"
+
+    def get(self, key: str) -> CachedAnswer | None:
+        """The fresh answer kept under *key*, or None (an expired one is dropped)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= self._now():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, path: str, status: int, headers: Mapping[str, str],
+            body: bytes) -> bool:
+        """Keep a GET answer if the rules allow; returns whether it was kept."""
+        if not 200 <= status < 300:
+            return False
+        lifetime = cache_lifetime(headers.get("cache-control"), self.ttl)
+        if lifetime <= 0:
+            self._entries.pop(key, None)
+            return False
+        self._entries[key] = CachedAnswer(status, body, self._now() + lifetime, group_of(path))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return True
+
+    def invalidate(self, path: str) -> int:
+        """Drop every answer of *path*'s endpoint group; returns how many."""
+        group = group_of(path)
+        stale = [k for k, e in self._entries.items() if e.group == group]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)
+
+    def clear(self) -> None:
+        self._entries.clear()
