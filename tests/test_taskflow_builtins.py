@@ -46,6 +46,7 @@ class Resource(msgspec.Struct):
 
 class Job(msgspec.Struct):
     id: str
+    status: str = "new"
 
 
 class FakeClient:
@@ -117,7 +118,7 @@ class FakeClient:
                          idempotency_key: str | None = None) -> Job:
             self.c.calls.append(("job", type, params))
             self.c.calls.append(("job_key", idempotency_key))
-            return Job(id="J42")
+            return Job(id="J42", status="new")
 
 
 def flow(text: str, file: str = "test.yaml") -> Flow:
@@ -151,7 +152,7 @@ async def test_mfo_tasks_use_the_client() -> None:
     assert client.store == {}
     assert t["tool"].output == {"result": {"sum": 6}}
     assert t["res"].output == {"id": "R1", "name": "doc", "content": "text"}
-    assert t["job"].output == {"job_id": "J42"}
+    assert t["job"].output == {"job_id": "J42", "status": "new"}
     assert ("job", "report", {"for": "doc"}) in client.calls
     assert ("job_key", "RUN1.job") in client.calls and ("tool_key", "RUN1.tool") in client.calls
     assert t["chat"].output == {"content": "reply to n is 1", "thread_id": "TH"}

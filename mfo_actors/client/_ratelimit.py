@@ -28,7 +28,8 @@ class TokenBucket:
     Args:
       requests_per_second: Refill rate; the long-run average rate of :meth:`acquire`.
       burst: Bucket size: how many calls may go at once after a quiet spell. ``None``
-        means ``max(1, requests_per_second)`` (one second's worth).
+        means 1: calls are spaced ``1 / requests_per_second`` apart, so no window of one
+        second ever holds more than ``requests_per_second`` calls.
       clock: Time source (a ``FakeClock`` in tests).
 
     Raises:
@@ -40,7 +41,7 @@ class TokenBucket:
     ) -> None:
         if requests_per_second <= 0:
             raise ValueError(f"requests_per_second must be positive, got {requests_per_second}")
-        size = burst if burst is not None else max(1, int(requests_per_second))
+        size = burst if burst is not None else 1
         if size < 1:
             raise ValueError(f"burst must be at least 1, got {burst}")
         self._rate = float(requests_per_second)

@@ -214,10 +214,11 @@ def _chat(cfg: ChatConfig) -> TaskFunc:
         if cfg.stream:
             out = await _streamed_reply(client, message, cfg.messages, thread_id, cfg.model)
         else:
+            extra = {"model": cfg.model} if cfg.model is not None else {}
             reply = await client.chat.send(message, messages=cfg.messages, thread_id=thread_id,
-                                           model=cfg.model)
+                                           **extra)
             out = {"content": reply.content, "thread_id": reply.thread_id or thread_id}
-            if reply.usage:
+            if getattr(reply, "usage", None):
                 out["usage"] = reply.usage
         if session is not None and keeper is not None:
             session = await keeper.record_turn(
