@@ -39,10 +39,12 @@ class MockServerHandle:
 
 
 @asynccontextmanager
-async def running_mock_server(options: MockOptions | None = None
+async def running_mock_server(options: MockOptions | MockMFOServer | None = None
                               ) -> AsyncIterator[MockServerHandle]:
-    """Serve a fresh :class:`MockMFOServer` on 127.0.0.1, port 0, for the block's duration."""
-    app = MockMFOServer(options or MockOptions(email=EMAIL, password=PASSWORD))
+    """Serve a fresh :class:`MockMFOServer` (or the one given, e.g. with a fake clock) on
+    127.0.0.1, port 0, for the block's duration."""
+    app = options if isinstance(options, MockMFOServer) else MockMFOServer(
+        options or MockOptions(email=EMAIL, password=PASSWORD))
     async with anyio.create_task_group() as tg:
         port = await tg.start(partial(serve_mock_server, app, host="127.0.0.1", port=0))
         try:
