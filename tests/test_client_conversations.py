@@ -4,6 +4,7 @@ stream thread and usage). Against the reference server over real sockets, both b
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import anyio
@@ -80,7 +81,7 @@ class TestFromConfig:
                         seen.append(clock.monotonic())
                     done.set()
         assert seen[-1] - seen[0] >= 2.5
-        assert all(b - a >= 0.5 for a, b in zip(seen, seen[1:], strict=False))
+        assert all(b - a >= 0.5 for a, b in itertools.pairwise(seen))
         assert srv.app.stats.requests == 6
 
     async def test_breaker_and_retry_come_from_the_config(self) -> None:

@@ -184,7 +184,7 @@ class TestSessions:
             assert metric("mfo_sessions_active", instance=h.cfg.instance) == 0
 
     def test_load_checks_session_references(self) -> None:
-        with pytest.raises(ConfigError, match="no mfo.chat task with session"):
+        with pytest.raises(ConfigError, match=r"no mfo\.chat task with session"):
             flow("""
                 name: bad
                 tasks:
