@@ -8,6 +8,11 @@ One file configures one instance (ARCHITECTURE.md, "Instance config"). Loading d
 3. convert to :class:`InstanceConfig` with msgspec (unknown keys and wrong types are errors);
 4. check what a type cannot say (a login without a password, two routes on one path).
 
+Before step 2, environment variables ``MFO_<SECTION>__<KEY>`` (``__`` between levels, e.g.
+``MFO_CLIENT__RETRY__MAX_ATTEMPTS=3``, ``MFO_WEBHOOK_LISTENER__ROUTES__0__VERIFY__SECRET``)
+override the file's values (:func:`apply_env_overrides`); a value is read as a YAML scalar or
+flow collection, and a problem in it names the variable instead of a file line.
+
 Every problem is a :class:`~mfo_actors.errors.ConfigError` naming the file, the dotted key
 path and the YAML line. Durations read ``500ms 30s 1m 1h 1d`` (or a number of seconds),
 sizes ``512KiB 1MiB 1GB`` (or a number of bytes), and ports the seed's Go style ``":8080"``.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -41,10 +47,10 @@ from mfo_actors._yaml import (
     parse_duration,
     parse_size,
     parse_yaml,
-    validation_error,
+    split_validation_error,
 )
 from mfo_actors.errors import ConfigError
-from mfo_actors.observability import register_secret
+from mfo_actors.observability import is_sensitive_key, redact, register_secret
 
 __all__ = [
     "AdminConfig",
@@ -64,8 +70,11 @@ __all__ = [
     "SessionsConfig",
     "Size",
     "StoreConfig",
+    "TlsConfig",
     "VerifyConfig",
     "WebhookListenerConfig",
+    "apply_env_overrides",
+    "dump_config",
     "load_config",
     "load_config_text",
     "parse_duration",
@@ -95,7 +104,8 @@ class CircuitBreakerConfig(_Base, frozen=True):
 
 
 class RateLimitConfig(_Base, frozen=True):
-    """Token bucket shared by every caller of one upstream."""
+    """A token bucket: the client's (shared by every caller of the upstream), or the
+    listener's inbound limits (per route, per client address)."""
 
     requests_per_second: float
     burst: int | None = None  # default 1: calls evenly spaced, never more than the rate
@@ -151,6 +161,9 @@ class VerifyConfig(_Base, frozen=True):
     encoding: Literal["hex", "base64"] = "hex"  # hmac-sha256: how the signature is written
     prefix: str = ""  # hmac-sha256: text before the signature, e.g. "sha256="
     tolerance: Duration = Duration(300.0)  # standard-webhooks: max timestamp skew
+    # After a reload changes ``secret``, the previous one keeps verifying this long, so a
+    # provider rotating its secret is not refused meanwhile (Svix keeps old secrets 24 h).
+    rotation_grace: Duration = Duration(86400.0)
 
 
 class RouteConfig(_Base, frozen=True):
@@ -162,6 +175,26 @@ class RouteConfig(_Base, frozen=True):
     type_from: str | None = None  # "header:NAME" or "json:/pointer"
     body: Literal["json", "raw"] = "json"
     dedupe_header: str | None = None  # delivery-id header, besides webhook-id / X-GitHub-Delivery
+    rate_limit: RateLimitConfig | None = None  # requests to this route; over it: 429
+
+
+class TlsConfig(_Base, frozen=True):
+    """HTTPS on the listener: a PEM certificate chain and its private key (re-read on reload)."""
+
+    cert: str
+    key: str
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context with the certificate loaded (TLS 1.2 or later).
+
+        Raises:
+          OSError: a file cannot be read.
+          ssl.SSLError: the files are not PEM, or the key does not match the certificate.
+        """
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 class WebhookListenerConfig(_Base, frozen=True):
@@ -182,6 +215,9 @@ class WebhookListenerConfig(_Base, frozen=True):
     max_connections: int = 1024
     dedupe_window: Duration = Duration(86400.0)
     retry_after: Duration = Duration(5.0)  # Retry-After sent with 503
+    client_rate_limit: RateLimitConfig | None = None  # per client address, all routes; 429
+    max_clients_tracked: int = 10_000  # client addresses whose buckets are remembered
+    tls: TlsConfig | None = None
 
     def effective_routes(self) -> list[RouteConfig]:
         """The routes list, with the seed's single ``path`` form turned into one route."""
@@ -370,6 +406,98 @@ def _unflatten(node: yaml.Node, struct: type[msgspec.Struct]) -> None:
     node.value = rebuild(kept)
 
 
+ENV_PREFIX = "MFO_"
+ENV_SEPARATOR = "__"
+
+
+class _Where:
+    """Where a key was written: its file and line, or the environment variable that set it."""
+
+    def __init__(self, file: str, lines: LineMap, overrides: Mapping[KeyPath, str]) -> None:
+        self.file = file
+        self.lines = lines
+        self.overrides = overrides
+
+    def error(self, message: str, path: KeyPath) -> ConfigError:
+        for prefix, variable in self.overrides.items():
+            if path[: len(prefix)] == prefix:
+                return ConfigError(message, file=f"environment {variable}",
+                                   key=dotted(path) or None)
+        return ConfigError(message, file=self.file, key=dotted(path) or None,
+                           line=self.lines.line(path))
+
+
+def _env_value(text: str) -> Any:
+    """An override's value read as YAML (``8081`` is a number, ``{a: 1}`` a mapping); text
+    that is not valid YAML is taken as it is."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[KeyPath, str]:
+    """Apply ``MFO_<SECTION>__<KEY>[__<KEY>...]`` variables to the parsed config *data*.
+
+    Names are matched case-insensitively (keys are snake_case, ``WEBHOOK_LISTENER`` is
+    ``webhook_listener``); a number addresses a list item (``ROUTES__0__SOURCE``). Only names
+    with ``__`` are overrides, so ``MFO_EMAIL`` stays an ordinary variable for ``${env:...}``.
+
+    Returns:
+      The key path each variable set, for error messages.
+
+    Raises:
+      ConfigError: a variable addresses something that is not a section or list item.
+    """
+    applied: dict[KeyPath, str] = {}
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or ENV_SEPARATOR not in variable:
+            continue
+        parts = variable[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        path: KeyPath = tuple(int(p) if p.isdigit() else p for p in parts)
+        if not all(isinstance(p, int) or p for p in path) or isinstance(path[0], int):
+            raise ConfigError(f"cannot read {variable} as MFO_<SECTION>__<KEY>",
+                              file=f"environment {variable}")
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            child = _env_child(node, part)
+            if child is None and isinstance(node, list):
+                raise ConfigError(f"no item {part} in {dotted(path[:depth])}",
+                                  file=f"environment {variable}", key=dotted(path))
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict | list):
+                raise ConfigError(f"{dotted(path[: depth + 1])} is not a section",
+                                  file=f"environment {variable}", key=dotted(path))
+            node = child
+        last = path[-1]
+        value = _env_value(environ[variable])
+        if isinstance(value, str) and is_sensitive_key(str(last)):
+            register_secret(value)
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise ConfigError(f"no item {last} in {dotted(path[:-1])}",
+                                  file=f"environment {variable}", key=dotted(path))
+            node[last] = value
+        elif isinstance(last, int):
+            raise ConfigError(f"{dotted(path[:-1])} is not a list",
+                              file=f"environment {variable}", key=dotted(path))
+        else:
+            node[last] = value
+        applied[path] = variable
+    return applied
+
+
+def _env_child(node: Any, part: str | int) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(part, int) and part < len(node):
+        return node[part]
+    return None
+
+
 def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[str, str]) -> str:
     if not name:
         raise ValueError(f"empty secret reference ${{{kind}:}}")
@@ -412,7 +540,7 @@ def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any,
 
 
 def _resolve_secrets(
-    data: Any, *, file: str, lines: LineMap, base_dir: Path, environ: Mapping[str, str]
+    data: Any, *, where: _Where, base_dir: Path, environ: Mapping[str, str]
 ) -> None:
     for path, container, key in list(_walk_strings(data)):
         value: str = container[key]
@@ -425,18 +553,25 @@ def _resolve_secrets(
                     match.group(1), match.group(2), base_dir=base_dir, environ=environ
                 )
             except ValueError as exc:
-                raise ConfigError(
-                    str(exc), file=file, key=dotted(path), line=lines.line(path)
-                ) from None
+                raise where.error(str(exc), path) from None
             register_secret(secret)
             return secret
 
         container[key] = _SECRET_REF.sub(substitute, value)
 
 
-def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
+def _check_rate_limit(limit: RateLimitConfig | None, fail: Any, *path: str | int) -> None:
+    if limit is None:
+        return
+    if limit.requests_per_second <= 0:
+        fail("must be greater than 0", *path, "requests_per_second")
+    if limit.burst is not None and limit.burst < 1:
+        fail("must be at least 1", *path, "burst")
+
+
+def _check_semantics(cfg: InstanceConfig, *, where: _Where) -> None:
     def fail(message: str, *path: str | int) -> None:
-        raise ConfigError(message, file=file, key=dotted(path), line=lines.line(path))
+        raise where.error(message, path)
 
     if not _INSTANCE_NAME.fullmatch(cfg.instance):
         fail("instance name must be letters, digits, '.', '_' or '-' (at most 64)", "instance")
@@ -460,8 +595,16 @@ def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
         fail("must be at least 1.0", "client", "retry", "backoff_multiplier")
     if cfg.client.circuit_breaker.failure_threshold < 1:
         fail("must be at least 1", "client", "circuit_breaker", "failure_threshold")
-    if cfg.client.rate_limit is not None and cfg.client.rate_limit.requests_per_second <= 0:
-        fail("must be greater than 0", "client", "rate_limit", "requests_per_second")
+    _check_rate_limit(cfg.client.rate_limit, fail, "client", "rate_limit")
+    listener = cfg.webhook_listener
+    _check_rate_limit(listener.client_rate_limit, fail, "webhook_listener", "client_rate_limit")
+    if listener.max_clients_tracked < 1:
+        fail("must be at least 1", "webhook_listener", "max_clients_tracked")
+    if listener.tls is not None:
+        try:
+            listener.tls.ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            fail(f"cannot load the certificate and key: {exc}", "webhook_listener", "tls")
     seen: dict[str, int] = {}
     for i, route in enumerate(cfg.webhook_listener.routes):
         if not route.path.startswith("/"):
@@ -477,6 +620,7 @@ def _check_semantics(cfg: InstanceConfig, *, file: str, lines: LineMap) -> None:
         if route.verify and route.verify.scheme == "hmac-sha256" and not route.verify.header:
             fail("hmac-sha256 needs the signature header name",
                  "webhook_listener", "routes", i, "verify", "header")
+        _check_rate_limit(route.rate_limit, fail, "webhook_listener", "routes", i, "rate_limit")
     for name in ("concurrency", "batch_size"):
         if getattr(cfg.forwarder, name) < 1:
             fail("must be at least 1", "forwarder", name)
@@ -527,10 +671,9 @@ def load_config_text(
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping", file=file, line=lines.line(()))
     base_dir = Path(file).parent if file != "<config>" else Path.cwd()
-    _resolve_secrets(
-        data, file=file, lines=lines, base_dir=base_dir,
-        environ=os.environ if environ is None else environ,
-    )
+    env = os.environ if environ is None else environ
+    where = _Where(file, lines, apply_env_overrides(data, env))
+    _resolve_secrets(data, where=where, base_dir=base_dir, environ=env)
     if "source_file" in data:
         raise ConfigError("unknown key", file=file, key="source_file",
                           line=lines.line(("source_file",)))
@@ -540,8 +683,9 @@ def load_config_text(
     try:
         cfg = msgspec.convert(data, InstanceConfig, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
-        raise validation_error(exc, file=file, lines=lines) from None
-    _check_semantics(cfg, file=file, lines=lines)
+        message, path = split_validation_error(exc)
+        raise where.error(message, path) from None
+    _check_semantics(cfg, where=where)
     return cfg
 
 
@@ -562,3 +706,16 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
     except UnicodeDecodeError:
         raise ConfigError("config is not valid UTF-8", file=file) from None
     return load_config_text(text, file=file, environ=environ)
+
+
+def dump_config(cfg: InstanceConfig) -> str:
+    """The effective config as YAML (file, defaults and environment overrides merged), with
+    every secret masked: values resolved from ``${...}`` and keys that name a credential."""
+    data = msgspec.to_builtins(cfg, enc_hook=_plain)
+    data.pop("source_file", None)
+    masked = redact(data)
+    return yaml.safe_dump(masked, sort_keys=False, default_flow_style=False)
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, float) else int(value)

@@ -24,9 +24,11 @@ __all__ = [
     "REDACTED",
     "configure_logging",
     "get_logger",
+    "is_sensitive_key",
     "redact",
     "redact_processor",
     "register_secret",
+    "set_log_level",
 ]
 
 REDACTED = "[REDACTED]"
@@ -74,6 +76,11 @@ def _key_name(key: object) -> str:
 
 def _is_sensitive(key: object) -> bool:
     return isinstance(key, str | bytes) and bool(_SENSITIVE_KEY.search(_key_name(key)))
+
+
+def is_sensitive_key(name: str) -> bool:
+    """Whether a field named *name* holds a credential (``password``, ``secret``, ``token``...)."""
+    return _is_sensitive(name)
 
 
 def _to_builtin(obj: Any) -> Any:
@@ -145,6 +152,7 @@ def configure_logging(
     the same chain (and redaction), as ``stdlib.log`` events.
     """
     global _instance
+    set_log_level(level)
     out = stream or sys.stderr
     if fmt is None:
         fmt = "console" if _isatty(out) else "json"
@@ -165,9 +173,7 @@ def configure_logging(
             redact_processor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=_LevelFilteringLogger,
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=cache,
     )
@@ -179,6 +185,52 @@ def configure_logging(
 
 
 _instance: str | None = None
+_min_level = logging.INFO
+
+
+def set_log_level(level: str) -> None:
+    """Log *level* (debug, info, warning, error) and above from now on, in every logger
+    already made too (a reload changes ``logging.level`` without a restart)."""
+    global _min_level
+    _min_level = logging.getLevelNamesMapping()[level.upper()]
+
+
+class _LevelFilteringLogger(structlog.BoundLoggerBase):
+    """structlog's filtering bound logger, but the level is read on each call (one integer
+    comparison) instead of fixed when the logger class is made, so it can change live."""
+
+    def _at(self, level: int, name: str, event: str | None, args: tuple[Any, ...],
+            kw: dict[str, Any]) -> Any:
+        if level < _min_level:
+            return None
+        if args and isinstance(event, str):
+            event = event % args
+        return self._proxy_to_logger(name, event, **kw)
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.DEBUG, "debug", event, args, kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.INFO, "info", event, args, kw)
+
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.WARNING, "warning", event, args, kw)
+
+    warn = warning
+
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.ERROR, "error", event, args, kw)
+
+    def exception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        kw.setdefault("exc_info", True)
+        return self._at(logging.ERROR, "error", event, args, kw)
+
+    def critical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.CRITICAL, "critical", event, args, kw)
+
+    def log(self, level: int, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        name = logging.getLevelName(level).lower()
+        return self._at(level, "warning" if name == "warn" else name, event, args, kw)
 
 # Without frame locals: structlog cuts each local's repr to 80 characters, and a cut secret
 # no longer matches its registered value, so a prefix of it would escape redaction (locals

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from mfo_actors.config import InstanceConfig, load_config
+from mfo_actors.config import InstanceConfig, dump_config, load_config
 from mfo_actors.errors import ConfigError, UserError
 
 __all__ = ["check_paths", "register"]
@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--config", required=True, metavar="FILE|DIR",
                         help="an instance config file, or a directory of them")
+    parser.add_argument("--print", action="store_true", dest="print_config",
+                        help="print the effective config of each valid file (defaults and "
+                        "MFO_<SECTION>__<KEY> environment overrides applied, secrets masked)")
     parser.set_defaults(func=run_check)
 
 
@@ -39,7 +42,11 @@ def run_check(args: argparse.Namespace) -> int:
     if problems:
         return 1
     for file in ok:
-        print(f"ok: {file}")
+        if args.print_config:
+            print(f"# {file}")
+            print(dump_config(load_config(file)), end="")
+        else:
+            print(f"ok: {file}")
     return 0
 
 

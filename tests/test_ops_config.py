@@ -1,0 +1,98 @@
+"""Operator-facing config and metrics: ``MFO_<SECTION>__<KEY>`` overrides, ``check --print``,
+and ``/metrics`` without ``_created`` series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mfo_actors import cli
+from mfo_actors.config import apply_env_overrides, load_config_text
+from mfo_actors.errors import ConfigError
+from mfo_actors.metrics import EVENTS_RECEIVED, render_metrics
+
+BASE = """
+instance: envtest
+auth: {mode: login, email: a@b.c, password: "${env:PW}"}
+webhook_listener:
+  port: 8080
+  routes:
+    - {path: /hooks/gh, source: github, verify: {scheme: github, secret: file-secret}}
+"""
+
+
+class TestEnvOverrides:
+    def test_overrides_reach_nested_keys_list_items_and_are_typed(self) -> None:
+        env = {
+            "PW": "pw-from-env",
+            "MFO_CLIENT__RETRY__MAX_ATTEMPTS": "3",
+            "MFO_WEBHOOK_LISTENER__PORT": ":9443",
+            "MFO_WEBHOOK_LISTENER__ROUTES__0__VERIFY__SECRET": "${env:PW}",
+            "MFO_WEBHOOK_LISTENER__CLIENT_RATE_LIMIT": "{requests_per_second: 5, burst: 10}",
+            "MFO_LOGGING__LEVEL": "debug",
+            "MFO_EMAIL": "not an override (no __)",
+        }
+        cfg = load_config_text(BASE, file="envtest.yaml", environ=env)
+        assert cfg.client.retry.max_attempts == 3
+        assert cfg.webhook_listener.port == 9443
+        route = cfg.webhook_listener.routes[0]
+        assert route.verify is not None and route.verify.secret == "pw-from-env"
+        limit = cfg.webhook_listener.client_rate_limit
+        assert limit is not None and (limit.requests_per_second, limit.burst) == (5, 10)
+        assert cfg.logging.level == "debug"
+
+    @pytest.mark.parametrize(("name", "value", "expected"), [
+        ("MFO_CLIENT__TIMOUT", "1s",
+         "environment MFO_CLIENT__TIMOUT: client.timout: unknown key"),
+        ("MFO_CLIENT__TIMEOUT", "soon",
+         "environment MFO_CLIENT__TIMEOUT: client.timeout: invalid duration 'soon'"),
+        ("MFO_CLIENT__RETRY__MAX_ATTEMPTS", "0",
+         "environment MFO_CLIENT__RETRY__MAX_ATTEMPTS: client.retry.max_attempts: must be at"),
+        ("MFO_WEBHOOK_LISTENER__ROUTES__5__SOURCE", "x",
+         "environment MFO_WEBHOOK_LISTENER__ROUTES__5__SOURCE: webhook_listener.routes[5]"),
+        ("MFO_INSTANCE__NAME", "x", "environment MFO_INSTANCE__NAME: instance.name: instance is"),
+    ])
+    def test_a_bad_override_names_the_variable(self, name: str, value: str,
+                                               expected: str) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config_text(BASE, file="envtest.yaml", environ={"PW": "x", name: value})
+        assert str(info.value).startswith(expected)
+
+    def test_the_file_line_is_still_named_for_file_errors(self) -> None:
+        with pytest.raises(ConfigError, match=r"^envtest.yaml:3: auth.password: environment"):
+            load_config_text(BASE, file="envtest.yaml", environ={})
+
+    def test_apply_reports_what_each_variable_set(self) -> None:
+        data: dict[str, object] = {"client": {"timeout": "1s"}}
+        applied = apply_env_overrides(data, {"MFO_CLIENT__TIMEOUT": "2s", "OTHER": "1"})
+        assert applied == {("client", "timeout"): "MFO_CLIENT__TIMEOUT"}
+        assert data == {"client": {"timeout": "2s"}}
+
+
+class TestCheckPrint:
+    def test_prints_the_effective_config_with_secrets_masked(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        path = tmp_path / "crm.yaml"
+        path.write_text(BASE.replace("envtest", "crm")
+                        + f"state_dir: {tmp_path}/state\nflows: {{dir: {tmp_path}/flows}}\n")
+        monkeypatch.setenv("PW", "hunter2-password")
+        monkeypatch.setenv("MFO_AUTH__TOKEN", "tok-from-env-123")
+        monkeypatch.setenv("MFO_CLIENT__BASE_URL", "https://mfo.example")
+        assert cli.main(["check", "--config", str(path), "--print"]) == 0
+        out = capsys.readouterr().out
+        assert "base_url: https://mfo.example" in out
+        assert "max_attempts: 8" in out  # defaults are shown too
+        for secret in ("hunter2-password", "tok-from-env-123", "file-secret"):
+            assert secret not in out
+        assert out.count("[REDACTED]") == 3
+
+
+class TestMetrics:
+    def test_no_created_series(self) -> None:
+        EVENTS_RECEIVED.labels("m", "src").inc()
+        text = render_metrics().decode()
+        assert 'mfo_events_received_total{instance="m",source="src"}' in text
+        assert "_created" not in text
