@@ -142,6 +142,8 @@ async def test_wrong_password_logged_once_and_backs_off() -> None:
                         waits.append(round(deadline - clock.monotonic(), 3))
                         await clock.advance_to(deadline)
                         await poll(partial(failed_logins_reach, srv, attempt + 1))
+                # The server counts a login before the refresher has read its answer.
+                await poll(lambda: actor.health()["consecutive_failures"] == 5)
                 health = actor.health()
         assert waits == [1.0, 2.0, 4.0, 8.0]
         assert health["ok"] is False

@@ -34,6 +34,7 @@ import anyio
 import httpx
 import msgspec
 
+from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._stop import cancel_on
 from mfo_actors.client._auth import jwt_expiry
 from mfo_actors.client.errors import (
@@ -225,6 +226,7 @@ class AuthRefresherActor:
         self._rejected_logged = False
         self._issued: str | None = None  # the last token issued; rejections are matched to it
         self._stop = anyio.Event()
+        self._credentials_changed = anyio.Event()
         if cfg.auth.mode == "login":
             if not cfg.auth.email or not cfg.auth.password:
                 raise ValueError("auth.mode login needs auth.email and auth.password")
@@ -289,6 +291,36 @@ class AuthRefresherActor:
                 with anyio.move_on_after(1, shield=True):
                     await http.aclose()
 
+    def prepare_reload(self, update: ConfigUpdate) -> Apply:
+        """New credentials (a rotated password or token) and refresh settings.
+
+        A changed email or password logs in again at once, even while backing off after
+        failures (so fixing a wrong password takes effect now); a changed static token is
+        used from the next request on. ``auth.mode`` itself needs a restart (the daemon
+        reports it) and is kept.
+        """
+        new = update.cfg.auth
+        if new.mode != self._auth.mode:
+            return lambda: None
+        new_login = new.mode == "login" and (new.email, new.password) != (
+            self._auth.email, self._auth.password)
+        new_token = new.mode == "token" and new.token != self._auth.token
+
+        def apply() -> None:
+            self._auth = new
+            if new.password:
+                register_secret(new.password)
+            if new_token and new.token:
+                self.provider.set_token(new.token)
+                self._publish(new.token, None)
+            if new_login:
+                self._rejected_logged = False
+                self._credentials_changed.set()
+            if new_login or new_token:
+                log.info("auth.credentials_changed", mode=new.mode)
+
+        return apply
+
     def request_stop(self) -> None:
         """Stop refreshing (nothing in flight worth finishing: a login can be redone)."""
         self._stop.set()
@@ -313,8 +345,14 @@ class AuthRefresherActor:
         return min(float(self._auth.login_max_backoff), wait)
 
     async def _wait(self, delay: float | None, *, on_rejection: bool) -> None:
-        """Sleep *delay* (None: forever), cut short by a rejection of the current token."""
+        """Sleep *delay* (None: forever), cut short by a rejection of the current token or
+        by new credentials from a reload."""
+        changed = self._credentials_changed
+        if changed.is_set():  # set while we were logging in: the next login uses them
+            self._credentials_changed = anyio.Event()
+            return
         async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_on, changed, tg.cancel_scope)
 
             async def watch_rejections() -> None:
                 async for rejected in self._rejections_rx:
@@ -331,6 +369,8 @@ class AuthRefresherActor:
             else:
                 await self._clock.sleep(delay)
             tg.cancel_scope.cancel()
+        if changed.is_set():
+            self._credentials_changed = anyio.Event()
 
     async def _login(self, http: httpx.AsyncClient) -> float | None:
         """One login. Returns the token's lifetime in seconds (``inf`` if unknown) or None

@@ -67,6 +67,7 @@ import anyio
 import httpx
 import msgspec
 
+from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.client._retry import compute_backoff
 from mfo_actors.client.errors import (
     APIError,
@@ -223,6 +224,16 @@ class ForwarderActor:
         self._last_error: str | None = None
 
     # -- status ------------------------------------------------------------------------
+
+    def prepare_reload(self, update: ConfigUpdate) -> Apply:
+        """A reload changes the retry policy (``client.retry``) of the next failures; the
+        ``forwarder`` section itself needs a restart (its workers are sized at start)."""
+        retry = update.cfg.client.retry
+
+        def apply() -> None:
+            self._retry = retry
+
+        return apply
 
     def health(self) -> dict[str, Any]:
         """For ``/readyz``: busy workers and counts (the forwarder is ready while running)."""

@@ -29,25 +29,43 @@ Decisions (documented here because users see them):
   (they describe this TCP hop, not the event). Signature and auth headers are kept, so the
   MFO server can verify them again; redaction happens when headers are shown or logged
   (``mfo_actors.observability.redact``), never in the store.
+* **Rate limits.** A route's ``rate_limit`` and the listener's ``client_rate_limit`` (per
+  client address) are token buckets checked before the body is read: over either, ``429``
+  with ``Retry-After`` (seconds until the next token, at least 1), nothing stored.
+* **Reload** (:meth:`ListenerActor.prepare_reload`): routes, secrets, rate limits, size and
+  time limits, the TLS certificate and the flows' event triggers change without closing a
+  connection; a request already past its head check finishes under the config it started
+  with. A route whose ``verify.secret`` changed keeps accepting the previous secret for
+  ``verify.rotation_grace`` (in memory: a restart ends the grace period).
 * **Metrics.** ``mfo_events_received_total{source}`` counts stored events;
   ``mfo_events_rejected_total{source,reason}`` counts refusals with reasons ``not_found``,
-  ``method``, ``media_type``, ``size``, ``signature``, ``json``, ``duplicate``, ``full``,
-  ``stopping`` and ``store_error`` (a 413 for a chunked body found too large while streaming
-  is answered by the HTTP core and not counted).
+  ``method``, ``media_type``, ``size``, ``rate_limited``, ``signature``, ``json``,
+  ``duplicate``, ``full``, ``stopping`` and ``store_error`` (a 413 for a chunked body found too
+  large while streaming is answered by the HTTP core and not counted).
 """
 
 from __future__ import annotations
 
 import math
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 
+from mfo_actors.actors._admission import ClientLimiter, RateLimiter
+from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._server_actor import ServerActor
 from mfo_actors.actors._verify import SignatureError, verify
-from mfo_actors.config import InstanceConfig, RouteConfig, WebhookListenerConfig
+from mfo_actors.actors.scheduler import RunMatcher
+from mfo_actors.config import (
+    InstanceConfig,
+    RouteConfig,
+    VerifyConfig,
+    WebhookListenerConfig,
+)
+from mfo_actors.errors import ConfigError
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event, EventStored
@@ -162,16 +180,37 @@ def _parse_for_type(route: _Route, body: bytes) -> Any:
         raise msgspec.DecodeError("JSON is nested too deeply") from None
 
 
+_REJECT_REASONS = ("method", "media_type", "size", "rate_limited", "signature", "json",
+                   "duplicate", "full", "stopping", "store_error")
+
+
 class _Route:
-    """A route with everything precomputed that a request would otherwise recompute."""
+    """A route with everything precomputed that a request would otherwise recompute.
+
+    ``previous`` holds secrets replaced by a reload, each with the monotonic time its grace
+    period ends; ``limiter`` is the route's bucket (kept across reloads that keep the limit).
+    """
 
     __slots__ = (
-        "cfg", "dedupe_headers", "is_json", "received", "rejected", "source", "type_header",
-        "type_pointer",
+        "cfg", "dedupe_headers", "is_json", "limiter", "previous", "received", "rejected",
+        "source", "type_header", "type_pointer",
     )
 
-    def __init__(self, cfg: RouteConfig, instance: str) -> None:
+    def __init__(self, cfg: RouteConfig, instance: str, *, before: _Route | None = None,
+                 now: float = 0.0) -> None:
         self.cfg = cfg
+        self.limiter: RateLimiter | None = None
+        if cfg.rate_limit is not None:
+            same = before is not None and before.limiter is not None \
+                and before.limiter.cfg == cfg.rate_limit
+            self.limiter = before.limiter if same and before else RateLimiter(cfg.rate_limit)
+        self.previous: list[tuple[VerifyConfig, float]] = []
+        old, new = (before.cfg.verify if before else None), cfg.verify
+        if before is not None and old is not None and new is not None:
+            self.previous = [(v, until) for v, until in before.previous
+                             if until > now and v.secret != new.secret]
+            if old.secret != new.secret and new.rotation_grace > 0:
+                self.previous.insert(0, (old, now + float(new.rotation_grace)))
         self.source = cfg.source
         self.is_json = cfg.body == "json"
         self.type_header: str | None = None
@@ -187,9 +226,28 @@ class _Route:
         self.received = EVENTS_RECEIVED.labels(instance, cfg.source)
         self.rejected = {
             reason: EVENTS_REJECTED.labels(instance, cfg.source, reason)
-            for reason in ("method", "media_type", "size", "signature", "json", "duplicate",
-                           "full", "stopping", "store_error")
+            for reason in _REJECT_REASONS
         }
+
+    def verify(self, headers: dict[str, str], body: bytes) -> None:
+        """Check the signature with the route's secret, then with previous ones in grace.
+
+        Raises:
+          SignatureError: no secret in use verifies it (the reason is the current secret's).
+        """
+        assert self.cfg.verify is not None
+        try:
+            verify(self.cfg.verify, headers, body, now=time.time())
+        except SignatureError:
+            now = time.monotonic()
+            for previous, until in self.previous:
+                if until > now:
+                    try:
+                        verify(previous, headers, body, now=time.time())
+                    except SignatureError:
+                        continue
+                    return
+            raise
 
     def event_type(self, headers: dict[str, str], doc: Any) -> str:
         if self.type_header is not None:
@@ -246,12 +304,55 @@ class ListenerActor(ServerActor):
         self._not_found = EVENTS_REJECTED.labels(instance, "", "not_found")
         self._limits = limits_from_config(self._lcfg)
         self._retry_after = [("retry-after", str(max(1, math.ceil(self._lcfg.retry_after))))]
+        self._clients = _client_limiter(self._lcfg, None)
+        self._tls = _tls_context(self._lcfg)
 
     def _make_server(self) -> HttpServer:
-        return HttpServer(self._handle, limits=self._limits, head_check=self._check_head)
+        return HttpServer(self._handle, limits=self._limits, head_check=self._check_head,
+                          tls=self._current_tls)
+
+    def _current_tls(self) -> ssl.SSLContext | None:
+        return self._tls
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the listener serves TLS, else ``http``."""
+        return "http" if self._tls is None else "https"
+
+    def prepare_reload(self, update: ConfigUpdate) -> Apply:
+        """Build the new routes, limits and TLS context (see the module docstring).
+
+        Raises:
+          ConfigError: the TLS certificate or key cannot be loaded.
+        """
+        lcfg = update.cfg.webhook_listener
+        tls = _tls_context(lcfg)
+        now = time.monotonic()
+        routes = {r.path: _Route(r, self._cfg.instance, before=self._routes.get(r.path), now=now)
+                  for r in lcfg.effective_routes()}
+        rotated = sorted(path for path, route in routes.items()
+                         if _secret(route) != _secret(self._routes.get(path)))
+        limits = limits_from_config(lcfg)
+        clients = _client_limiter(lcfg, self._clients)
+        matcher = RunMatcher(update.flows)
+
+        def apply() -> None:
+            self._lcfg = lcfg
+            self._routes = routes
+            self._limits = limits
+            self._retry_after = [("retry-after", str(max(1, math.ceil(lcfg.retry_after))))]
+            self._clients = clients
+            self._tls = tls
+            self._match_runs = matcher if matcher else None
+            if self._server is not None:
+                self._server.update_limits(limits)
+            log.info("listener.reloaded", routes=sorted(routes), secrets_changed=rotated,
+                     tls=tls is not None)
+
+        return apply
 
     def _started(self, port: int) -> None:
-        log.info("listener.started", host=self._lcfg.host, port=port,
+        log.info("listener.started", host=self._lcfg.host, port=port, scheme=self.scheme,
                  routes=sorted(self._routes))
 
     def _stopped(self, server: HttpServer, drained: bool) -> None:
@@ -273,6 +374,13 @@ class ListenerActor(ServerActor):
             return _json_response(405, {"error": "only POST is allowed"}, [("allow", "POST")])
         if self._stopping:
             return self._unavailable(route, "stopping", "shutting down")
+        wait = route.limiter.take() if route.limiter is not None else 0.0
+        if not wait and self._clients is not None and head.client is not None:
+            wait = self._clients.take(head.client[0])
+        if wait:
+            route.rejected["rate_limited"].inc()
+            return _json_response(429, {"error": "rate limit exceeded, retry later"},
+                                  [("retry-after", str(max(1, math.ceil(wait))))])
         if route.is_json and not _is_json_type(head.headers.get("content-type")):
             route.rejected["media_type"].inc()
             return _json_response(
@@ -291,10 +399,9 @@ class ListenerActor(ServerActor):
             return self._unavailable(route, "stopping", "shutting down")
         headers = request.head.headers
         body = request.body
-        verify_cfg = route.cfg.verify
-        if verify_cfg is not None:
+        if route.cfg.verify is not None:
             try:
-                verify(verify_cfg, headers, body, now=time.time())
+                route.verify(headers, body)
             except SignatureError as exc:
                 route.rejected["signature"].inc()
                 log.info("listener.signature_rejected", source=route.source, reason=exc.reason,
@@ -339,3 +446,33 @@ class ListenerActor(ServerActor):
             except Exception as exc:  # the event is stored: a failed wake-up must not fail it
                 log.warning("listener.notify_failed", error=repr(exc))
         return _json_response(202, {"id": result.id})
+
+
+def _secret(route: _Route | None) -> str | None:
+    return route.cfg.verify.secret if route is not None and route.cfg.verify else None
+
+
+def _client_limiter(cfg: WebhookListenerConfig, before: ClientLimiter | None
+                    ) -> ClientLimiter | None:
+    """The per-client limiter for *cfg*: *before* (with its buckets) if the limit is unchanged."""
+    limit = cfg.client_rate_limit
+    if limit is None:
+        return None
+    if before is not None and before.cfg == limit and before.max_clients == cfg.max_clients_tracked:
+        return before
+    return ClientLimiter(limit, max_clients=cfg.max_clients_tracked)
+
+
+def _tls_context(cfg: WebhookListenerConfig) -> ssl.SSLContext | None:
+    """The listener's TLS context, the certificate read now.
+
+    Raises:
+      ConfigError: the certificate or key cannot be loaded.
+    """
+    if cfg.tls is None:
+        return None
+    try:
+        return cfg.tls.ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the certificate and key: {exc}",
+                          key="webhook_listener.tls") from None

@@ -19,6 +19,9 @@ Design, and why:
 * **Max connections.** Beyond ``max_connections`` a new connection is accepted, answered
   ``503`` with ``Retry-After: 1`` and ``Connection: close`` at once, and closed (the request is
   not read), so clients get a clear answer instead of a hanging SYN backlog.
+* **TLS** (optional): each accepted connection is wrapped with anyio's ``TLSStream`` in its
+  own task, the handshake within ``header_timeout``; the context is asked for per connection,
+  so a certificate replaced on reload serves the next connection and open ones keep theirs.
 * **Graceful stop.** :meth:`HttpServer.stop_accepting` closes the listening sockets, closes
   idle keep-alive connections and makes every later response carry ``Connection: close``;
   :meth:`HttpServer.drain` waits for in-flight requests.
@@ -31,7 +34,8 @@ h11's ``RemoteProtocolError``), 408 (body too slow), 413, 431, 500 (the handler 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterable
+import ssl
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -39,6 +43,7 @@ import anyio
 import anyio.abc
 import h11
 import msgspec
+from anyio.streams.tls import TLSStream
 
 from mfo_actors.http._types import Handler, HeadCheck, Request, RequestHead, Response
 from mfo_actors.observability import get_logger
@@ -110,6 +115,8 @@ class HttpServer:
       limits: Sizes, timeouts and the connection cap.
       head_check: Called with the head before the body is read; may answer at once (a
         :class:`Response`: 404, 405, 401...) or return the body size limit for this request.
+      tls: Called for each new connection: the ``SSLContext`` to serve it with (HTTPS), or
+        ``None`` for plain HTTP.
 
     Usage::
 
@@ -128,10 +135,12 @@ class HttpServer:
         *,
         limits: HttpLimits = HttpLimits(),
         head_check: HeadCheck | None = None,
+        tls: Callable[[], ssl.SSLContext | None] | None = None,
     ) -> None:
         self._handler = handler
         self._limits = limits
         self._head_check = head_check
+        self._tls = tls
         self._port: int | None = None
         self._stopping = False
         self._accept_scopes: list[anyio.CancelScope] = []
@@ -161,6 +170,10 @@ class HttpServer:
     def stopping(self) -> bool:
         """True once :meth:`stop_accepting` was called."""
         return self._stopping
+
+    def update_limits(self, limits: HttpLimits) -> None:
+        """Serve with *limits* from now on (a reload): each connection reads them per request."""
+        self._limits = limits
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def serve(
@@ -242,7 +255,7 @@ class HttpServer:
                 with anyio.CancelScope(shield=True):
                     await listener.aclose()
 
-    async def _refuse(self, stream: anyio.abc.SocketStream) -> None:
+    async def _refuse(self, stream: anyio.abc.ByteStream) -> None:
         """Answer 503 to a connection beyond ``max_connections`` and close it."""
         try:
             with anyio.move_on_after(REJECT_SEND_TIMEOUT):
@@ -254,11 +267,15 @@ class HttpServer:
                 await stream.aclose()
 
     # -- one connection ----------------------------------------------------------------------
-    async def _connection(self, stream: anyio.abc.SocketStream, state: _ConnState) -> None:
+    async def _connection(self, stream: anyio.abc.ByteStream, state: _ConnState) -> None:
         linger = False
         try:
+            context = self._tls() if self._tls is not None else None
+            if context is not None:
+                stream = await self._handshake(stream, context)
             linger = await self._serve_connection(stream, state)
-        except (_Timeout, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except (_Timeout, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+                anyio.EndOfStream):
             pass
         except Exception as exc:  # a bug in the core: log it, drop only this connection
             log.error("http.connection_failed", error=repr(exc), exc_info=True)
@@ -272,7 +289,19 @@ class HttpServer:
                 self._conns.discard(state)
                 self._wake_drain()
 
-    async def _serve_connection(self, stream: anyio.abc.SocketStream, state: _ConnState) -> bool:
+    async def _handshake(
+        self, stream: anyio.abc.ByteStream, context: ssl.SSLContext
+    ) -> anyio.abc.ByteStream:
+        """The TLS server handshake within ``header_timeout``; raises _Timeout, or OSError
+        (``ssl.SSLError``) / BrokenResourceError for a client that does not speak TLS."""
+        with anyio.move_on_after(self._limits.header_timeout):
+            # standard_compatible=False: HTTP frames its own messages, so a client closing
+            # without TLS close_notify is no error (as anyio's TLSListener does for HTTP).
+            return await TLSStream.wrap(stream, server_side=True, ssl_context=context,
+                                        standard_compatible=False)
+        raise _Timeout
+
+    async def _serve_connection(self, stream: anyio.abc.ByteStream, state: _ConnState) -> bool:
         """Serve requests until the connection ends; return True to close it lingering."""
         limits = self._limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
@@ -380,7 +409,7 @@ class HttpServer:
 
     async def _read_head(
         self,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         conn: h11.Connection,
         state: _ConnState,
         first: bool,
@@ -420,7 +449,7 @@ class HttpServer:
                 return event  # type: ignore[return-value]
 
     async def _read_body(
-        self, stream: anyio.abc.SocketStream, conn: h11.Connection, limit: int
+        self, stream: anyio.abc.ByteStream, conn: h11.Connection, limit: int
     ) -> bytes | None:
         """The whole body; None when it passes *limit* bytes."""
         if conn.they_are_waiting_for_100_continue:
@@ -454,7 +483,7 @@ class HttpServer:
                 raise anyio.BrokenResourceError
 
     async def _send_simple(
-        self, stream: anyio.abc.SocketStream, conn: h11.Connection, response: Response
+        self, stream: anyio.abc.ByteStream, conn: h11.Connection, response: Response
     ) -> None:
         """Send an error answer of the core, closing the connection afterwards."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -466,7 +495,7 @@ class HttpServer:
 
     async def _send(
         self,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         conn: h11.Connection,
         head: RequestHead | None,
         response: Response,
@@ -514,7 +543,7 @@ class HttpServer:
 
     async def _send_stream(
         self,
-        stream: anyio.abc.SocketStream,
+        stream: anyio.abc.ByteStream,
         conn: h11.Connection,
         status: int,
         headers: list[tuple[bytes, bytes]],
@@ -566,14 +595,14 @@ class HttpServer:
             raise anyio.BrokenResourceError
 
 
-async def _send_within(stream: anyio.abc.SocketStream, data: bytes, seconds: float) -> None:
+async def _send_within(stream: anyio.abc.ByteStream, data: bytes, seconds: float) -> None:
     with anyio.move_on_after(seconds) as scope:
         await stream.send(data)
     if scope.cancelled_caught:
         raise _Timeout
 
 
-async def _linger(stream: anyio.abc.SocketStream) -> None:
+async def _linger(stream: anyio.abc.ByteStream) -> None:
     """Half-close, then discard what the client still sends, so it reads our answer.
 
     Closing a socket with unread input makes the kernel send a reset, and a client still
@@ -585,7 +614,8 @@ async def _linger(stream: anyio.abc.SocketStream) -> None:
         with anyio.move_on_after(LINGER_TIMEOUT):
             while received < LINGER_MAX_BYTES:
                 received += len(await stream.receive(RECEIVE_SIZE))
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+            NotImplementedError):  # TLS before 1.3 has no half-close: just close
         pass
 
 
@@ -631,6 +661,7 @@ async def serve_http(
     port: int,
     limits: HttpLimits = HttpLimits(),
     head_check: HeadCheck | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve *handler* on *host*:*port* until cancelled (see :class:`HttpServer`).
@@ -638,5 +669,6 @@ async def serve_http(
     Calls ``task_status.started(bound_port)`` once listening, so
     ``port = await tg.start(functools.partial(serve_http, handler, host=h, port=0))`` works.
     """
-    server = HttpServer(handler, limits=limits, head_check=head_check)
+    server = HttpServer(handler, limits=limits, head_check=head_check,
+                        tls=None if tls is None else (lambda: tls))
     await server.serve(host, port, task_status=task_status)
