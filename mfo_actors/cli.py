@@ -22,8 +22,8 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 PROG = "mfo-actors"
 
 # Order is the order of ``mfo-actors --help``.
-COMMAND_MODULES = ("run", "check", "demo", "mock_server", "events", "flows", "runs", "sessions",
-                   "chat")
+COMMAND_MODULES = ("run", "check", "reload", "demo", "mock_server", "events", "flows", "runs",
+                   "sessions", "chat")
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

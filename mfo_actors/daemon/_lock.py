@@ -15,7 +15,7 @@ from types import TracebackType
 
 from mfo_actors.errors import UserError
 
-__all__ = ["LOCK_FILE_NAME", "StateDirLock", "StateDirLockedError"]
+__all__ = ["LOCK_FILE_NAME", "StateDirLock", "StateDirLockedError", "running_daemon_pid"]
 
 LOCK_FILE_NAME = "daemon.lock"
 
@@ -98,3 +98,24 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def running_daemon_pid(state_dir: Path) -> int | None:
+    """The pid of the daemon holding *state_dir*'s lock, or None when no daemon holds it.
+
+    The probe takes a shared lock for an instant when it is free, so a daemon starting at
+    that very moment could be told the state dir is busy (it exits 1; systemd restarts it).
+    """
+    try:
+        fd = os.open(state_dir / LOCK_FILE_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_pid(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

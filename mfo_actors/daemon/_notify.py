@@ -2,14 +2,16 @@
 
 The protocol is a few newline-separated ``KEY=VALUE`` lines in one datagram sent to the socket
 named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for Linux's abstract namespace). We send
-``READY=1`` once every actor is ready, ``STATUS=...`` as things change, ``STOPPING=1`` on
-shutdown and ``WATCHDOG=1`` pings when ``$WATCHDOG_USEC`` asks for them. Notifications are
-best effort: a failed send is logged once and never stops the daemon.
+``READY=1`` once every actor is ready, ``STATUS=...`` as things change, ``RELOADING=1`` (with
+``MONOTONIC_USEC``, as ``Type=notify-reload`` requires) then ``READY=1`` around a reload,
+``STOPPING=1`` on shutdown and ``WATCHDOG=1`` pings when ``$WATCHDOG_USEC`` asks for them.
+Notifications are best effort: a failed send is logged once and never stops the daemon.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from types import TracebackType
 
@@ -100,6 +102,12 @@ class SystemdNotifier:
 
     async def ready(self, status: str) -> bool:
         return await self.notify(READY=1, STATUS=status, MAINPID=os.getpid())
+
+    async def reloading(self, status: str = "reloading configuration") -> bool:
+        """``RELOADING=1``; systemd (``Type=notify-reload``, v253+) matches the reload to the
+        signal by ``MONOTONIC_USEC``, the CLOCK_MONOTONIC time of the message."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return await self.notify(RELOADING=1, STATUS=status, MONOTONIC_USEC=usec)
 
     async def stopping(self, status: str) -> bool:
         return await self.notify(STOPPING=1, STATUS=status)

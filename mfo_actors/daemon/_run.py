@@ -2,7 +2,9 @@
 
 Order of events: take the state-dir lock, start the actors under the supervisor, tell systemd
 ``READY=1`` once all are ready, and on the first SIGTERM/SIGINT drain gracefully within
-``shutdown_timeout`` (``STOPPING=1``); a second signal stops at once. Exit codes: 0 after a
+``shutdown_timeout`` (``STOPPING=1``); a second signal stops at once. SIGHUP reloads the
+config and the flows (``daemon/_reload.py``), one reload at a time: signals that arrive during
+a reload are folded into one more. Exit codes: 0 after a
 graceful stop, 1 when the supervisor gave up (restart intensity exceeded) or the daemon
 crashed, 128+N when a second signal N cut the drain short.
 """
@@ -16,12 +18,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import structlog
 
 from mfo_actors import __version__
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._lock import StateDirLock
 from mfo_actors.daemon._notify import SystemdNotifier
+from mfo_actors.daemon._reload import Reloader
 from mfo_actors.daemon._wiring import DaemonContext, open_instance
 from mfo_actors.errors import UserError
 from mfo_actors.observability import get_logger
@@ -34,6 +38,7 @@ log = get_logger("mfo_actors.daemon")
 EXIT_OK = 0
 EXIT_FAILED = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 class _Outcome:
@@ -57,13 +62,32 @@ async def run_instance(
       cfg: The loaded instance config.
       environ: Where ``NOTIFY_SOCKET``/``WATCHDOG_*`` are read (default ``os.environ``).
       stop: Setting it stops the instance like a first SIGTERM (for embedding and tests).
-      handle_signals: Install the SIGTERM/SIGINT handlers (only possible in the main thread).
+      handle_signals: Handle SIGTERM/SIGINT/SIGHUP (only possible in the main thread). The
+        handlers are installed first thing, so a signal that arrives while the store opens
+        waits for the actors instead of killing the process.
 
     Raises:
       UserError: another daemon holds the state dir, or it cannot be created.
     """
     env = os.environ if environ is None else environ
     state_dir = cfg.effective_state_dir
+    with contextlib.ExitStack() as stack:
+        signals = (
+            stack.enter_context(anyio.open_signal_receiver(*STOP_SIGNALS, RELOAD_SIGNAL))
+            if handle_signals else None
+        )
+        return await _run_locked(cfg, state_dir=state_dir, env=env, stop=stop,
+                                 signals=signals)
+
+
+async def _run_locked(
+    cfg: InstanceConfig,
+    *,
+    state_dir: Path,
+    env: Mapping[str, str],
+    stop: anyio.Event | None,
+    signals: AsyncIterator[int] | None,
+) -> int:
     with StateDirLock(state_dir), structlog.contextvars.bound_contextvars(actor="daemon"):
         log.info(
             "daemon.started", instance=cfg.instance, pid=os.getpid(), version=__version__,
@@ -73,7 +97,7 @@ async def run_instance(
         try:
             async with SystemdNotifier.from_environ(env) as notifier:
                 await _serve(cfg, state_dir=state_dir, env=env, notifier=notifier, stop=stop,
-                             handle_signals=handle_signals, outcome=outcome)
+                             signals=signals, outcome=outcome)
         except UserError:
             outcome.exit_code = EXIT_FAILED
             raise
@@ -92,15 +116,16 @@ async def _serve(
     env: Mapping[str, str],
     notifier: SystemdNotifier,
     stop: anyio.Event | None,
-    handle_signals: bool,
+    signals: AsyncIterator[int] | None,
     outcome: _Outcome,
 ) -> None:
     ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env)
     async with open_instance(cfg, ctx) as actors:
         supervisor = Supervisor(actors)
         ctx.supervisor = supervisor
-        await _supervise(cfg, supervisor, len(actors), notifier=notifier, stop=stop,
-                         handle_signals=handle_signals, outcome=outcome)
+        reloader = Reloader(cfg, actors, notifier=notifier, state_dir=state_dir, environ=env)
+        await _supervise(cfg, supervisor, len(actors), reloader=reloader, notifier=notifier,
+                         stop=stop, signals=signals, outcome=outcome)
 
 
 async def _supervise(
@@ -108,9 +133,10 @@ async def _supervise(
     supervisor: Supervisor,
     count: int,
     *,
+    reloader: Reloader,
     notifier: SystemdNotifier,
     stop: anyio.Event | None,
-    handle_signals: bool,
+    signals: AsyncIterator[int] | None,
     outcome: _Outcome,
 ) -> None:
     stopping = anyio.Event()
@@ -122,15 +148,26 @@ async def _supervise(
         log.info("daemon.stopping", signal=reason, timeout_s=cfg.shutdown_timeout)
         supervisor.shutdown(cfg.shutdown_timeout)
 
+    # Size 1: a SIGHUP arriving while one is pending is folded into it.
+    reloads_tx, reloads_rx = anyio.create_memory_object_stream[str](1)
+
+    def request_reload(reason: str) -> None:
+        if stopping.is_set():
+            return
+        log.info("daemon.reload_requested", signal=reason)
+        try:
+            reloads_tx.send_nowait(reason)
+        except anyio.WouldBlock:
+            pass
+
     with contextlib.ExitStack() as stack:
-        # Installed before any actor starts, so an early SIGTERM is a clean stop too.
-        signals = (
-            stack.enter_context(anyio.open_signal_receiver(*STOP_SIGNALS))
-            if handle_signals else None
-        )
+        stack.enter_context(reloads_tx)
+        stack.enter_context(reloads_rx)
         async with anyio.create_task_group() as tg:
             if signals is not None:
-                tg.start_soon(_watch_signals, signals, supervisor, begin_shutdown, outcome)
+                tg.start_soon(_watch_signals, signals, supervisor, begin_shutdown,
+                              request_reload, outcome)
+            tg.start_soon(_reload_loop, reloads_rx, supervisor, reloader, stopping)
             if stop is not None:
                 tg.start_soon(_watch_event, stop, begin_shutdown)
             tg.start_soon(_announce_ready, supervisor, notifier, count)
@@ -150,18 +187,34 @@ async def _watch_signals(
     signals: AsyncIterator[int],
     supervisor: Supervisor,
     begin_shutdown: Callable[[str], None],
+    request_reload: Callable[[str], None],
     outcome: _Outcome,
 ) -> None:
-    """First signal: graceful drain. Second: cancel everything now."""
+    """SIGHUP: reload. First stop signal: graceful drain. Second: cancel everything now."""
     async for signum in signals:
         name = signal.Signals(signum).name
-        if not outcome.signalled:
+        if signum == RELOAD_SIGNAL:
+            request_reload(name)
+        elif not outcome.signalled:
             outcome.signalled = True
             begin_shutdown(name)
         else:
             log.warning("daemon.killing", signal=name)
             outcome.exit_code = 128 + signum
             supervisor.kill()
+
+
+async def _reload_loop(
+    requests: anyio.abc.ObjectReceiveStream[str],
+    supervisor: Supervisor,
+    reloader: Reloader,
+    stopping: anyio.Event,
+) -> None:
+    """Reloads, one at a time, once every actor has started."""
+    await supervisor.ready.wait()
+    async for _reason in requests:
+        if not stopping.is_set():
+            await reloader.reload()
 
 
 async def _watch_event(stop: anyio.Event, begin_shutdown: Callable[[str], None]) -> None:

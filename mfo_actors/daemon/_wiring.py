@@ -111,7 +111,7 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             )
             health["forwarder"] = forwarder.health
             actors.append(forwarder)
-        if flows:
+        if cfg.flows.enabled:  # even with no flows yet: a reload may bring some
             scheduler = SchedulerActor(
                 cfg, store, flows, client=client, clock=ctx.clock,
                 sessions=StoreSessions(store, cfg.sessions, instance=cfg.instance),
