@@ -3,6 +3,7 @@ and ``/metrics`` without ``_created`` series."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -95,4 +96,16 @@ class TestMetrics:
         EVENTS_RECEIVED.labels("m", "src").inc()
         text = render_metrics().decode()
         assert 'mfo_events_received_total{instance="m",source="src"}' in text
-        assert "_created" not in text
+        assert not re.search(r"^\w+_created[{ ]", text, re.MULTILINE)
+
+
+def test_reload_sorts_changed_keys_into_live_and_needs_restart() -> None:
+    from mfo_actors.daemon._reload import is_live, restart_keys_changed
+
+    old = load_config_text(BASE, environ={"PW": "x"})
+    new = load_config_text(BASE.replace("8080", "8081").replace("file-secret", "rotated")
+                           + "store: {max_pending: 5}\nlogging: {level: debug}\n",
+                           environ={"PW": "x"})
+    assert restart_keys_changed(old, new) == ["store.max_pending", "webhook_listener.port"]
+    assert is_live("webhook_listener.routes") and is_live("logging.level")
+    assert not is_live("client.cache") and not is_live("auth.mode")

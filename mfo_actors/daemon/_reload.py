@@ -11,8 +11,8 @@ One reload, in order:
 4. apply every prepared step (none can fail or wait), and the log level;
 5. ``READY=1`` again, and ``<state_dir>/reload.json`` for ``mfo-actors reload``.
 
-Keys that a running daemon cannot change (:data:`RESTART_KEYS`: listen addresses, state dir,
-store, ...) are reported as ``needs_restart`` and keep their running values. Nothing is
+Keys that a running daemon cannot change (all but :data:`LIVE_KEYS`: listen addresses, state
+dir, store, ...) are reported as ``needs_restart`` and keep their running values. Nothing is
 restarted, so no connection is closed and no accepted event is touched.
 """
 
@@ -36,36 +36,37 @@ from mfo_actors.observability import get_logger, set_log_level
 from mfo_actors.runtime import Actor
 from mfo_actors.taskflow import FlowLoadError
 
-__all__ = ["RELOAD_STATUS_FILE", "RESTART_KEYS", "Reloader", "restart_keys_changed"]
+__all__ = ["LIVE_KEYS", "RELOAD_STATUS_FILE", "Reloader", "is_live", "restart_keys_changed"]
 
 log = get_logger("mfo_actors.daemon")
 
 RELOAD_STATUS_FILE = "reload.json"
 
-# Keys a running daemon cannot take: what was bound, opened or sized at start. Every other
-# key changes live (routes, secrets, rate limits, TLS, flows, retry policy, credentials, log
-# level...).
-RESTART_KEYS: tuple[tuple[str, ...], ...] = (
-    ("instance",), ("state_dir",), ("async_backend",), ("uvloop",), ("shutdown_timeout",),
-    ("store",), ("admin",), ("forwarder",), ("sessions",),
-    ("webhook_listener", "enabled"), ("webhook_listener", "host"), ("webhook_listener", "port"),
-    ("client", "base_url"), ("client", "auth_base_url"), ("client", "timeout"),
-    ("client", "max_connections"), ("client", "circuit_breaker"), ("client", "rate_limit"),
-    ("auth", "mode"), ("flows", "enabled"), ("logging", "format"),
+# The keys a running daemon takes (each by the actor that owns it, see ``prepare_reload``), and
+# the exceptions inside them. Every other key was bound, opened or sized at start (listen
+# addresses, state dir, store, client pool, breaker...) and needs a restart: a key added later
+# is safe by default, reported instead of silently ignored.
+LIVE_KEYS = (
+    "webhook_listener", "client.retry", "auth", "flows.dir", "flows.concurrency",
+    "flows.timezone", "flows.catch_up", "logging.level",
 )
+NOT_LIVE_KEYS = (
+    "webhook_listener.enabled", "webhook_listener.host", "webhook_listener.port", "auth.mode",
+)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def is_live(key: str) -> bool:
+    """Whether the dotted *key* can change without a restart."""
+    return _under(key, LIVE_KEYS) and not _under(key, NOT_LIVE_KEYS)
 
 
 def _plain(cfg: InstanceConfig) -> dict[str, Any]:
     data: dict[str, Any] = msgspec.to_builtins(cfg, enc_hook=lambda v: str(v))
     data.pop("source_file", None)
-    return data
-
-
-def _get(data: Any, path: Sequence[str]) -> Any:
-    for key in path:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
     return data
 
 
@@ -80,10 +81,8 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def restart_keys_changed(running: InstanceConfig, new: InstanceConfig) -> list[str]:
-    """The keys of :data:`RESTART_KEYS` that differ between *running* and *new*."""
-    old_data, new_data = _plain(running), _plain(new)
-    return [".".join(path) for path in RESTART_KEYS
-            if _get(old_data, path) != _get(new_data, path)]
+    """The keys that differ between *running* and *new* and need a restart to change."""
+    return [key for key in _changed_keys(_plain(running), _plain(new)) if not is_live(key)]
 
 
 class Reloader:
@@ -156,7 +155,7 @@ class Reloader:
         flows = load_instance_flows(new)
         needs_restart = restart_keys_changed(self._started, new)
         changed = [key for key in _changed_keys(_plain(self._current), _plain(new))
-                   if not any(key == r or key.startswith(r + ".") for r in needs_restart)]
+                   if is_live(key)]
         update = ConfigUpdate(cfg=new, flows=flows)
         steps: list[Apply] = [actor.prepare_reload(update) for actor in self._actors]
         for step in steps:
