@@ -9,8 +9,8 @@ errors back to a key path and line (:func:`split_validation_error`, :func:`valid
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import msgspec
 import yaml
@@ -18,11 +18,13 @@ import yaml
 from mfo_actors.errors import ConfigError
 
 __all__ = [
+    "MAX_PROBLEMS",
     "Duration",
     "KeyPath",
     "LineMap",
     "Port",
     "Size",
+    "convert_collecting",
     "dec_hook",
     "dotted",
     "parse_duration",
@@ -32,6 +34,9 @@ __all__ = [
     "split_validation_error",
     "validation_error",
 ]
+
+
+T = TypeVar("T")
 
 
 class Duration(float):
@@ -143,36 +148,37 @@ class LineMap:
         return self._lines.get(())
 
 
-def _duplicate_key(node: yaml.Node, path: KeyPath = ()) -> tuple[KeyPath, int] | None:
-    """The first key written twice in one mapping (PyYAML would silently keep the last)."""
+def _duplicate_keys(node: yaml.Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, int]]:
+    """Every key written twice in one mapping (PyYAML would silently keep the last)."""
     if isinstance(node, yaml.MappingNode):
         seen: set[Any] = set()
         for key_node, value_node in node.value:
             key = key_node.value
             if key in seen:
-                return (*path, key), key_node.start_mark.line + 1
+                yield (*path, key), key_node.start_mark.line + 1
             seen.add(key)
-            found = _duplicate_key(value_node, (*path, key))
-            if found:
-                return found
+            yield from _duplicate_keys(value_node, (*path, key))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            found = _duplicate_key(item, (*path, i))
-            if found:
-                return found
-    return None
+            yield from _duplicate_keys(item, (*path, i))
 
 
 def parse_yaml(
-    text: str, file: str, *, prepare: Callable[[yaml.Node], None] | None = None
+    text: str,
+    file: str,
+    *,
+    prepare: Callable[[yaml.Node], None] | None = None,
+    problems: list[ConfigError] | None = None,
 ) -> tuple[Any, LineMap]:
     """Parse one YAML document with SafeLoader, keeping the line of every key.
 
     *prepare* may rewrite the node tree first (after the duplicate-key check). An empty
-    document is ``{}``.
+    document is ``{}``. Given a *problems* list, duplicate keys are added to it (the last
+    value wins) instead of raised, so a caller can go on and report everything at once.
 
     Raises:
-      ConfigError: invalid YAML or a duplicate key, with the file and line.
+      ConfigError: invalid YAML (or a duplicate key, without *problems*), with the file and
+        line.
     """
     lines = LineMap()
     try:
@@ -181,10 +187,11 @@ def parse_yaml(
             node = loader.get_single_node()
             if node is None:
                 return {}, lines
-            duplicate = _duplicate_key(node)
-            if duplicate is not None:
-                raise ConfigError("duplicate key", file=file, key=dotted(duplicate[0]),
-                                  line=duplicate[1])
+            for path, at in _duplicate_keys(node):
+                duplicate = ConfigError("duplicate key", file=file, key=dotted(path), line=at)
+                if problems is None:
+                    raise duplicate
+                problems.append(duplicate)
             if prepare is not None:
                 prepare(node)
             lines.record(node)
@@ -207,6 +214,7 @@ def parse_yaml(
 _AT_PATH = re.compile(r" - at `\$(.*)`$")
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+_MISSING_FIELD = re.compile(r"^Object missing required field `([^`]*)`")
 
 
 def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, KeyPath]:
@@ -229,3 +237,58 @@ def validation_error(exc: msgspec.ValidationError, *, file: str, lines: LineMap)
     """*exc* as a ConfigError naming the file, the dotted key path and its line."""
     message, path = split_validation_error(exc)
     return ConfigError(message, file=file, key=dotted(path) or None, line=lines.line(path))
+
+
+MAX_PROBLEMS = 100  # per file: past this many, the file is more wrong than right
+
+
+def convert_collecting(
+    data: Any, tp: type[T], *, limit: int = MAX_PROBLEMS
+) -> tuple[T | None, list[tuple[str, KeyPath]], list[KeyPath]]:
+    """Convert *data* to *tp*, reporting every problem rather than the first.
+
+    msgspec stops at the first invalid value. After each, the key that holds it is removed
+    from *data* (modified in place: its default applies) and conversion runs again, so one
+    bad key never hides another. A problem inside a list item removes the innermost mapping
+    key on its path, never a list item (that would shift the indexes later problems name);
+    a problem with an item itself removes the whole list.
+
+    Returns:
+      ``(value or None, problems as (message, key path), removed key paths)``; the value is
+      None only when a problem could not be removed (the document has the wrong shape).
+    """
+    problems: list[tuple[str, KeyPath]] = []
+    removed: list[KeyPath] = []
+    for _ in range(limit):
+        try:
+            return msgspec.convert(data, tp, dec_hook=dec_hook), problems, removed
+        except msgspec.ValidationError as exc:
+            message, path = split_validation_error(exc)
+            missing = _MISSING_FIELD.match(message)
+            if not (missing and (*path, missing.group(1)) in removed):
+                # (A required key we removed ourselves is not a second problem.)
+                problems.append((message, path))
+            cut = _remove_innermost_key(data, path)
+            if cut is None:
+                break
+            removed.append(cut)
+    return None, problems, removed
+
+
+def _remove_innermost_key(data: Any, path: KeyPath) -> KeyPath | None:
+    """Delete the deepest mapping key on *path* that *data* has; return its path."""
+    for end in range(len(path), 0, -1):
+        key = path[end - 1]
+        if not isinstance(key, str):
+            continue
+        container = data
+        for part in path[: end - 1]:
+            try:
+                container = container[part]
+            except (KeyError, IndexError, TypeError):
+                container = None
+                break
+        if isinstance(container, dict) and key in container:
+            del container[key]
+            return path[:end]
+    return None

@@ -42,12 +42,11 @@ from mfo_actors._yaml import (
     LineMap,
     Port,
     Size,
-    dec_hook,
+    convert_collecting,
     dotted,
     parse_duration,
     parse_size,
     parse_yaml,
-    split_validation_error,
 )
 from mfo_actors.errors import ConfigError
 from mfo_actors.observability import is_sensitive_key, redact, register_secret
@@ -74,6 +73,8 @@ __all__ = [
     "VerifyConfig",
     "WebhookListenerConfig",
     "apply_env_overrides",
+    "check_config",
+    "check_config_text",
     "dump_config",
     "load_config",
     "load_config_text",
@@ -540,24 +541,36 @@ def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any,
 
 
 def _resolve_secrets(
-    data: Any, *, where: _Where, base_dir: Path, environ: Mapping[str, str]
-) -> None:
+    data: Any, *, where: _Where, base_dir: Path, environ: Mapping[str, str],
+    problems: list[ConfigError],
+) -> list[KeyPath]:
+    """Replace every ``${kind:name}`` by its value; return the paths that failed (left as
+    written, their problems added to *problems*)."""
+    failed: list[KeyPath] = []
     for path, container, key in list(_walk_strings(data)):
         value: str = container[key]
         if "${" not in value:
             continue
+        errors: list[str] = []
 
-        def substitute(match: re.Match[str], path: KeyPath = path) -> str:
+        def substitute(match: re.Match[str], errors: list[str] = errors) -> str:
             try:
                 secret = _resolve_secret(
                     match.group(1), match.group(2), base_dir=base_dir, environ=environ
                 )
             except ValueError as exc:
-                raise where.error(str(exc), path) from None
+                errors.append(str(exc))
+                return match.group(0)
             register_secret(secret)
             return secret
 
-        container[key] = _SECRET_REF.sub(substitute, value)
+        resolved = _SECRET_REF.sub(substitute, value)
+        if errors:
+            problems.extend(where.error(e, path) for e in errors)
+            failed.append(path)
+        else:
+            container[key] = resolved
+    return failed
 
 
 def _check_rate_limit(limit: RateLimitConfig | None, fail: Any, *path: str | int) -> None:
@@ -569,10 +582,23 @@ def _check_rate_limit(limit: RateLimitConfig | None, fail: Any, *path: str | int
         fail("must be at least 1", *path, "burst")
 
 
-def _check_semantics(cfg: InstanceConfig, *, where: _Where) -> None:
-    def fail(message: str, *path: str | int) -> None:
-        raise where.error(message, path)
+class _Problems:
+    """The problems found in one file; those under a key already reported are not repeated
+    (a removed key's default must not produce a second, derived complaint)."""
 
+    def __init__(self, where: _Where, reported: list[KeyPath]) -> None:
+        self.where = where
+        self.reported = reported
+        self.found: list[ConfigError] = []
+
+    def add(self, message: str, *path: str | int) -> None:
+        if any(path[: len(r)] == r for r in self.reported):
+            return
+        self.found.append(self.where.error(message, path))
+
+
+def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
+    fail = problems.add
     if not _INSTANCE_NAME.fullmatch(cfg.instance):
         fail("instance name must be letters, digits, '.', '_' or '-' (at most 64)", "instance")
     auth = cfg.auth
@@ -613,7 +639,7 @@ def _check_semantics(cfg: InstanceConfig, *, where: _Where) -> None:
         if route.path in seen:
             fail(f"path {route.path} is already used by routes[{seen[route.path]}]",
                  "webhook_listener", "routes", i, "path")
-        seen[route.path] = i
+        seen.setdefault(route.path, i)
         if route.type_from is not None and not route.type_from.startswith(("header:", "json:/")):
             fail("must be 'header:NAME' or 'json:/pointer'",
                  "webhook_listener", "routes", i, "type_from")
@@ -653,6 +679,53 @@ def _check_semantics(cfg: InstanceConfig, *, where: _Where) -> None:
                  "async_backend")
 
 
+def check_config_text(
+    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None
+) -> tuple[InstanceConfig | None, list[ConfigError]]:
+    """Load an instance config from YAML text, collecting every problem.
+
+    Each problem is reported once: a key found wrong is set aside (its default applies) and
+    the rest of the file is still checked, so one typo does not hide the next. Problems are
+    in file order.
+
+    Returns:
+      ``(config, problems)``: the config is None when the file could not be read as a
+      config at all (invalid YAML, not a mapping); otherwise it is what the file would
+      give with every wrong key set aside.
+    """
+    problems: list[ConfigError] = []
+    try:
+        data, lines = parse_yaml(text, file, prepare=partial(_unflatten, struct=InstanceConfig),
+                                 problems=problems)
+    except ConfigError as exc:
+        return None, [exc]
+    if not isinstance(data, dict):
+        return None, [ConfigError("the config must be a YAML mapping", file=file,
+                                  line=lines.line(()))]
+    base_dir = Path(file).parent if file != "<config>" else Path.cwd()
+    env = os.environ if environ is None else environ
+    try:
+        where = _Where(file, lines, apply_env_overrides(data, env))
+    except ConfigError as exc:
+        return None, [*problems, exc]
+    set_aside = _resolve_secrets(data, where=where, base_dir=base_dir, environ=env,
+                                 problems=problems)
+    if "source_file" in data:
+        problems.append(where.error("unknown key", ("source_file",)))
+        del data["source_file"]
+    if "instance" not in data and file != "<config>":
+        data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
+    data["source_file"] = file
+    cfg, invalid, removed = convert_collecting(data, InstanceConfig)
+    problems.extend(where.error(message, path) for message, path in invalid)
+    if cfg is not None:
+        semantic = _Problems(where, [*set_aside, *removed])
+        _check_semantics(cfg, semantic)
+        problems.extend(semantic.found)
+    problems.sort(key=lambda p: p.line or 0)
+    return cfg, problems
+
+
 def load_config_text(
     text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> InstanceConfig:
@@ -665,28 +738,46 @@ def load_config_text(
         (default: ``os.environ``).
 
     Raises:
-      ConfigError: naming the file, key path and line of the first problem.
+      ConfigError: naming the file, key path and line of the first problem (and how many
+        more there are: ``mfo-actors check`` lists them all).
     """
-    data, lines = parse_yaml(text, file, prepare=partial(_unflatten, struct=InstanceConfig))
-    if not isinstance(data, dict):
-        raise ConfigError("the config must be a YAML mapping", file=file, line=lines.line(()))
-    base_dir = Path(file).parent if file != "<config>" else Path.cwd()
-    env = os.environ if environ is None else environ
-    where = _Where(file, lines, apply_env_overrides(data, env))
-    _resolve_secrets(data, where=where, base_dir=base_dir, environ=env)
-    if "source_file" in data:
-        raise ConfigError("unknown key", file=file, key="source_file",
-                          line=lines.line(("source_file",)))
-    if "instance" not in data and file != "<config>":
-        data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
-    data["source_file"] = file
-    try:
-        cfg = msgspec.convert(data, InstanceConfig, dec_hook=dec_hook)
-    except msgspec.ValidationError as exc:
-        message, path = split_validation_error(exc)
-        raise where.error(message, path) from None
-    _check_semantics(cfg, where=where)
+    cfg, problems = check_config_text(text, file=file, environ=environ)
+    if problems:
+        raise _first_of(problems)
+    assert cfg is not None  # no problem means a config
     return cfg
+
+
+def _first_of(problems: list[ConfigError]) -> ConfigError:
+    first = problems[0]
+    if len(problems) == 1:
+        return first
+    more = len(problems) - 1
+    return ConfigError(
+        f"{first.message} (and {more} more problem{'s' if more > 1 else ''}: "
+        "mfo-actors check --config lists them)",
+        file=first.file, key=first.key, line=first.line,
+    )
+
+
+def _read_config(file: str) -> str:
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=file) from None
+    except UnicodeDecodeError:
+        raise ConfigError("config is not valid UTF-8", file=file) from None
+
+
+def check_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+                 ) -> tuple[InstanceConfig | None, list[ConfigError]]:
+    """Load the instance config file at *path*, collecting every problem (``check``)."""
+    file = os.fspath(path)
+    try:
+        text = _read_config(file)
+    except ConfigError as exc:
+        return None, [exc]
+    return check_config_text(text, file=file, environ=environ)
 
 
 def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
@@ -699,13 +790,7 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
       ConfigError: the file cannot be read, or names the key path and line of the problem.
     """
     file = os.fspath(path)
-    try:
-        text = Path(file).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config: {exc.strerror or exc}", file=file) from None
-    except UnicodeDecodeError:
-        raise ConfigError("config is not valid UTF-8", file=file) from None
-    return load_config_text(text, file=file, environ=environ)
+    return load_config_text(_read_config(file), file=file, environ=environ)
 
 
 def dump_config(cfg: InstanceConfig) -> str:

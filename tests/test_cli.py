@@ -6,6 +6,7 @@ import argparse
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -99,11 +100,13 @@ class TestCheck:
             return [f"{flows_dir}/x.yaml:3: tasks[0].type: unknown task type"]
 
         monkeypatch.setattr(taskflow, "check_flows", check_flows, raising=False)
-        (tmp_path / "a.yaml").write_text("flows: {dir: /tmp/some-flows}\n")
+        flows = tmp_path / "some-flows"
+        flows.mkdir()
+        (tmp_path / "a.yaml").write_text(f"flows: {{dir: {flows}}}\n")
         assert cli.main(["check", "--config", str(tmp_path / "a.yaml")]) == 1
-        assert seen == ["/tmp/some-flows"]
+        assert seen == [str(flows)]
         assert capsys.readouterr().out.splitlines() == [
-            "/tmp/some-flows/x.yaml:3: tasks[0].type: unknown task type"
+            f"{flows}/x.yaml:3: tasks[0].type: unknown task type"
         ]
 
     def test_missing_path(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -129,14 +132,15 @@ class TestUserErrors:
         assert "run" in capsys.readouterr().err
 
     def _with_command(self, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-        def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-            def boom(_args: argparse.Namespace) -> int:
-                raise error
+        """A ``boom`` command whose module raises *error* when it runs."""
 
-            sub.add_parser("boom").set_defaults(func=boom)
+        def boom(_args: argparse.Namespace) -> int:
+            raise error
 
-        real = cli._load_registrars
-        monkeypatch.setattr(cli, "_load_registrars", lambda: [*real(), register])
+        module = types.ModuleType("tests._boom_command")
+        module.configure = lambda parser: parser.set_defaults(func=boom)  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        monkeypatch.setitem(cli.COMMANDS, "boom", cli.Command(module.__name__, "fails"))
 
     def test_multiline_user_error_is_one_line(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -165,10 +169,47 @@ class TestUserErrors:
         with pytest.raises(ZeroDivisionError):
             cli.main(["boom"])
 
-    def test_missing_command_modules_are_skipped(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", ("check", "does_not_exist"))
-        parser = cli.build_parser()
-        assert "check" in parser.format_help()
+    def test_every_command_module_configures_its_parser(self) -> None:
+        """No command is silently missing: each listed module exists and has ``configure``."""
+        parser = cli.build_parser(commands=list(cli.COMMANDS))
+        for name in cli.COMMANDS:
+            assert name in parser.format_help()
+            with pytest.raises(SystemExit):
+                parser.parse_args([name, "--help"])
+
+
+class TestFastStart:
+    def test_version_and_help_import_no_command_or_daemon_code(self) -> None:
+        """``--version`` and ``--help`` answer without importing any command module."""
+        probe = (
+            "import sys\n"
+            "from mfo_actors import cli\n"
+            "for argv in (['--version'], ['--help'], ['bogus']):\n"
+            "    try:\n"
+            "        cli.main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('mfo_actors.', 'anyio',\n"
+            "                'httpx', 'structlog', 'msgspec', 'yaml', 'trio')))\n"
+            "print(loaded, file=sys.stderr)\n"
+            "assert loaded == ['mfo_actors.cli', 'mfo_actors.errors'], loaded\n"
+        )
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+
+    def test_a_command_imports_only_its_own_module(self) -> None:
+        probe = (
+            "import sys\n"
+            "from mfo_actors import cli\n"
+            "cli.main(['check', '--config', 'config/example.yaml'])\n"
+            "assert not any(m.startswith(('mfo_actors.commands.run', 'mfo_actors.daemon',\n"
+            "               'mfo_actors.actors', 'httpx', 'mfo_actors.mock_server'))\n"
+            "               for m in sys.modules), sorted(sys.modules)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                timeout=60, check=False, cwd=REPO)
+        assert result.returncode == 0, result.stderr
 
 
 class TestDocs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -15,9 +14,8 @@ from typing import Any
 import anyio
 import pytest
 
-from mfo_actors.commands import events as events_cmd
+from mfo_actors.cli import main
 from mfo_actors.config import load_config
-from mfo_actors.errors import UserError
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.store import EventStore, open_store
@@ -33,21 +31,9 @@ SECRET_HEADERS = {
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process: through mfo_actors.cli when it exists, else our parser."""
+    """Run the CLI in-process."""
     capsys.readouterr()  # drop what the test's own store use logged
-    if HAVE_CLI:
-        from mfo_actors.cli import main
-
-        code = main(argv)
-    else:
-        parser = argparse.ArgumentParser(prog="mfo-actors")
-        events_cmd.register(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(argv)
-        try:
-            code = args.func(args)
-        except UserError as exc:
-            print(f"mfo-actors: {exc}", file=sys.stderr)
-            code = 1
+    code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -17,15 +17,14 @@ if TYPE_CHECKING:
     from mfo_actors.client import MFOClient
     from mfo_actors.store import EventStore
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "chat", help="send a chat message to the MFO server and stream the answer",
-        description="Send MESSAGE to the MFO server of an instance and print the answer as "
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Send MESSAGE to the MFO server of an instance and print the answer as "
         "it arrives. --session KEY continues that chat session (the thread flows use with "
-        "mfo.chat session: KEY).",
+        "mfo.chat session: KEY)."
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="instance config file")
     where = parser.add_mutually_exclusive_group()

@@ -1,34 +1,34 @@
-"""``mfo-actors check --config FILE|DIR``: validate instance configs (and their flows) offline.
+"""``mfo-actors check --config FILE|DIR`` / ``check --flows DIR``: validate offline.
 
-Prints one line per problem (``file:line: key: message``) and exits 1 if there is any;
-otherwise prints ``ok: <file>`` per file and exits 0. Flow validation is delegated to
-``mfo_actors.taskflow.check_flows(flows_dir) -> list[str]`` when the taskflow package has it.
+Prints one line per problem (``file:line: key: message``), every problem of every file (not
+only the first), and exits 1 if there is any; otherwise prints ``ok: <file>`` per config file
+(``ok: <dir>`` for a flows directory) and exits 0. A config's flows (``flows.dir``) are
+checked with it; ``--flows DIR`` checks a flows directory alone, without any config.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from collections.abc import Callable
 from pathlib import Path
 
-from mfo_actors.config import InstanceConfig, dump_config, load_config
-from mfo_actors.errors import ConfigError, UserError
+from mfo_actors.config import InstanceConfig, check_config, dump_config, load_config
+from mfo_actors.errors import UserError
 
-__all__ = ["check_paths", "register"]
+__all__ = ["check_paths", "configure"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "check",
-        help="validate instance config files (and their flows) without starting anything",
-        description="Validate a config FILE, or every *.yaml/*.yml in DIR. "
-        "Prints one line per problem and exits 1 if there is any.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Validate a config FILE, or every *.yaml/*.yml in DIR (and the flows each one "
+        "uses), or a flows directory alone. Prints one line per problem, every problem, "
+        "and exits 1 if there is any."
     )
-    parser.add_argument("--config", required=True, metavar="FILE|DIR",
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", metavar="FILE|DIR",
                         help="an instance config file, or a directory of them")
+    target.add_argument("--flows", metavar="DIR", help="a directory of flow files")
     parser.add_argument("--print", action="store_true", dest="print_config",
                         help="print the effective config of each valid file (defaults and "
                         "MFO_<SECTION>__<KEY> environment overrides applied, secrets masked)")
@@ -36,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_check(args: argparse.Namespace) -> int:
-    problems, ok = check_paths(Path(args.config))
+    if args.flows is not None:
+        problems = check_flows_dir(Path(args.flows))
+        ok = [] if problems else [args.flows]
+    else:
+        problems, ok = check_paths(Path(args.config))
     for line in problems:
         print(line)
     if problems:
@@ -62,18 +66,25 @@ def _config_files(target: Path) -> list[Path]:
     return [target]
 
 
-def _flow_checker() -> Callable[[str], list[str]] | None:
-    """The taskflow package's ``check_flows``, if it has one yet."""
+def check_flows_dir(flows_dir: Path) -> list[str]:
+    """Every problem of the flows in *flows_dir*, one line each.
+
+    Raises:
+      UserError: *flows_dir* is not a directory.
+    """
+    if not flows_dir.is_dir():
+        raise UserError(f"{flows_dir}: not a directory of flows")
+    from mfo_actors.taskflow import check_flows  # only when there are flows to check
+
     try:
-        taskflow = importlib.import_module("mfo_actors.taskflow")
-    except ImportError:
-        return None
-    checker = getattr(taskflow, "check_flows", None)
-    return checker if callable(checker) else None
+        found = check_flows(str(flows_dir))
+    except UserError as exc:
+        found = [str(exc)]
+    return [" ".join(p.splitlines()) for p in found]
 
 
 def check_paths(target: Path) -> tuple[list[str], list[str]]:
-    """Validate *target* (a file or a directory of configs).
+    """Validate *target* (a file or a directory of configs) and the flows they use.
 
     Returns:
       ``(problems, ok_files)``: one line per problem, and the files with none.
@@ -85,13 +96,12 @@ def check_paths(target: Path) -> tuple[list[str], list[str]]:
     ok: list[str] = []
     configs: list[InstanceConfig] = []
     for file in _config_files(target):
-        try:
-            cfg = load_config(file)
-        except ConfigError as exc:
-            problems.append(str(exc))
-            continue
-        configs.append(cfg)
-        ok.append(str(file))
+        cfg, found = check_config(file)
+        problems.extend(str(p) for p in found)
+        if cfg is not None:
+            configs.append(cfg)
+        if not found:
+            ok.append(str(file))
 
     # Two instances sharing a state dir would fight over its lock and its store.
     owners: dict[Path, str] = {}
@@ -105,21 +115,14 @@ def check_paths(target: Path) -> tuple[list[str], list[str]]:
         else:
             owners[state_dir] = name
 
-    checker = _flow_checker()
-    if checker is not None:
-        seen: set[Path] = set()
-        for cfg in configs:
-            flows_dir = Path(cfg.flows.dir)
-            if not cfg.flows.enabled or flows_dir.absolute() in seen:
-                continue
-            seen.add(flows_dir.absolute())
-            try:
-                found = checker(str(flows_dir))
-            except UserError as exc:
-                found = [str(exc)]
-            flow_problems = [" ".join(p.splitlines()) for p in found]
-            problems.extend(flow_problems)
-            if flow_problems and cfg.source_file in ok:
-                ok.remove(cfg.source_file)
+    seen: set[Path] = set()
+    for cfg in configs:
+        flows_dir = Path(cfg.flows.dir)
+        if not cfg.flows.enabled or flows_dir.absolute() in seen or not flows_dir.is_dir():
+            continue
+        seen.add(flows_dir.absolute())
+        flow_problems = check_flows_dir(flows_dir)
+        problems.extend(flow_problems)
+        if flow_problems and cfg.source_file in ok:
+            ok.remove(cfg.source_file)
     return problems, ok
-

@@ -30,7 +30,7 @@ from mfo_actors.errors import UserError
 from mfo_actors.observability import REDACTED, redact
 from mfo_actors.store import EventStore, StoredEvent
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 STATUSES = ("pending", "claimed", "delivered", "dead")
 # Header names whose values are credentials, besides what observability.redact knows.
@@ -38,12 +38,10 @@ _SECRET_HEADER = re.compile(r"signature|authorization|token|secret|cookie|api-?k
                             re.IGNORECASE)
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``events`` and its actions to the CLI."""
-    parser = subparsers.add_parser(
-        "events",
-        help="list, show and replay stored webhook events",
-        description="Inspect the event store of an instance (works while the daemon runs).",
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The ``events`` actions: list, show, dead, replay."""
+    parser.description = (
+        "Inspect the event store of an instance (works while the daemon runs)."
     )
     actions = parser.add_subparsers(dest="events_action", metavar="ACTION", required=True)
 

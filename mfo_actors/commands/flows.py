@@ -33,18 +33,17 @@ from mfo_actors.observability import redact
 from mfo_actors.store import EventStore, RunRequest, TaskRunRecord
 from mfo_actors.taskflow import Flow, FlowExecutor, RunOutcome, to_mermaid
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 FINAL_STATES = frozenset({"done", "error", "skipped", "cancelled"})
 SETTLE_TIMEOUT = 5.0  # seconds to record an interrupted run before giving up
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``flows list``, ``flows graph`` and ``flows run`` to the CLI."""
-    parser = subparsers.add_parser(
-        "flows", help="list, draw and run taskflows",
-        description="The taskflows of an instance (flows.dir): list them, draw one as a "
-                    "Mermaid graph, or run one now in the foreground.",
+    parser.description = (
+        "The taskflows of an instance (flows.dir): list them, draw one as a "
+        "Mermaid graph, or run one now in the foreground."
     )
     actions = parser.add_subparsers(dest="flows_action", metavar="ACTION", required=True)
     common = common_parser(json_output=False)

@@ -19,18 +19,16 @@ from mfo_actors.errors import UserError
 from mfo_actors.mock_server import MockMFOServer, MockOptions, serve_mock_server
 from mfo_actors.observability import configure_logging, get_logger
 
-__all__ = ["register", "run_mock_server"]
+__all__ = ["configure", "run_mock_server"]
 
 log = get_logger("mfo_actors.mock_server")
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "mock-server",
-        help="run the reference MFO (SLOP) server, with fault injection",
-        description="Run a local MFO server (SLOP endpoints under /api, login under /auth, "
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run a local MFO server (SLOP endpoints under /api, login under /auth, "
         "event intake with Idempotency-Key dedupe) until SIGTERM. Faults can be changed at "
-        "run time with POST /_mock/faults; counters are at GET /_mock/stats.",
+        "run time with POST /_mock/faults; counters are at GET /_mock/stats."
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=9000, help="port (default %(default)s; 0: any)")

@@ -13,20 +13,18 @@ import argparse
 import time
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 DEFAULT_TIMEOUT = 30.0  # seconds to wait for the daemon's answer
 POLL_INTERVAL = 0.05
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "reload",
-        help="validate FILE, then make the running daemon reload it (like SIGHUP)",
-        description="Validate the config FILE and its flows; if valid, send SIGHUP to the "
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Validate the config FILE and its flows; if valid, send SIGHUP to the "
         "daemon running on its state dir and wait for its answer. Routes, secrets, rate "
         "limits, TLS certificate, flows, retry policy, credentials and log level change "
-        "live; listen addresses, state dir and store need a restart.",
+        "live; listen addresses, state dir and store need a restart."
     )
     parser.add_argument("--config", required=True, metavar="FILE",
                         help="the instance config file the daemon runs")

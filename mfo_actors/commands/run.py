@@ -13,15 +13,13 @@ from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.daemon import run_instance
 from mfo_actors.observability import configure_logging
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "run",
-        help="run one instance in the foreground (systemd: Type=notify)",
-        description="Run the instance configured in FILE until SIGTERM/SIGINT "
-        "(a second signal stops at once). Logs go to stderr.",
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run the instance configured in FILE until SIGTERM/SIGINT "
+        "(a second signal stops at once). Logs go to stderr."
     )
     parser.add_argument("--config", required=True, metavar="FILE",
                         help="the instance config file")

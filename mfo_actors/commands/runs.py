@@ -27,17 +27,16 @@ from mfo_actors.errors import UserError
 from mfo_actors.observability import redact
 from mfo_actors.store import EventStore, RunRecord, TaskRunRecord
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 RUN_STATUSES = ("new", "active", "done", "error")
 NO_RUN_STORE = "no store at {where} (has the daemon or `flows run` run with this config?)"
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``runs list`` and ``runs show`` to the CLI."""
-    parser = subparsers.add_parser(
-        "runs", help="list and show flow runs",
-        description="Inspect the flow run history of an instance (works while the daemon runs).",
+    parser.description = (
+        "Inspect the flow run history of an instance (works while the daemon runs)."
     )
     actions = parser.add_subparsers(dest="runs_action", metavar="ACTION", required=True)
     common = common_parser()

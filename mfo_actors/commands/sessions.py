@@ -14,20 +14,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mfo_actors.store import EventStore, SessionRecord
 
-__all__ = ["register"]
+__all__ = ["configure"]
 
 NO_SESSION_STORE = "no store at {where} (has the daemon or `chat --session` run with this config?)"
 CONTEXT_WIDTH = 100  # characters of one context message shown by ``sessions show``
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``sessions list``, ``sessions show`` and ``sessions close`` to the CLI."""
     from mfo_actors.commands._common import LIST_DEFAULT_LIMIT, common_parser, positive_int
 
-    parser = subparsers.add_parser(
-        "sessions", help="list, show and close chat sessions",
-        description="Inspect and close the chat sessions of an instance (mfo.chat with "
-        "session:), which map a key to an MFO thread. Works while the daemon runs.",
+    parser.description = (
+        "Inspect and close the chat sessions of an instance (mfo.chat with "
+        "session:), which map a key to an MFO thread. Works while the daemon runs."
     )
     actions = parser.add_subparsers(dest="sessions_action", metavar="ACTION", required=True)
     common = common_parser()

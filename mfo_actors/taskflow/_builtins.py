@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import anyio
-import httpx
 import msgspec
 
 from mfo_actors.config import Duration
@@ -392,6 +391,8 @@ def _pay(cfg: PayConfig) -> TaskFunc:
 
 def _http_request(cfg: HttpRequestConfig) -> TaskFunc:
     async def run(ctx: TaskContext) -> dict[str, Any]:
+        import httpx  # here, not at the top: ``check`` loads this module and sends nothing
+
         kwargs: dict[str, Any] = {"headers": cfg.headers}
         if cfg.json is not None:
             kwargs["json"] = cfg.json
