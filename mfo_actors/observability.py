@@ -38,8 +38,12 @@ _SENSITIVE_KEY = re.compile(
     r"^(x-hub-signature(-256)?|webhook-signature|proxy-authorization)$",
     re.IGNORECASE,
 )
-# Bearer tokens in free text ("Authorization: Bearer abc").
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+# Bearer tokens in free text ("Authorization: Bearer abc"). The word after "bearer" is a
+# credential when it looks like one (a digit or a token character in it, or 20+ letters) or
+# follows "Authorization:"; an ordinary word is not ("missing bearer token" stays readable).
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+([A-Za-z0-9._~+/=-]+)")
+_CREDENTIAL_LIKE = re.compile(r"[0-9._~+/=-]|[A-Za-z]{20}")
+_AUTHORIZATION_BEFORE = re.compile(r"(?i)authorization\s*:\s*$")
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words
 
 _secrets: set[str] = set()
@@ -66,8 +70,15 @@ def _redact_text(text: str) -> str:
     if pattern is not None:
         text = pattern.sub(REDACTED, text)
     if "earer" in text or "asic" in text or "EARER" in text or "ASIC" in text:
-        text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+        text = _BEARER.sub(lambda m: _redact_credential(m, text), text)
     return text
+
+
+def _redact_credential(match: re.Match[str], text: str) -> str:
+    word = match.group(2)
+    if _CREDENTIAL_LIKE.search(word) or _AUTHORIZATION_BEFORE.search(text, 0, match.start()):
+        return f"{match.group(1)} {REDACTED}"
+    return match.group(0)
 
 
 def _key_name(key: object) -> str:

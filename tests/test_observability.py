@@ -145,6 +145,16 @@ class TestRedaction:
     def test_bearer_in_free_text(self) -> None:
         assert redact(f"Authorization: Bearer {TOKEN}") == f"Authorization: Bearer {REDACTED}"
 
+    def test_ordinary_words_after_bearer_are_kept(self) -> None:
+        """Redaction must not eat prose: these name a credential, they are not one."""
+        for text in ("401 unauthorized: missing bearer token", "Bearer authentication failed",
+                     "use basic auth", "BEARER TOKEN REQUIRED"):
+            assert redact(text) == text
+
+    def test_word_after_authorization_header_is_always_a_credential(self) -> None:
+        assert redact("authorization: Bearer opaque") == f"authorization: Bearer {REDACTED}"
+        assert redact("got Bearer abcdefghijklmnopqrstuvwxyz") == f"got Bearer {REDACTED}"
+
     def test_struct_values_are_redacted(self) -> None:
         class Creds(msgspec.Struct):
             user: str
