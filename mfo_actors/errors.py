@@ -7,7 +7,9 @@ and is shown by the CLI as one line, never a traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MFOError", "UserError"]
+import errno
+
+__all__ = ["ConfigError", "ListenError", "MFOError", "UserError"]
 
 
 class MFOError(Exception):
@@ -45,3 +47,29 @@ class ConfigError(UserError):
             where += f":{line}"
         prefix = f"{where}: " + (f"{key}: " if key else "")
         super().__init__(prefix + message)
+
+
+_LISTEN_REASONS = {
+    errno.EADDRINUSE: "address already in use (is another daemon or program on this port?)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+    errno.EADDRNOTAVAIL: "no such address on this host",
+}
+
+
+class ListenError(UserError):
+    """A listening socket could not be opened: the port is in use, not permitted, or the
+    address is not one of this host's.
+
+    Args:
+      where: What wanted to listen, e.g. ``crm.yaml: webhook_listener``.
+      host: The configured address.
+      port: The configured port.
+      error: The OS error ``bind``/``listen`` (or the address lookup) raised.
+    """
+
+    def __init__(self, where: str, host: str, port: int, error: OSError) -> None:
+        reason = _LISTEN_REASONS.get(error.errno or 0) or error.strerror or str(error)
+        super().__init__(f"{where}: cannot listen on {host}:{port}: {reason}")
+        self.host = host
+        self.port = port
+        self.errno = error.errno

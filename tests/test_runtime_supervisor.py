@@ -13,6 +13,7 @@ import structlog
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from mfo_actors.errors import UserError
 from mfo_actors.runtime import (
     Actor,
     ActorStatus,
@@ -26,6 +27,7 @@ from mfo_actors.runtime import (
     open_channel,
 )
 from mfo_actors.runtime import _supervisor as supervisor_module
+from tests.helpers import poll
 
 pytestmark = pytest.mark.anyio
 
@@ -560,3 +562,58 @@ class TestStatuses:
         assert sup.statuses()["s"].state == "stopped"
         encoded = msgspec.json.encode(sup.statuses())
         assert b'"restarts":1' in encoded
+
+
+class PortTaken(UserError):
+    """What a server actor raises when its port is in use."""
+
+
+class TestStartFailures:
+    async def test_user_error_at_start_is_not_restarted(self) -> None:
+        """A failure to start is not a crash: no restart, the others stop, run raises it."""
+        journal: list[tuple[str, str]] = []
+        first = Worker("first", journal)
+        broken = Worker("broken", journal)
+        never = Worker("never", journal)
+
+        async def refuse(ready: ReadySignal) -> None:
+            broken.runs += 1
+            raise PortTaken("listener: cannot listen on 127.0.0.1:8080: address already in use")
+
+        broken.run = refuse  # type: ignore[method-assign]
+        sup = Supervisor([first, broken, never], max_restarts=5, backoff_initial=0.0)
+        with capture_logs() as logs, anyio.fail_after(WAIT), \
+                pytest.raises(BaseException) as info:
+            async with anyio.create_task_group() as tg:
+                await tg.start(sup.run)
+        err = only_error(info.value)
+        assert isinstance(err, PortTaken)
+        assert broken.runs == 1 and never.runs == 0
+        assert ("stopped", "first") in journal
+        assert sup.statuses()["broken"].state == "failed"
+        events = [e["event"] for e in logs]
+        assert "actor.restart_scheduled" not in events
+        assert not any("exc_info" in e for e in logs)
+        assert events.count("supervisor.start_failed") == 1
+
+    async def test_user_error_after_start_follows_the_restart_policy(self) -> None:
+        """Once running, the same error is a crash like any other (restarted by policy)."""
+        journal: list[tuple[str, str]] = []
+        calls = 0
+        flaky = Worker("flaky", journal)
+        real_run = flaky.run
+
+        async def run(ready: ReadySignal) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise PortTaken("port taken on restart")
+            await real_run(ready)
+
+        flaky.run = run  # type: ignore[method-assign]
+        sup = Supervisor([flaky], backoff_initial=0.0)
+        async with running(sup):
+            flaky.crash()
+            await poll(lambda: calls >= 3 and sup.statuses()["flaky"].state == "ready",
+                       deadline=WAIT)
+            assert sup.statuses()["flaky"].restarts == 2

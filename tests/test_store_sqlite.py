@@ -214,9 +214,24 @@ class TestFile:
     async def test_not_a_database(self, tmp_path: Path) -> None:
         path = tmp_path / "s.db"
         path.write_bytes(b"this is not sqlite" * 100)
-        with pytest.raises(StoreError, match="cannot open"):
+        with pytest.raises(StoreError, match="is not an mfo-actors store, or it is corrupt"):
             async with open_sqlite_store(path):
                 pass
+
+    async def test_another_programs_database_is_left_alone(self, tmp_path: Path) -> None:
+        """A valid SQLite file without our schema version is refused, never migrated into."""
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE invoices (n INTEGER)")
+        conn.commit()
+        conn.close()
+        with pytest.raises(StoreError, match=r"not an mfo-actors store: .*tables: invoices"):
+            async with open_sqlite_store(path):
+                pass
+        conn = sqlite3.connect(path)
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+        conn.close()
+        assert tables == ["invoices"]
 
     async def test_must_exist(self, tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="no event store"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import anyio
 
+from mfo_actors.errors import ListenError
 from mfo_actors.http import HttpServer
 from mfo_actors.runtime import ReadySignal, RestartPolicy
 
@@ -23,12 +24,14 @@ class ServerActor:
       host: Address to bind.
       port: Port to bind (0: any; see :attr:`port` once ready).
       drain_timeout: Seconds that requests in flight get to finish on stop.
+      where: Names this server in errors (``crm.yaml: webhook_listener``).
     """
 
     name: str
     restart = RestartPolicy("permanent")
 
-    def __init__(self, *, host: str, port: int, drain_timeout: float) -> None:
+    def __init__(self, *, host: str, port: int, drain_timeout: float, where: str) -> None:
+        self._where = where
         self._host = host
         self._bind_port = port
         self._drain_timeout = drain_timeout
@@ -54,20 +57,32 @@ class ServerActor:
         """Called after the drain (log the stop)."""
 
     async def run(self, ready: ReadySignal) -> None:
-        """Listen; on :meth:`request_stop`, refuse new work and drain requests in flight."""
+        """Listen; on :meth:`request_stop`, refuse new work and drain requests in flight.
+
+        Raises:
+          ListenError: the port is in use or not permitted (a user error: the supervisor
+            does not restart an actor that fails so at start-up).
+        """
         self._stop_event = anyio.Event()
         if self._stopping:
             return
         server = self._server = self._make_server()
+        bind_error: OSError | None = None
         async with anyio.create_task_group() as tg:
-            self._port = await tg.start(server.serve, self._host, self._bind_port)
-            self._started(self._port)
-            ready.set()
-            await self._stop_event.wait()
-            server.stop_accepting()
-            drained = await server.drain(self._drain_timeout)
-            self._stopped(server, drained)
+            try:
+                self._port = await tg.start(server.serve, self._host, self._bind_port)
+            except OSError as exc:
+                bind_error = exc  # raised below, outside the task group (not wrapped by it)
+            else:
+                self._started(self._port)
+                ready.set()
+                await self._stop_event.wait()
+                server.stop_accepting()
+                drained = await server.drain(self._drain_timeout)
+                self._stopped(server, drained)
             tg.cancel_scope.cancel()
+        if bind_error is not None:
+            raise ListenError(self._where, self._host, self._bind_port, bind_error) from bind_error
 
     def request_stop(self) -> None:
         """Stop accepting; requests arriving on open connections are answered and closed."""

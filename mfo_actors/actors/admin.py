@@ -44,12 +44,15 @@ class AdminActor(ServerActor):
       cfg: The ``admin`` section (host, port).
       instance: The instance name (in the admin port's log lines).
       readiness: Returns ``(ready, checks)``; called on every ``/readyz``.
+      config_file: Named in a start-up error (port in use).
     """
 
     name = "admin"
 
-    def __init__(self, cfg: AdminConfig, *, instance: str, readiness: Readiness) -> None:
-        super().__init__(host=cfg.host, port=int(cfg.port), drain_timeout=DRAIN_TIMEOUT)
+    def __init__(self, cfg: AdminConfig, *, instance: str, readiness: Readiness,
+                 config_file: str | None = None) -> None:
+        super().__init__(host=cfg.host, port=int(cfg.port), drain_timeout=DRAIN_TIMEOUT,
+                         where=f"{config_file}: admin" if config_file else "admin")
         self._cfg = cfg
         self._instance = instance
         self._readiness = readiness

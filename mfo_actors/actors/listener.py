@@ -293,7 +293,8 @@ class ListenerActor(ServerActor):
         match_runs: Callable[[Event], Sequence[RunRequest]] | None = None,
     ) -> None:
         super().__init__(host=cfg.webhook_listener.host, port=int(cfg.webhook_listener.port),
-                         drain_timeout=float(cfg.shutdown_timeout))
+                         drain_timeout=float(cfg.shutdown_timeout),
+                         where=f"{cfg.source_file or '<config>'}: webhook_listener")
         self._cfg = cfg
         self._lcfg = cfg.webhook_listener
         self._store = store

@@ -55,9 +55,12 @@ class StateDirLock:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # non-inheritable (PEP 446)
         except OSError as exc:
-            raise UserError(
-                f"cannot use state_dir {self.state_dir}: {exc.strerror or exc}"
-            ) from None
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                reason = "a file is in the way (the state dir and its parents must be directories)"
+            elif isinstance(exc, PermissionError):
+                reason = "not writable by this user (the daemon keeps its lock and store there)"
+            raise UserError(f"cannot use state_dir {self.state_dir}: {reason}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,12 +1,20 @@
 """``run_instance``: one instance from config to exit code, the way systemd expects it.
 
-Order of events: take the state-dir lock, start the actors under the supervisor, tell systemd
+Order of events: take the state-dir lock, check that every listening address can be bound,
+open the store and load the flows, start the actors under the supervisor, tell systemd
 ``READY=1`` once all are ready, and on the first SIGTERM/SIGINT drain gracefully within
 ``shutdown_timeout`` (``STOPPING=1``); a second signal stops at once. SIGHUP reloads the
 config and the flows (``daemon/_reload.py``), one reload at a time: signals that arrive during
 a reload are folded into one more. Exit codes: 0 after a
 graceful stop, 1 when the supervisor gave up (restart intensity exceeded) or the daemon
 crashed, 128+N when a second signal N cut the drain short.
+
+Everything that can fail because of the machine rather than the code (the state dir not
+writable or locked, a port in use or not permitted, a store file that is corrupt or not a
+store, a store server out of reach, a flow file with an error) fails before READY=1 as a
+:class:`~mfo_actors.errors.UserError`: one line, no traceback, no restart. The checks that
+need no running loop come before the first log line, so such a start prints that one line
+and nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from mfo_actors import __version__
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._lock import StateDirLock
 from mfo_actors.daemon._notify import SystemdNotifier
+from mfo_actors.daemon._preflight import check_listen_addresses
 from mfo_actors.daemon._reload import Reloader
 from mfo_actors.daemon._wiring import DaemonContext, open_instance
 from mfo_actors.errors import UserError
@@ -47,6 +56,8 @@ class _Outcome:
     def __init__(self) -> None:
         self.exit_code = EXIT_OK
         self.signalled = False
+        self.started = False  # the actors were about to start (daemon.started is logged)
+        self.start_error: UserError | None = None  # an actor could not start: no restart
 
 
 async def run_instance(
@@ -67,7 +78,9 @@ async def run_instance(
         waits for the actors instead of killing the process.
 
     Raises:
-      UserError: another daemon holds the state dir, or it cannot be created.
+      UserError: the instance cannot start: another daemon holds the state dir or it cannot
+        be created, a listening address is in use or not permitted, the store cannot be
+        opened, a flow is invalid, or an actor failed to start for a reason of that kind.
     """
     env = os.environ if environ is None else environ
     state_dir = cfg.effective_state_dir
@@ -89,10 +102,7 @@ async def _run_locked(
     signals: AsyncIterator[int] | None,
 ) -> int:
     with StateDirLock(state_dir), structlog.contextvars.bound_contextvars(actor="daemon"):
-        log.info(
-            "daemon.started", instance=cfg.instance, pid=os.getpid(), version=__version__,
-            state_dir=str(state_dir), config=cfg.source_file, backend=cfg.async_backend,
-        )
+        check_listen_addresses(cfg)
         outcome = _Outcome()
         try:
             async with SystemdNotifier.from_environ(env) as notifier:
@@ -105,7 +115,8 @@ async def _run_locked(
             outcome.exit_code = EXIT_FAILED
             log.error("daemon.crashed", error=repr(exc), exc_info=exc)
         finally:
-            log.info("daemon.stopped", exit_code=outcome.exit_code)
+            if outcome.started:
+                log.info("daemon.stopped", exit_code=outcome.exit_code)
         return outcome.exit_code
 
 
@@ -121,11 +132,18 @@ async def _serve(
 ) -> None:
     ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env)
     async with open_instance(cfg, ctx) as actors:
+        outcome.started = True
+        log.info(
+            "daemon.started", instance=cfg.instance, pid=os.getpid(), version=__version__,
+            state_dir=str(state_dir), config=cfg.source_file, backend=cfg.async_backend,
+        )
         supervisor = Supervisor(actors)
         ctx.supervisor = supervisor
         reloader = Reloader(cfg, actors, notifier=notifier, state_dir=state_dir, environ=env)
         await _supervise(cfg, supervisor, len(actors), reloader=reloader, notifier=notifier,
                          stop=stop, signals=signals, outcome=outcome)
+    if outcome.start_error is not None:
+        raise outcome.start_error
 
 
 async def _supervise(
@@ -174,6 +192,9 @@ async def _supervise(
             tg.start_soon(_announce_stopping, stopping, notifier)
             try:
                 await supervisor.run()
+            except UserError as exc:  # raised outside this task group, not wrapped by it
+                outcome.exit_code = EXIT_FAILED
+                outcome.start_error = exc
             except SupervisorGaveUp as exc:
                 outcome.exit_code = EXIT_FAILED
                 log.error("daemon.failed", error=str(exc), cause=repr(exc.__cause__))

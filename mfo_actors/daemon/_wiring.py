@@ -35,10 +35,11 @@ from mfo_actors.client import MFOClient, http_client_from_config
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._watchdog import WatchdogActor
+from mfo_actors.errors import UserError
 from mfo_actors.metrics import OUTBOX_DEPTH
 from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Actor, Clock, Supervisor, SystemClock
-from mfo_actors.store import EventStore, open_store
+from mfo_actors.store import EventStore, StoreError, open_store
 
 __all__ = ["DaemonContext", "open_instance"]
 
@@ -73,11 +74,14 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
 
     Raises:
       ConfigError: a flow file is invalid.
-      StoreError: the store cannot be opened.
+      UserError: the store cannot be opened (corrupt, not a store, server out of reach).
     """
     flows = load_instance_flows(cfg)
     async with contextlib.AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store(cfg))
+        try:
+            store = await stack.enter_async_context(open_store(cfg))
+        except StoreError as exc:  # whichever backend: the user's file or server, not a bug
+            raise UserError(f"{cfg.source_file or '<config>'}: store: {exc}") from None
         recovered = await store.recover_claims()
         if recovered:
             log.info("daemon.claims_recovered", events=recovered)
@@ -100,7 +104,8 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
         health: dict[str, Any] = {"breaker": breaker.health, "auth": auth.health}
         if cfg.admin.enabled:
             actors.append(AdminActor(cfg.admin, instance=cfg.instance,
-                                     readiness=_readiness(cfg, ctx, store, health)))
+                                     readiness=_readiness(cfg, ctx, store, health),
+                                     config_file=cfg.source_file))
         actors += [RetentionActor(cfg, store, clock=ctx.clock),
                    SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:

@@ -4,6 +4,11 @@ OTP-style one-for-one supervision under structured concurrency. Each actor runs 
 cancel scope inside the supervisor's task group, so a crash or a cancellation of one actor
 never touches its siblings; too many restarts in a short window mean something is wrong
 beyond one actor, and the supervisor stops everything and raises :class:`SupervisorGaveUp`.
+
+A failure to start is not a crash: an actor that raises a
+:class:`~mfo_actors.errors.UserError` (a port in use, a file it cannot read) before the
+supervisor is ready is not restarted, since trying again cannot fix what the user must; the
+supervisor stops the actors already started and :meth:`Supervisor.run` raises that error.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ..errors import MFOError
+from ..errors import MFOError, UserError
 from ..observability import get_logger, redact
 from ._actor import Actor, ActorState, ActorStatus, ReadySignal
 from ._clock import Clock, SystemClock
@@ -154,6 +159,7 @@ class Supervisor:
         self._tg: TaskGroup | None = None
         self._ran = False
         self._gave_up: tuple[SupervisorGaveUp, BaseException | None] | None = None
+        self._start_failed: UserError | None = None
         self.ready = anyio.Event()
         """Set once every actor has become ready at startup (it stays set afterwards)."""
 
@@ -167,6 +173,8 @@ class Supervisor:
         called as ``run`` returns (check :attr:`ready`).
 
         Raises:
+          UserError: an actor failed to start for a reason the user must fix (raised by its
+            ``run`` before the supervisor was ready); every actor has been stopped.
           SupervisorGaveUp: restart intensity exceeded; every actor has been stopped.
           RuntimeError: ``run`` was already called on this supervisor.
         """
@@ -197,6 +205,8 @@ class Supervisor:
                 if not child.launched:
                     self._set_state(child, "stopped")
                 child.done.set()
+        if self._start_failed is not None:
+            raise self._start_failed
         if self._gave_up is not None:
             error, cause = self._gave_up
             raise error from cause
@@ -293,6 +303,9 @@ class Supervisor:
         try:
             while not (self._stopping or child.stop_requested):
                 error = await self._run_once(child)
+                if isinstance(error, UserError) and not self.ready.is_set():
+                    self._fail_start(child, error)
+                    break
                 if self._stopping or child.stop_requested:
                     self._set_state(child, "failed" if error is not None else "stopped")
                     break
@@ -337,12 +350,25 @@ class Supervisor:
                 error = TimeoutError(
                     f"actor {child.name!r} was not ready within {self._start_timeout:g}s"
                 )
-            if error is not None:
+            if isinstance(error, UserError):
+                # The user's problem, in words: no traceback. At start-up, _fail_start says it.
+                child.last_error = str(redact(str(error)))
+                if self.ready.is_set():
+                    log.error("actor.crashed", error=child.last_error)
+            elif error is not None:
                 child.last_error = str(redact(_describe(error)))
                 log.error("actor.crashed", error=child.last_error, exc_info=error)
             else:
                 log.info("actor.stopped", cancelled=scope.cancelled_caught)
         return error
+
+    def _fail_start(self, child: _Child, error: UserError) -> None:
+        """Stop everything, without a restart: the user must fix what *error* says."""
+        self._set_state(child, "failed")
+        if self._start_failed is None:
+            self._start_failed = error
+        log.error("supervisor.start_failed", actor=child.name, error=child.last_error)
+        self._begin_stop(GIVE_UP_STOP_TIMEOUT)
 
     def _on_ready(self, child: _Child, scope: anyio.CancelScope) -> None:
         if child.scope is not scope:

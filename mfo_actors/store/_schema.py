@@ -130,6 +130,10 @@ class NewerSchemaError(Exception):
     """The file was written by a newer mfo-actors (its schema version is unknown here)."""
 
 
+class NotAStoreError(Exception):
+    """The file is an SQLite database of something else: tables, but no schema version."""
+
+
 def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
     """Bring the schema of *conn* (in autocommit mode) up to :data:`SCHEMA_VERSION`.
 
@@ -138,6 +142,8 @@ def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
 
     Raises:
       NewerSchemaError: the file's version is above what this code knows.
+      NotAStoreError: the file has tables but no version: another program's database
+        (we never write into it).
       sqlite3.Error: the migration failed (it is rolled back).
     """
     conn.execute("BEGIN IMMEDIATE")
@@ -147,6 +153,12 @@ def migrate(conn: sqlite3.Connection) -> tuple[int, int]:
             raise NewerSchemaError(
                 f"schema version {before} is newer than this mfo-actors knows ({SCHEMA_VERSION})"
             )
+        if before == 0:
+            tables = [r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name LIMIT 4")]
+            if tables:
+                raise NotAStoreError(
+                    "an SQLite database of another program (tables: " + ", ".join(tables) + ")")
         for step in MIGRATIONS[before:]:
             step(conn)
         if before != SCHEMA_VERSION:

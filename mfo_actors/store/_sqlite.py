@@ -53,7 +53,7 @@ from mfo_actors.store._protocol import (
     StoreStats,
     TaskRunRecord,
 )
-from mfo_actors.store._schema import NewerSchemaError, migrate
+from mfo_actors.store._schema import NewerSchemaError, NotAStoreError, migrate
 
 __all__ = [
     "DEFAULT_GROUP_COMMIT_MAX",
@@ -439,8 +439,16 @@ class SQLiteStore:
             wconn, rconn, counts, version, before = await anyio.to_thread.run_sync(open_sync)
         except NewerSchemaError as exc:
             raise StoreError(f"{path}: {exc}") from None
+        except NotAStoreError as exc:
+            raise StoreError(f"{path} is not an mfo-actors store: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise StoreError(
+                    f"{path} is not an mfo-actors store, or it is corrupt (SQLite: {exc}); "
+                    "move it aside to start afresh") from None
+            raise StoreError(f"{path}: cannot open the event store: {exc}") from None
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{path}: cannot open the event store: {exc}") from exc
+            raise StoreError(f"{path}: cannot open the event store: {exc}") from None
         store = cls(
             path, wconn, rconn, counts, version, group_commit_max=group_commit_max,
             max_pending=max_pending, max_bytes=max_bytes, dedupe_window=dedupe_window,
