@@ -109,6 +109,39 @@ class TestCheck:
             f"{flows}/x.yaml:3: tasks[0].type: unknown task type"
         ]
 
+    def test_three_errors_three_lines(self, tmp_path: Path) -> None:
+        """A config file with three distinct errors gets three lines from ``check``."""
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("client: {timeout: soon}\nforwarder: {concurency: 8}\n"
+                       "webhook_listener: {port: 70000}\n")
+        result = run_cli("check", "--config", str(bad))
+        assert result.returncode == 1, result.stderr
+        assert result.stdout.splitlines() == [
+            f"{bad}:1: client.timeout: invalid duration 'soon' (use e.g. 500ms, 30s, 1m, 1h)",
+            f"{bad}:2: forwarder.concurency: unknown key",
+            f"{bad}:3: webhook_listener.port: invalid port 70000 (use 8080 or \":8080\")",
+        ]
+
+    def test_flows_dir_alone(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["check", "--flows", str(REPO / "flows")]) == 0
+        assert capsys.readouterr().out.splitlines() == [f"ok: {REPO / 'flows'}"]
+        (tmp_path / "a.yaml").write_text("name: A\ntasks:\n  - {id: x, type: nope}\n")
+        (tmp_path / "b.yaml").write_text("name: B\ntasks: [{id: y, type: log, bogus: 1}]\n")
+        assert cli.main(["check", "--flows", str(tmp_path)]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 2 and out[0].startswith(f"{tmp_path / 'a.yaml'}:3: ")
+        assert out[1].startswith(f"{tmp_path / 'b.yaml'}:2: "), out
+
+    def test_flows_and_config_are_exclusive(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["check", "--flows", "a", "--config", "b"]) == 2
+        assert "not allowed with" in capsys.readouterr().err
+
+    def test_flows_not_a_directory(self, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+        assert cli.main(["check", "--flows", str(tmp_path / "nope")]) == 1
+        assert capsys.readouterr().err == (
+            f"mfo-actors: {tmp_path / 'nope'}: not a directory of flows\n")
+
     def test_missing_path(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert cli.main(["check", "--config", str(tmp_path / "nope.yaml")]) == 1
         err = capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 
 from mfo_actors.config import (
     InstanceConfig,
+    check_config_text,
     load_config,
     load_config_text,
     parse_duration,
@@ -25,6 +26,62 @@ def load_error(text: str, **kwargs: object) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_config_text(text, file="inst.yaml", **kwargs)  # type: ignore[arg-type]
     return info.value
+
+
+class TestEveryProblem:
+    """``check`` must list every problem of a file, one each, in file order."""
+
+    THREE = (
+        "instance: a\n"
+        "client:\n"
+        "  timeout: soon\n"                    # 3: bad duration
+        "  retry: {max_attempts: 0}\n"         # 4: semantic (must be at least 1)
+        "forwarder:\n"
+        "  concurency: 8\n"                    # 6: unknown key
+    )
+
+    def test_three_distinct_errors_are_three_problems(self) -> None:
+        cfg, problems = check_config_text(self.THREE, file="inst.yaml")
+        assert [str(p) for p in problems] == [
+            "inst.yaml:3: client.timeout: invalid duration 'soon' (use e.g. 500ms, 30s, 1m, 1h)",
+            "inst.yaml:4: client.retry.max_attempts: must be at least 1",
+            "inst.yaml:6: forwarder.concurency: unknown key",
+        ]
+        assert cfg is not None and cfg.client.timeout == 30.0  # the bad key's default
+
+    def test_loading_names_the_first_and_counts_the_rest(self) -> None:
+        err = load_error(self.THREE)
+        assert (err.key, err.line) == ("client.timeout", 3)
+        assert str(err).endswith("(and 2 more problems: mfo-actors check --config lists them)")
+
+    def test_several_problems_in_one_list_item_and_across_items(self) -> None:
+        text = (
+            "webhook_listener:\n"
+            "  routes:\n"
+            "    - {path: /a, source: a, verify: {scheme: nope, secret: s}, bogus: 1}\n"
+            "    - {path: b, source: b}\n"
+            "admin: {port: 99999}\n"
+        )
+        _cfg, problems = check_config_text(text, file="f.yaml")
+        keys = [p.key for p in problems]
+        assert keys == ["webhook_listener.routes[0].verify.scheme",
+                        "webhook_listener.routes[0].bogus",
+                        "webhook_listener.routes[1].path", "admin.port"], problems
+
+    def test_a_removed_key_causes_no_derived_complaint(self) -> None:
+        """auth.password failing to resolve is one problem, not also 'login needs a password'."""
+        _cfg, problems = check_config_text(
+            "auth: {mode: login, email: a@b.c, password: '${env:NOPE_PW}'}\n", environ={})
+        assert [p.key for p in problems] == ["auth.password"]
+
+    def test_every_duplicate_key(self) -> None:
+        _cfg, problems = check_config_text("a: 1\na: 2\nadmin: {port: 1, port: 2}\n")
+        assert [(p.key, p.message) for p in problems if p.message == "duplicate key"] == [
+            ("a", "duplicate key"), ("admin.port", "duplicate key")]
+
+    def test_invalid_yaml_is_one_problem(self) -> None:
+        cfg, problems = check_config_text("a: [1\n", file="x.yaml")
+        assert cfg is None and len(problems) == 1 and "invalid YAML" in str(problems[0])
 
 
 class TestErrors:
