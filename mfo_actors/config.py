@@ -285,6 +285,8 @@ class LoggingConfig(_Base, frozen=True):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] | None = None
+    # One info line (instance.summary) per interval when anything changed; 0: none.
+    summary_interval: Duration = Duration(10.0)
 
 
 class InstanceConfig(_Base, frozen=True):

@@ -38,6 +38,7 @@ __all__ = [
     "UPSTREAM_REQUEST_SECONDS",
     "UPSTREAM_RESPONSE_BYTES",
     "UPSTREAM_TOKENS",
+    "instance_totals",
     "render_metrics",
 ]
 
@@ -142,6 +143,26 @@ SESSIONS_CLOSED = Counter(
     "mfo_sessions_closed", "Chat sessions closed, by reason (expired, evicted, closed).",
     ["instance", "reason"], registry=REGISTRY,
 )
+def instance_totals(instance: str) -> dict[str, float]:
+    """The counters of *instance*, each summed over its other labels.
+
+    Keys are metric family names (``mfo_events_received``); ``mfo_events_rejected`` also
+    has one key per reason (``mfo_events_rejected:duplicate``). For the summary log line,
+    every few seconds: it walks the whole registry.
+    """
+    totals: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if family.type != "counter":
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total") or sample.labels.get("instance") != instance:
+                continue
+            totals[family.name] = totals.get(family.name, 0.0) + sample.value
+            reason = sample.labels.get("reason")
+            if reason:
+                key = f"{family.name}:{reason}"
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
 
 
 def render_metrics() -> bytes:

@@ -137,6 +137,51 @@ def test_show_redacts_secrets(config: Path, populated: dict[str, str], as_json: 
         assert shown["status"] == "dead"
 
 
+def test_show_lists_every_attempt(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Per attempt: time, status or error, latency; once delivered no stale error shows, and
+    after a replay the numbering goes on."""
+
+    async def body(store: EventStore) -> str:
+        event = make_event()
+        await store.append(event)
+        (c,) = await store.claim_due(limit=1, lease=60)
+        await store.reschedule(event.id, c.claim_token or "", next_attempt_at=0.0,
+                               error="503 outage: the server is down", status=503,
+                               latency=0.0123)
+        (c,) = await store.claim_due(limit=1, lease=60)
+        await store.dead_letter(event.id, c.claim_token or "", reason="400 bad request",
+                                status=400, latency=0.002)
+        await store.replay([event.id])
+        (c,) = await store.claim_due(limit=1, lease=60)
+        await store.mark_delivered(event.id, c.claim_token or "", latency=0.0045)
+        return event.id
+
+    event_id = with_store(config, body)
+    code, out, _ = run_cli(["events", "show", event_id, "--config", str(config)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert ["last_error:", "-"] in [ln.split() for ln in lines], out
+    assert ["attempts:", "3"] in [ln.split() for ln in lines], out
+    start = lines.index("history:")
+    header, *rows = lines[start + 1:start + 5]
+    assert header.split() == ["#", "AT", "RESULT", "STATUS", "LATENCY", "ERROR"]
+    assert [r.split()[0:1] + r.split()[3:7] for r in rows] == [
+        ["1", "retry", "503", "12.3", "ms"],
+        ["2", "dead", "400", "2.0", "ms"],
+        ["3", "delivered", "-", "4.5", "ms"],
+    ]
+    assert rows[0].endswith("503 outage: the server is down") and rows[2].endswith("ms")
+
+    code, out, _ = run_cli(["events", "show", event_id, "--config", str(config), "--json"],
+                           capsys)
+    shown = json.loads(out)
+    assert shown["last_error"] is None and shown["attempts"] == 3
+    assert [(h["number"], h["outcome"], h["status"], h["latency_ms"], h["error"])
+            for h in shown["history"]] == [
+        (1, "retry", 503, 12.3, "503 outage: the server is down"),
+        (2, "dead", 400, 2.0, "400 bad request"), (3, "delivered", None, 4.5, None)]
+
+
 def test_show_unknown_id(config: Path, populated: dict[str, str],
                          capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(["events", "show", "NOPE", "--config", str(config)], capsys)
@@ -152,7 +197,7 @@ def test_replay_by_id_and_all(config: Path, populated: dict[str, str],
     assert code == 0
     assert "replayed 1 event" in out and "skipped, not dead" in out
     stored = with_store(config, lambda s: s.get_event(populated["dead"]))
-    assert (stored.status, stored.attempts) == ("pending", 0)
+    assert (stored.status, stored.attempts, stored.attempt_base) == ("pending", 1, 1)
 
     code, out, _ = run_cli(["events", "replay", "--all-dead", "--config", str(config),
                             "--json"], capsys)

@@ -108,6 +108,10 @@ def make_event(
     )
 
 
+def msgspec_fields(event: Event) -> dict[str, Any]:
+    return {f: getattr(event, f) for f in event.__struct_fields__}
+
+
 async def append_all(store: EventStore, events: list[Event]) -> list[AppendResult]:
     """Append *events* concurrently (so a group-committing backend batches them)."""
     results: list[AppendResult | None] = [None] * len(events)
@@ -438,7 +442,9 @@ class TestSettle:
             assert await store.replay([e1.id]) == 0  # not dead any more
             replayed = await store.get_event(e1.id)
             assert replayed is not None
-            assert (replayed.status, replayed.attempts) == ("pending", 0)
+            # Attempts go on counting; the retry budget starts again at attempt_base.
+            assert (replayed.status, replayed.attempts, replayed.attempt_base) == (
+                "pending", 1, 1)
             assert replayed.next_attempt_at <= clock()
 
             assert await store.replay(all_dead=True) == 2
@@ -446,6 +452,67 @@ class TestSettle:
             assert (stats.pending, stats.dead) == (3, 0)
             again = await store.claim_due(limit=10, lease=30)
             assert {c.event.id for c in again} == {e1.id, e2.id, e3.id}
+
+    async def test_attempt_history(self, opener: Opener, clock: FakeClock) -> None:
+        """Each counted send is one attempt: when, how it ended, status or error, latency;
+        a delivered event keeps no stale error, and a replay keeps counting."""
+        event = make_event(clock)
+        async with opener() as store:
+            await store.append(event)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            await store.reschedule(event.id, c.claim_token or "", next_attempt_at=clock(),
+                                   error="503 outage", sent_at=clock() - 0.5, status=503,
+                                   latency=0.25)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            await store.reschedule(event.id, c.claim_token or "", next_attempt_at=clock(),
+                                   error="circuit open", count_attempt=False)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            clock.advance(2)
+            await store.dead_letter(event.id, c.claim_token or "", reason="400 bad", status=400,
+                                    latency=0.01)
+            await store.replay([event.id])
+            (c,) = await store.claim_due(limit=1, lease=30)
+            assert (c.attempts, c.attempt_base) == (2, 2)
+            clock.advance(1)
+            await store.mark_delivered(event.id, c.claim_token or "", sent_at=clock() - 0.1,
+                                       latency=0.1)
+            stored = await store.get_event(event.id)
+            attempts = await store.list_attempts(event.id)
+            assert await store.list_attempts("unknown") == []
+        assert stored is not None
+        assert (stored.status, stored.attempts, stored.last_error) == ("delivered", 3, None)
+        assert [(a.number, a.outcome, a.status, a.error) for a in attempts] == [
+            (1, "retry", 503, "503 outage"),
+            (2, "dead", 400, "400 bad"),
+            (3, "delivered", None, None),
+        ]
+        assert attempts[0].at == T0 - 0.5 and attempts[0].latency == 0.25
+        assert attempts[1].at == pytest.approx(T0 + 2 - 0.01)  # now less the latency
+        assert attempts[2].at == pytest.approx(T0 + 2.9) and attempts[2].latency == 0.1
+
+    async def test_prune_takes_the_attempts_along(self, opener: Opener, clock: FakeClock) -> None:
+        event = make_event(clock)
+        async with opener(retention=Duration(60), dedupe_window=0.0) as store:
+            await store.append(event)
+            (c,) = await store.claim_due(limit=1, lease=30)
+            await store.mark_delivered(event.id, c.claim_token or "", latency=0.01)
+            assert len(await store.list_attempts(event.id)) == 1
+            clock.advance(120)
+            assert await store.prune(delivered_older_than=60) == 1
+            assert await store.list_attempts(event.id) == []
+
+    async def test_oldest_pending_at(self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            assert await store.oldest_pending_at() is None
+            first, second = make_event(clock, source="a"), make_event(clock, source="b")
+            await store.append(first)
+            clock.advance(5)
+            await store.append(Event(**{**msgspec_fields(second), "received_at": clock()}))
+            assert await store.oldest_pending_at() == T0
+            (c, _) = await store.claim_due(limit=2, lease=30)
+            assert await store.oldest_pending_at() == T0  # claimed is still pending
+            await store.mark_delivered(c.event.id, c.claim_token or "")
+            assert await store.oldest_pending_at() == T0 + 5
 
     async def test_replay_nothing(self, opener: Opener) -> None:
         async with opener() as store:

@@ -401,6 +401,11 @@ class ForwarderActor:
             # Healthy: returns at once. Failing: keeps calls in flight under the threshold.
             await self._wait_for_breaker(hold_until)
             started = self._clock.monotonic()
+            send = _Send(at=self._clock.now(), started=started)
+
+            def answered(status: int | None, send: _Send = send) -> _Send:
+                return send.answered(status, self._clock.monotonic())
+
             try:
                 if self._gate_self:
                     self._breaker.before_call()
@@ -420,7 +425,8 @@ class ForwarderActor:
             except RetryableError as exc:
                 await self._report(started, ok=False, failure=True, status=exc.status,
                                    error=str(exc))
-                return await self._failed(stored, token, str(exc), retry_after=exc.retry_after)
+                return await self._failed(stored, token, str(exc), answered(exc.status),
+                                          retry_after=exc.retry_after)
             except AuthError as exc:
                 # 401/403 after the one re-login, or no token (logins failing): not the
                 # event's fault, and not the upstream's (the breaker counts it as no failure).
@@ -429,11 +435,12 @@ class ForwarderActor:
                                        error=str(exc))
                 elif self._gate_self:
                     self._breaker.release()  # nothing was sent: no outcome, free the slot
-                return await self._failed(stored, token, f"auth: {exc}", retry_after=None)
+                return await self._failed(stored, token, f"auth: {exc}",
+                                          answered(exc.status), retry_after=None)
             except APIError as exc:
                 await self._report(started, ok=False, failure=False, status=exc.status,
                                    error=str(exc))
-                await self._dead(stored, token, _dead_reason(exc))
+                await self._dead(stored, token, _dead_reason(exc), answered(exc.status))
                 return True
             except TimeoutError:
                 # Auth waits, the rate limit and the request together outlasted the claim.
@@ -441,7 +448,8 @@ class ForwarderActor:
                     self._breaker.release()
                 error = f"no answer within {LEASE_SEND_FRACTION:.0%} of the {lease:g}s lease"
                 await self._report(started, ok=False, failure=True, status=None, error=error)
-                return await self._failed(stored, token, error, retry_after=None)
+                return await self._failed(stored, token, error, answered(None),
+                                          retry_after=None)
             except ValidationError as exc:
                 # A 2xx with a body we could not read: the server has the event.
                 log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
@@ -451,18 +459,21 @@ class ForwarderActor:
                     self._breaker.record(ok=False, failure=True, status=None)
                 log.exception("forwarder.unexpected_error", event_id=event.id)
                 return await self._failed(stored, token, f"unexpected: {exc!r}",
-                                          retry_after=None)
+                                          answered(None), retry_after=None)
             except BaseException:
                 if self._gate_self:
                     self._breaker.release()  # cancelled mid-call: no outcome, free the slot
                 raise
             await self._report(started, ok=True, failure=False, status=None, error=None)
-            settles.start_soon(self._settle_delivered, event, token)
+            settles.start_soon(self._settle_delivered, stored, token,
+                               answered(None))
             return True
 
-    async def _settle_delivered(self, event: Event, token: str) -> None:
+    async def _settle_delivered(self, stored: StoredEvent, token: str, send: _Send) -> None:
+        event = stored.event
         try:
-            await self._store.mark_delivered(event.id, token)
+            await self._store.mark_delivered(event.id, token, sent_at=send.at,
+                                             latency=send.latency)
         except StoreError as exc:
             # The lease will make it due again: sent twice at worst, same Idempotency-Key.
             self._last_error = f"settle failed: {exc}"
@@ -472,6 +483,8 @@ class ForwarderActor:
         EVENTS_FORWARDED.labels(instance=self._instance).inc()
         FORWARD_LATENCY.labels(instance=self._instance).observe(
             max(0.0, self._clock.now() - event.received_at))
+        log.debug("forwarder.delivered", event_id=event.id, source=event.source,
+                  attempt=stored.attempts + 1, latency_ms=_ms(send.latency))
 
     async def _wait_for_breaker(self, hold_until: float) -> None:
         allowance = self._breaker.allowance()
@@ -492,36 +505,65 @@ class ForwarderActor:
                 upstream=self._breaker.upstream, ok=ok, failure=failure, status=status,
                 latency_s=max(0.0, self._clock.monotonic() - started), error=error))
 
-    async def _failed(self, stored: StoredEvent, token: str, error: str, *,
+    async def _failed(self, stored: StoredEvent, token: str, error: str, send: _Send, *,
                       retry_after: float | None) -> bool:
-        """Reschedule with backoff (False), or dead-letter once attempts run out (True)."""
-        attempt = stored.attempts + 1
+        """Reschedule with backoff (False), or dead-letter once attempts run out (True).
+
+        The budget (``client.retry.max_attempts``) counts the attempts since the last replay.
+        """
+        attempt = stored.attempts - stored.attempt_base + 1
         if attempt >= self._retry.max_attempts:
-            await self._dead(stored, token, f"gave up after {attempt} attempts: {error}")
+            await self._dead(stored, token, f"gave up after {attempt} attempts: {error}", send)
             return True
         delay = compute_backoff(attempt, self._retry, retry_after, rng=self._rng)
-        await self._reschedule(stored, token, delay=delay, error=error, count=True)
+        await self._reschedule(stored, token, delay=delay, error=error, count=True, send=send)
         return False
 
     async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
-                          count: bool) -> None:
+                          count: bool, send: _Send | None = None) -> None:
         await self._store.reschedule(
             stored.event.id, token, next_attempt_at=self._clock.now() + delay, error=error,
-            count_attempt=count)
+            count_attempt=count, sent_at=send.at if send else None,
+            status=send.status if send else None, latency=send.latency if send else None)
         self._last_error = error
         if count:
             self.retried += 1
             EVENTS_RETRIED.labels(instance=self._instance).inc()
-        log.info("forwarder.rescheduled", event_id=stored.event.id, source=stored.event.source,
-                 attempt=stored.attempts + 1, retry_in=round(delay, 3), error=error)
+        log.debug("forwarder.rescheduled", event_id=stored.event.id, source=stored.event.source,
+                  attempt=stored.attempts + 1 if count else None, retry_in=round(delay, 3),
+                  reason=error, status=send.status if send else None,
+                  latency_ms=_ms(send.latency) if send else None)
 
-    async def _dead(self, stored: StoredEvent, token: str, reason: str) -> None:
-        await self._store.dead_letter(stored.event.id, token, reason=reason)
+    async def _dead(self, stored: StoredEvent, token: str, reason: str, send: _Send) -> None:
+        await self._store.dead_letter(stored.event.id, token, reason=reason, sent_at=send.at,
+                                      status=send.status, latency=send.latency)
         self.dead += 1
         self._last_error = reason
         EVENTS_DEAD.labels(instance=self._instance).inc()
         log.warning("forwarder.dead_lettered", event_id=stored.event.id,
                     source=stored.event.source, attempts=stored.attempts + 1, reason=reason)
+
+
+class _Send:
+    """One send of an event, for its attempt history and the per-event debug lines."""
+
+    __slots__ = ("at", "latency", "started", "status")
+
+    def __init__(self, *, at: float, started: float, status: int | None = None,
+                 latency: float | None = None) -> None:
+        self.at = at  # wall clock, when the request started
+        self.started = started  # monotonic, same moment
+        self.status = status  # the HTTP status of a refusal (None: no answer, or a 2xx)
+        self.latency = latency  # seconds to the answer, once there is one
+
+    def answered(self, status: int | None, now: float) -> _Send:
+        """This send with its outcome: *status*, and the latency up to *now* (monotonic)."""
+        return _Send(at=self.at, started=self.started, status=status,
+                     latency=max(0.0, now - self.started))
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def _dead_reason(exc: APIError) -> str:

@@ -439,8 +439,12 @@ class ListenerActor(ServerActor):
             return self._unavailable(route, "store_error", "event store unavailable")
         if result.duplicate:
             route.rejected["duplicate"].inc()
+            log.debug("listener.duplicate", event_id=result.id, source=route.source,
+                      delivery_id=event.dedupe_key)
             return _json_response(200, {"id": result.id, "duplicate": True})
         route.received.inc()
+        log.debug("listener.accepted", event_id=result.id, source=route.source, type=event.type,
+                  size=len(body), runs=len(runs))
         if self._notify is not None:
             try:
                 self._notify(EventStored(id=result.id, source=route.source))

@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from mfo_actors.commands._common import (
@@ -28,7 +29,7 @@ from mfo_actors.commands._common import (
 from mfo_actors.config import load_config
 from mfo_actors.errors import UserError
 from mfo_actors.observability import REDACTED, redact
-from mfo_actors.store import EventStore, StoredEvent
+from mfo_actors.store import DeliveryAttempt, EventStore, StoredEvent
 
 __all__ = ["configure"]
 
@@ -99,22 +100,32 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """``events show ID``: every field, headers and payload, secrets redacted."""
+    """``events show ID``: every field, the attempt history, headers and payload, secrets
+    redacted."""
 
-    async def body(store: EventStore) -> StoredEvent | None:
-        return await store.get_event(args.id)
+    async def body(store: EventStore) -> tuple[StoredEvent | None, list[DeliveryAttempt]]:
+        return await store.get_event(args.id), await store.list_attempts(args.id)
 
-    stored = _with_store(args, body)
+    stored, attempts = _with_store(args, body)
     if stored is None:
         raise UserError(f"no event with id {args.id}")
     detail = _detail(stored)
+    detail["history"] = [_attempt(a) for a in attempts]
     if args.json:
         print_json(detail)
         return 0
-    fields = [(k, v) for k, v in detail.items() if k not in ("headers", "payload")]
+    fields = [(k, v) for k, v in detail.items() if k not in ("headers", "payload", "history")]
     width = max(len(k) for k, _ in fields) + 1
     for key, value in fields:
         print(f"{key + ':':<{width}} {_cell(value, key)}")
+    print("history:" if attempts else "history: no attempt yet")
+    if attempts:
+        print(_indent(table(
+            ["#", "AT", "RESULT", "STATUS", "LATENCY", "ERROR"],
+            [[str(a.number), _precise_time(a.at), a.outcome,
+              "-" if a.status is None else str(a.status),
+              "-" if a.latency is None else f"{a.latency * 1000:.1f} ms", short(a.error)]
+             for a in attempts])))
     print("headers:")
     for name, value in detail["headers"].items():
         print(f"  {name}: {value}")
@@ -199,6 +210,24 @@ def _detail(stored: StoredEvent) -> dict[str, Any]:
     out.update(content_type=e.content_type, dedupe_key=e.dedupe_key, size=len(e.body),
                headers=_redact_headers(e.headers), payload=_payload(stored))
     return out
+
+
+def _attempt(attempt: DeliveryAttempt) -> dict[str, Any]:
+    return {
+        "number": attempt.number, "at": iso(attempt.at), "outcome": attempt.outcome,
+        "status": attempt.status,
+        "latency_ms": None if attempt.latency is None else round(attempt.latency * 1000, 1),
+        "error": redact(attempt.error) if attempt.error else None,
+    }
+
+
+def _precise_time(ts: float) -> str:
+    """``2024-05-01 12:00:00.123Z``: attempts can be milliseconds apart."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 def _row(stored: StoredEvent) -> list[str]:

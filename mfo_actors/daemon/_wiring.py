@@ -5,7 +5,7 @@ yields the actors in start order; everything it opened is closed when the block 
 the supervisor has stopped every actor. The supervisor starts the list in order (each once the
 previous is ready) and stops it in reverse, so an actor comes after everything it depends on:
 
-    watchdog, admin, retention, sessions, breaker, auth, forwarder, scheduler, listener
+    watchdog, admin, summary, retention, sessions, breaker, auth, forwarder, scheduler, listener
 
 On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
 their store commit), then the scheduler and forwarder drain, and the admin port answers
@@ -31,6 +31,7 @@ from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.actors.retention import RetentionActor
 from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
 from mfo_actors.actors.sessions import SessionsActor, StoreSessions
+from mfo_actors.actors.summary import SummaryActor
 from mfo_actors.client import MFOClient, http_client_from_config
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
@@ -106,7 +107,8 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             actors.append(AdminActor(cfg.admin, instance=cfg.instance,
                                      readiness=_readiness(cfg, ctx, store, health),
                                      config_file=cfg.source_file))
-        actors += [RetentionActor(cfg, store, clock=ctx.clock),
+        actors += [SummaryActor(cfg, store, clock=ctx.clock),
+                   RetentionActor(cfg, store, clock=ctx.clock),
                    SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
             forwarder = ForwarderActor(

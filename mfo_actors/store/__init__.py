@@ -4,6 +4,8 @@ from mfo_actors.store._open import DEFAULT_SQLITE_FILE as DEFAULT_SQLITE_FILE
 from mfo_actors.store._open import open_store as open_store
 from mfo_actors.store._open import sqlite_path as sqlite_path
 from mfo_actors.store._protocol import AppendResult as AppendResult
+from mfo_actors.store._protocol import AttemptOutcome as AttemptOutcome
+from mfo_actors.store._protocol import DeliveryAttempt as DeliveryAttempt
 from mfo_actors.store._protocol import EventStatus as EventStatus
 from mfo_actors.store._protocol import EventStore as EventStore
 from mfo_actors.store._protocol import RunRecord as RunRecord
@@ -27,6 +29,8 @@ __all__ = [
     "DEFAULT_SQLITE_FILE",
     "OUTPUT_CAP",
     "AppendResult",
+    "AttemptOutcome",
+    "DeliveryAttempt",
     "EventStatus",
     "EventStore",
     "RunRecord",

@@ -12,6 +12,11 @@ Event lifecycle::
                   +----reschedule-------+
                   +----lease expiry / recover_claims (crash)
 
+Every send of an event is one attempt, kept in its history (:meth:`EventStore.list_attempts`):
+when it started, how it ended (delivered, retry, dead), the HTTP status or the error, and
+how long the answer took. Attempts are numbered from 1 for the life of the event: a replay
+goes on counting (the retry budget starts again from :attr:`StoredEvent.attempt_base`).
+
 Run lifecycle (seed 001): new --claim_runs--> active --finish_run--> done | error.
 A run found active at start-up was interrupted by a crash (``recover_runs``).
 
@@ -33,6 +38,8 @@ from mfo_actors.messages import Event, RunStatus, TriggerKind
 
 __all__ = [
     "AppendResult",
+    "AttemptOutcome",
+    "DeliveryAttempt",
     "EventStatus",
     "EventStore",
     "RunRecord",
@@ -52,6 +59,7 @@ __all__ = [
 EventStatus = Literal["pending", "claimed", "delivered", "dead"]
 TaskState = Literal["pending", "running", "done", "error", "skipped", "cancelled"]
 SessionStatus = Literal["active", "closed"]
+AttemptOutcome = Literal["delivered", "retry", "dead"]
 
 
 class StoreError(MFOError):
@@ -91,11 +99,23 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
     event: Event
     status: EventStatus
-    attempts: int = 0
+    attempts: int = 0  # sends so far, over the event's whole life (replays included)
     next_attempt_at: float = 0.0
-    last_error: str | None = None
+    last_error: str | None = None  # the latest failure; None once delivered
     delivered_at: float | None = None
     claim_token: str | None = None  # set on claimed events; settle calls must pass it back
+    attempt_base: int = 0  # attempts made before the last replay: the retry budget's zero
+
+
+class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One send of an event to the upstream, as ``events show`` lists it."""
+
+    number: int  # 1, 2, ... over the event's life (a replay goes on counting)
+    at: float  # wall-clock time the send started
+    outcome: AttemptOutcome
+    status: int | None = None  # the HTTP status; None when no answer came (or a 2xx)
+    error: str | None = None  # what went wrong (None when delivered)
+    latency: float | None = None  # seconds from send to answer (or to giving up)
 
 
 class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -193,23 +213,43 @@ class EventStore(Protocol):
         """
         ...
 
-    async def mark_delivered(self, event_id: str, claim_token: str) -> None:
-        """Settle a claimed event as delivered."""
+    async def mark_delivered(
+        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as delivered (clearing ``last_error``); records the attempt.
+
+        *sent_at* (wall clock, default: now less *latency*) and *latency* (seconds) describe
+        the send, for the attempt history.
+        """
         ...
 
     async def reschedule(
         self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
-        count_attempt: bool = True,
+        count_attempt: bool = True, sent_at: float | None = None, status: int | None = None,
+        latency: float | None = None,
     ) -> None:
         """Settle a claimed event as pending again, due at *next_attempt_at*.
 
-        Counts an attempt unless *count_attempt* is False (nothing was sent: the breaker
-        was open), so a long outage never uses up an event's attempts.
+        Counts (and records) an attempt unless *count_attempt* is False (nothing was sent:
+        the breaker was open), so a long outage never uses up an event's attempts.
         """
         ...
 
-    async def dead_letter(self, event_id: str, claim_token: str, *, reason: str) -> None:
-        """Settle a claimed event as dead, with the reason (status and error body)."""
+    async def dead_letter(
+        self, event_id: str, claim_token: str, *, reason: str, sent_at: float | None = None,
+        status: int | None = None, latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as dead, with the reason (status and error body); records
+        the attempt."""
+        ...
+
+    async def list_attempts(self, event_id: str) -> list[DeliveryAttempt]:
+        """The event's attempts, oldest first ([] for an unknown id)."""
+        ...
+
+    async def oldest_pending_at(self) -> float | None:
+        """``received_at`` of the oldest pending or claimed event, or None (summary lines)."""
         ...
 
     async def recover_claims(self) -> int:
@@ -227,7 +267,8 @@ class EventStore(Protocol):
         ...
 
     async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
-        """Move dead events back to pending, due now, attempts reset; return how many moved."""
+        """Move dead events back to pending, due now, with a fresh retry budget (attempts go
+        on counting: ``attempt_base = attempts``); return how many moved."""
         ...
 
     async def stats(self) -> StoreStats:
@@ -247,7 +288,8 @@ class EventStore(Protocol):
 
         Events received within the dedupe window are kept whatever their age, so a provider
         retry is still recognised. Pending, claimed and dead events are never pruned. The
-        daemon calls this periodically (e.g. hourly); returns how many were deleted.
+        daemon calls this periodically (e.g. hourly); returns how many were deleted. Their
+        attempt histories go with them.
         """
         ...
 

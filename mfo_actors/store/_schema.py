@@ -114,6 +114,26 @@ def _v2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v3(conn: sqlite3.Connection) -> None:
+    """Per-attempt delivery history; a replay keeps counting attempts (``attempt_base``)."""
+    _run_script(
+        conn,
+        """
+        ALTER TABLE events ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE attempts (
+            event_id TEXT    NOT NULL,
+            n        INTEGER NOT NULL,                          -- 1-based, over replays too
+            at       REAL    NOT NULL,                          -- when the send started
+            outcome  TEXT    NOT NULL,                          -- delivered|retry|dead
+            status   INTEGER,                                   -- HTTP status, if answered
+            error    TEXT,
+            latency  REAL,                                      -- seconds to the answer
+            PRIMARY KEY (event_id, n)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
     for statement in script.split(";"):
@@ -122,7 +142,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # MIGRATIONS[i] brings a file from version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -40,6 +40,7 @@ from mfo_actors.messages import Event, RunStatus
 from mfo_actors.observability import get_logger
 from mfo_actors.store._protocol import (
     AppendResult,
+    DeliveryAttempt,
     EventStatus,
     RunRecord,
     RunRequest,
@@ -76,8 +77,9 @@ _IN_CHUNK = 500  # ids per "IN (...)" clause, well under SQLite's variable limit
 
 _EVENT_COLS = (
     "id, source, type, received_at, headers, body, content_type, is_json, dedupe_key, "
-    "status, attempts, next_attempt_at, last_error, delivered_at, claim_token"
+    "status, attempts, next_attempt_at, last_error, delivered_at, claim_token, attempt_base"
 )
+_ATTEMPT_COLS = "n, at, outcome, status, error, latency"
 _RUN_COLS = (
     "run_id, flow, status, trigger, event_id, input, created_at, started_at, finished_at, "
     "error, outputs, interrupted, schedule_key, tick"
@@ -143,6 +145,25 @@ class _Delta:
 
 
 _NO_CHANGE = _Delta()
+
+
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """How one send went, for the attempt history (see :func:`_record_attempt`)."""
+
+    sent_at: float | None
+    status: int | None
+    latency: float | None
+
+    def record(self, conn: sqlite3.Connection, event_id: str, number: int, now: float,
+               outcome: str, error: str | None) -> None:
+        """Insert attempt *number* of *event_id* (started at ``now - latency`` if unknown)."""
+        at = self.sent_at if self.sent_at is not None else now - (self.latency or 0.0)
+        conn.execute(
+            f"INSERT OR REPLACE INTO attempts (event_id, {_ATTEMPT_COLS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event_id, number, at, outcome, self.status, error, self.latency),
+        )
 _OpFn = Callable[[sqlite3.Connection, float], tuple[T, _Delta]]
 
 
@@ -240,8 +261,9 @@ def _stored(row: Sequence[Any]) -> StoredEvent:
     )
     return StoredEvent(
         event=event, status=row[9], attempts=row[10], next_attempt_at=row[11],
-        last_error=row[12], delivered_at=row[13], claim_token=row[14],
+        last_error=row[12], delivered_at=row[13], claim_token=row[14], attempt_base=row[15],
     )
+
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
@@ -731,65 +753,106 @@ class SQLiteStore:
         rows.sort(key=lambda r: r[0])
         return [_stored(r[1:]) for r in rows], _NO_CHANGE
 
-    async def mark_delivered(self, event_id: str, claim_token: str) -> None:
+    async def mark_delivered(
+        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
+        latency: float | None = None,
+    ) -> None:
         """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
-        await self._submit(_Op(partial(self._tx_delivered, event_id, claim_token)))
+        await self._submit(_Op(partial(
+            self._tx_delivered, event_id, claim_token, _Send(sent_at, None, latency))))
 
     def _tx_delivered(
-        self, event_id: str, token: str, conn: sqlite3.Connection, now: float
+        self, event_id: str, token: str, send: _Send, conn: sqlite3.Connection, now: float
     ) -> tuple[None, _Delta]:
         row = conn.execute(
             "UPDATE events SET status = 'delivered', delivered_at = ?, attempts = attempts + 1, "
-            "claim_token = NULL, lease_until = NULL "
-            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size",
+            "last_error = NULL, claim_token = NULL, lease_until = NULL "
+            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size, attempts",
             (now, event_id, token),
         ).fetchone()
         if row is None:
             log.warning("store.stale_settle", event_id=event_id, action="delivered")
             return None, _NO_CHANGE
+        send.record(conn, event_id, row[1], now, "delivered", None)
         return None, _Delta(pending=-1, bytes=-row[0], delivered=1, wake_events=True)
 
     async def reschedule(
         self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
-        count_attempt: bool = True,
+        count_attempt: bool = True, sent_at: float | None = None, status: int | None = None,
+        latency: float | None = None,
     ) -> None:
         """Settle a claimed event as pending, due at *next_attempt_at* (see the protocol)."""
         await self._submit(_Op(partial(
-            self._tx_reschedule, event_id, claim_token, next_attempt_at, error, count_attempt)))
+            self._tx_reschedule, event_id, claim_token, next_attempt_at, error, count_attempt,
+            _Send(sent_at, status, latency))))
 
     def _tx_reschedule(
         self, event_id: str, token: str, next_at: float, error: str, count_attempt: bool,
-        conn: sqlite3.Connection, now: float,
+        send: _Send, conn: sqlite3.Connection, now: float,
     ) -> tuple[None, _Delta]:
         row = conn.execute(
             "UPDATE events SET status = 'pending', next_attempt_at = ?, last_error = ?, "
             "attempts = attempts + ?, claim_token = NULL, lease_until = NULL "
-            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size",
+            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size, attempts",
             (next_at, error, int(count_attempt), event_id, token),
         ).fetchone()
         if row is None:
             log.warning("store.stale_settle", event_id=event_id, action="reschedule")
             return None, _NO_CHANGE
+        if count_attempt:
+            send.record(conn, event_id, row[1], now, "retry", error)
         return None, _Delta(wake_events=next_at <= now)
 
-    async def dead_letter(self, event_id: str, claim_token: str, *, reason: str) -> None:
+    async def dead_letter(
+        self, event_id: str, claim_token: str, *, reason: str, sent_at: float | None = None,
+        status: int | None = None, latency: float | None = None,
+    ) -> None:
         """Settle a claimed event as dead with *reason*; counts an attempt."""
-        await self._submit(_Op(partial(self._tx_dead, event_id, claim_token, reason)))
+        await self._submit(_Op(partial(
+            self._tx_dead, event_id, claim_token, reason, _Send(sent_at, status, latency))))
 
     def _tx_dead(
-        self, event_id: str, token: str, reason: str, conn: sqlite3.Connection, now: float
+        self, event_id: str, token: str, reason: str, send: _Send, conn: sqlite3.Connection,
+        now: float,
     ) -> tuple[None, _Delta]:
         row = conn.execute(
             "UPDATE events SET status = 'dead', last_error = ?, attempts = attempts + 1, "
             "claim_token = NULL, lease_until = NULL "
-            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size",
+            "WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size, attempts",
             (reason, event_id, token),
         ).fetchone()
         if row is None:
             log.warning("store.stale_settle", event_id=event_id, action="dead_letter")
             return None, _NO_CHANGE
+        send.record(conn, event_id, row[1], now, "dead", reason)
         # Wakes the forwarder: the next event of this source may now be claimable.
         return None, _Delta(pending=-1, bytes=-row[0], dead=1, wake_events=True)
+
+    async def list_attempts(self, event_id: str) -> list[DeliveryAttempt]:
+        """The event's attempts, oldest first."""
+
+        def read(conn: sqlite3.Connection) -> list[DeliveryAttempt]:
+            return [
+                DeliveryAttempt(number=r[0], at=r[1], outcome=r[2], status=r[3], error=r[4],
+                                latency=r[5])
+                for r in conn.execute(
+                    f"SELECT {_ATTEMPT_COLS} FROM attempts WHERE event_id = ? ORDER BY n",
+                    (event_id,))
+            ]
+
+        return await self._read(read)
+
+    async def oldest_pending_at(self) -> float | None:
+        """``received_at`` of the oldest pending or claimed event (two index probes)."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            found = [conn.execute(
+                "SELECT received_at FROM events WHERE status = ? ORDER BY seq LIMIT 1",
+                (status,)).fetchone() for status in ("pending", "claimed")]
+            times = [r[0] for r in found if r is not None]
+            return min(times) if times else None
+
+        return await self._read(read)
 
     async def recover_claims(self) -> int:
         """Make every claimed event pending and due now (start-up after a crash)."""
@@ -828,9 +891,11 @@ class SQLiteStore:
         return await self._read(read)
 
     async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
-        """Move dead events back to pending, due now, attempts reset; return how many moved.
+        """Move dead events back to pending, due now, with a fresh retry budget; return how
+        many moved.
 
-        Ids that are unknown or not dead are skipped. ``last_error`` is kept, for history.
+        Attempts go on counting (``attempt_base`` marks where the new budget starts). Ids
+        that are unknown or not dead are skipped. ``last_error`` is kept until delivered.
         """
         ids = list(event_ids)
         if not ids and not all_dead:
@@ -841,8 +906,9 @@ class SQLiteStore:
     def _tx_replay(
         self, ids: list[str], all_dead: bool, conn: sqlite3.Connection, now: float
     ) -> tuple[int, _Delta]:
-        sql = ("UPDATE events SET status = 'pending', attempts = 0, next_attempt_at = ?, "
-               "claim_token = NULL, lease_until = NULL WHERE status = 'dead'")
+        sql = ("UPDATE events SET status = 'pending', attempt_base = attempts, "
+               "next_attempt_at = ?, claim_token = NULL, lease_until = NULL "
+               "WHERE status = 'dead'")
         sizes: list[int] = []
         if all_dead:
             sizes += [r[0] for r in conn.execute(sql + " RETURNING size", (now,))]
@@ -871,13 +937,15 @@ class SQLiteStore:
         return total
 
     def _tx_prune(self, age: float, conn: sqlite3.Connection, now: float) -> tuple[int, _Delta]:
-        n = conn.execute(
+        ids = [r[0] for r in conn.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
             "AND delivered_at < ? AND (dedupe_key IS NULL OR received_at < ?) "
-            "ORDER BY seq LIMIT ?)",
+            "ORDER BY seq LIMIT ?) RETURNING id",
             (now - age, now - self._dedupe_window, PRUNE_CHUNK),
-        ).rowcount
-        return n, _Delta(delivered=-n)
+        )]
+        for chunk in _chunks(ids):
+            conn.execute(f"DELETE FROM attempts WHERE event_id IN ({_marks(len(chunk))})", chunk)
+        return len(ids), _Delta(delivered=-len(ids))
 
     async def stats(self) -> StoreStats:
         """Counts from memory (committed writes only)."""
