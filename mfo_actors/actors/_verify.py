@@ -31,7 +31,7 @@ from functools import lru_cache
 from mfo_actors.config import VerifyConfig
 from mfo_actors.errors import MFOError
 
-__all__ = ["SignatureError", "verify"]
+__all__ = ["SignatureError", "sign_github", "sign_standard_webhooks", "verify"]
 
 _WHSEC_PREFIX = "whsec_"
 
@@ -62,6 +62,22 @@ def _hmac(key: bytes, *parts: bytes) -> bytes:
     return mac.digest()
 
 
+def sign_standard_webhooks(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` value a Standard Webhooks sender puts on *body*.
+
+    The sending side of :func:`verify` (the demo's simulated providers; tests): ``v1,`` and
+    the base64 HMAC-SHA256 of ``"{msg_id}.{timestamp}.{body}"`` under the ``whsec_`` key.
+    """
+    mac = _hmac(_standard_webhooks_key(secret), msg_id.encode("utf-8"), b".",
+                str(timestamp).encode("ascii"), b".", body)
+    return "v1," + base64.b64encode(mac).decode("ascii")
+
+
+def sign_github(secret: str, body: bytes) -> str:
+    """The ``X-Hub-Signature-256`` value GitHub puts on *body*: ``sha256=<hex>``."""
+    return "sha256=" + _hmac(secret.encode("utf-8"), body).hex()
+
+
 def _verify_standard(
     cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, now: float
 ) -> None:
@@ -78,10 +94,8 @@ def _verify_standard(
         raise SignatureError("webhook-timestamp is too old")
     if ts > now + cfg.tolerance:
         raise SignatureError("webhook-timestamp is in the future")
-    expected = _hmac(
-        _standard_webhooks_key(cfg.secret),
-        msg_id.encode("utf-8"), b".", str(ts).encode("ascii"), b".", body,
-    )
+    expected = base64.b64decode(
+        sign_standard_webhooks(cfg.secret, msg_id, ts, body).removeprefix("v1,"))
     found_v1 = False
     for item in signatures.split():
         version, _, value = item.partition(",")
@@ -104,7 +118,7 @@ def _verify_github(cfg: VerifyConfig, headers: Mapping[str, str], body: bytes) -
     algo, _, value = given.strip().partition("=")
     if algo != "sha256" or not value:
         raise SignatureError("X-Hub-Signature-256 is not sha256=<hex>")
-    expected = _hmac(cfg.secret.encode("utf-8"), body).hex()
+    expected = sign_github(cfg.secret, body).removeprefix("sha256=")
     if not hmac.compare_digest(expected.encode("ascii"), value.lower().encode("ascii", "replace")):
         raise SignatureError("signature does not match")
 
