@@ -45,6 +45,7 @@ class TestCheck:
 
     def test_broken_copy_is_one_line_exit_1(self, tmp_path: Path) -> None:
         broken = tmp_path / "example.yaml"
+        shutil.copy(EXAMPLE.parent / "mock-server.password", tmp_path)  # its secret file
         text = EXAMPLE.read_text().replace("  concurrency: 8 ", "  concurency: 8 ")
         assert text != EXAMPLE.read_text()
         broken.write_text(text)
@@ -59,6 +60,7 @@ class TestCheck:
     def test_directory_reports_every_bad_file(self, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
         shutil.copy(EXAMPLE, tmp_path / "a.yaml")
+        shutil.copy(EXAMPLE.parent / "mock-server.password", tmp_path)  # its secret file
         (tmp_path / "b.yml").write_text("instance: b\nstate_dir: /tmp/b\nbogus: 1\n")
         (tmp_path / "c.yaml").write_text("instance: c\nclient: {timeout: soon}\n")
         (tmp_path / "notes.txt").write_text("not a config")
@@ -246,15 +248,12 @@ class TestFastStart:
 
 
 class TestDocs:
-    def test_readme_has_exactly_two_setup_commands(self) -> None:
-        """The README's set-up is two one-line commands, and CI runs the second verbatim."""
+    def test_readme_first_command_runs_the_demo_and_ci_runs_the_test_line(self) -> None:
+        """The README opens with the demo one-liner; its test one-liner is what CI runs."""
         readme = (REPO / "README.md").read_text()
-        blocks = readme.split("```sh\n")[1:3]
-        commands = [b.split("```")[0].strip() for b in blocks]
-        assert all("\n" not in c for c in commands)
-        main_job, tests = commands
-        assert main_job.endswith("mfo-actors check --config config/example.yaml") or (
-            "mfo-actors demo" in main_job
-        )
-        assert tests.startswith("python3 -m venv .venv && ")
+        blocks = [b.split("```")[0].strip() for b in readme.split("```sh\n")[1:]]
+        assert blocks[0] == ("python3 -m venv .venv && .venv/bin/pip install -q . && "
+                             ".venv/bin/mfo-actors demo")
+        [tests] = [b for b in blocks if "pytest" in b]
+        assert "\n" not in tests and tests.startswith("python3 -m venv .venv && ")
         assert tests in (REPO / ".ci" / "run").read_text()

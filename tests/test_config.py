@@ -271,7 +271,9 @@ class TestShippedConfigs:
         monkeypatch.chdir(REPO)
         cfg = load_config(EXAMPLE_CONFIG)
         assert cfg.instance == "example"
-        assert cfg.auth.mode == "none"
+        # As shipped it logs in to `mfo-actors mock-server` with the mock's documented password.
+        assert (cfg.auth.mode, cfg.auth.email, cfg.auth.password) == (
+            "login", "demo@example.com", "demo")
         assert cfg.flows.dir == "./flows"
 
     def test_seed_config_loads_unchanged(self) -> None:
