@@ -4,7 +4,8 @@ One file configures one instance (ARCHITECTURE.md, "Instance config"). Loading d
 
 1. parse YAML with PyYAML's SafeLoader, keeping the line of every key;
 2. resolve secret references ``${env:NAME}``, ``${file:PATH}``, ``${credential:NAME}``
-   (systemd's ``$CREDENTIALS_DIRECTORY``), registering every resolved value for log redaction;
+   (systemd's ``$CREDENTIALS_DIRECTORY``; without it, ``credentials/`` beside the config
+   file), registering every resolved value for log redaction;
 3. convert to :class:`InstanceConfig` with msgspec (unknown keys and wrong types are errors);
 4. check what a type cannot say (a login without a password, two routes on one path).
 
@@ -324,6 +325,8 @@ class InstanceConfig(_Base, frozen=True):
 # Loading
 
 
+# ${credential:NAME} without systemd ($CREDENTIALS_DIRECTORY unset): <config dir>/credentials/NAME
+LOCAL_CREDENTIALS_DIR = "credentials"
 _SECRET_REF = re.compile(r"\$\{(env|file|credential):([^}]*)\}")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
@@ -515,15 +518,19 @@ def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[st
             return path.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    creds = environ.get("CREDENTIALS_DIRECTORY")
-    if not creds:
-        raise ValueError(f"credential {name} requested but $CREDENTIALS_DIRECTORY is not set")
     if "/" in name or name in {".", ".."}:
         raise ValueError(f"invalid credential name {name!r}")
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    # Outside systemd: a credentials/ directory beside the config file (a developer's clone).
+    path = (Path(creds) if creds else base_dir / LOCAL_CREDENTIALS_DIR) / name
     try:
-        return (Path(creds) / name).read_text(encoding="utf-8").rstrip("\r\n")
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
-        raise ValueError(f"cannot read credential {name}: {exc.strerror}") from None
+        if creds:
+            raise ValueError(f"cannot read credential {name}: {exc.strerror}") from None
+        raise ValueError(
+            f"credential {name}: $CREDENTIALS_DIRECTORY is not set (systemd's LoadCredential= "
+            f"sets it) and {path} cannot be read: {exc.strerror}") from None
 
 
 def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:

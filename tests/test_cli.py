@@ -45,7 +45,7 @@ class TestCheck:
 
     def test_broken_copy_is_one_line_exit_1(self, tmp_path: Path) -> None:
         broken = tmp_path / "example.yaml"
-        shutil.copy(EXAMPLE.parent / "mock-server.password", tmp_path)  # its secret file
+        shutil.copytree(EXAMPLE.parent / "credentials", tmp_path / "credentials")  # its secret
         text = EXAMPLE.read_text().replace("  concurrency: 8 ", "  concurency: 8 ")
         assert text != EXAMPLE.read_text()
         broken.write_text(text)
@@ -60,7 +60,7 @@ class TestCheck:
     def test_directory_reports_every_bad_file(self, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
         shutil.copy(EXAMPLE, tmp_path / "a.yaml")
-        shutil.copy(EXAMPLE.parent / "mock-server.password", tmp_path)  # its secret file
+        shutil.copytree(EXAMPLE.parent / "credentials", tmp_path / "credentials")  # its secret
         (tmp_path / "b.yml").write_text("instance: b\nstate_dir: /tmp/b\nbogus: 1\n")
         (tmp_path / "c.yaml").write_text("instance: c\nclient: {timeout: soon}\n")
         (tmp_path / "notes.txt").write_text("not a config")

@@ -244,7 +244,20 @@ class TestSecrets:
     def test_credential_without_credentials_directory(self) -> None:
         err = load_error("auth: {mode: token, token: '${credential:x}'}\n", environ={})
         assert err.key == "auth.token"
-        assert "CREDENTIALS_DIRECTORY" in err.message
+        assert "CREDENTIALS_DIRECTORY" in err.message and "credentials/x" in err.message
+
+    def test_credential_beside_the_config_without_systemd(self, tmp_path: Path) -> None:
+        """No $CREDENTIALS_DIRECTORY: credentials/NAME next to the config file is read."""
+        (tmp_path / "credentials").mkdir()
+        (tmp_path / "credentials" / "pw").write_text("local-secret-456\n")
+        path = tmp_path / "inst.yaml"
+        path.write_text("auth: {mode: login, email: a@b.c, password: '${credential:pw}'}\n")
+        assert load_config(path, environ={}).auth.password == "local-secret-456"
+        elsewhere = tmp_path / "systemd"
+        elsewhere.mkdir()
+        (elsewhere / "pw").write_text("from-systemd")
+        cfg = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(elsewhere)})
+        assert cfg.auth.password == "from-systemd"  # systemd's directory wins
 
     def test_missing_secret_file(self, tmp_path: Path) -> None:
         path = tmp_path / "inst.yaml"

@@ -4,7 +4,7 @@ The commands are read from the README itself (the ``sh`` block under "The same, 
 so the test and the README cannot drift apart. Only the ports change (other engineers run
 tests on this machine: 9000/8080/9090 may be taken) and ``.venv/bin/mfo-actors`` becomes this
 interpreter's ``-m mfo_actors``; everything else (``config/example.yaml`` as shipped, its
-password file, the example flows, the curl) is the README's.
+credential, the example flows, the curl) is the README's.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_the_walkthrough_delivers_the_event(tmp_path: Path) -> None:
     (work / "config" / "example.yaml").write_text(moved(example))
     settings = "\n".join(line.split("#")[0] for line in moved(example).splitlines())
     assert not re.search(r"\b(9000|8080|9090)\b", settings)  # every port moved
-    shutil.copy(REPO / "config" / "mock-server.password", work / "config")
+    shutil.copytree(REPO / "config" / "credentials", work / "config" / "credentials")
     shutil.copytree(REPO / "flows", work / "flows")
 
     def cli(command: str) -> list[str]:
