@@ -21,6 +21,7 @@ import pytest
 
 from mfo_actors.actors._verify import SignatureError, verify
 from mfo_actors.config import VerifyConfig
+from mfo_actors.daemon import StateDirLock
 from mfo_actors.demo import Verdict
 from mfo_actors.demo._providers import Tally, make_deliveries
 from mfo_actors.demo._setup import GITHUB_SECRET, STANDARD_WEBHOOKS_SECRET
@@ -90,6 +91,22 @@ class TestDemoProcess:
             reader.join(timeout=5)
         assert code == 0, "\n".join(lines) + (proc.stderr.read() if proc.stderr else "")
         assert (tmp_path / "state" / "demo.yaml").exists()  # --state-dir is kept
+
+
+    def test_sigterm_stops_the_daemon_too(self, tmp_path: Path) -> None:
+        """Whatever stops the demo (here SIGTERM mid-run) stops its daemon, in order."""
+        state = tmp_path / "state"
+        proc = demo("--duration", "60", "--state-dir", str(state))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("demo t="):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert "mfo-actors demo: interrupted" in out
+        with StateDirLock(state):  # the daemon is gone: its lock is free
+            pass
 
 
 class TestProviders:

@@ -52,6 +52,7 @@ DRAIN_DEADLINE = 30.0  # seconds after the providers stop for the backlog to be 
 STOP_DEADLINE = 15.0  # seconds for the daemon's graceful stop (its shutdown_timeout is 10 s)
 TOKEN_LIFETIME = 8.0  # seconds: short, so the live view shows the token being renewed
 MAX_OUTAGE = 4.0  # seconds of upstream outage, at most
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as the CLI reports an interruption
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,41 @@ def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> int:
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
+class _Result:
+    """How the demo ended: its exit code once known, and whether a signal cut it short."""
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self.waiting = False  # --keep-running: done, waiting for Ctrl-C
+        self.interrupted = False
+
+
 async def _demo(options: DemoOptions, state_dir: Path, out: TextIO) -> int:
+    """Run everything; SIGINT, SIGTERM or SIGHUP (a closed terminal) end it in order.
+
+    The daemon runs in its own session (so Ctrl-C is not delivered to it twice); these
+    handlers make sure the demo always stops it, whatever stops the demo.
+    """
+    result = _Result()
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, signals, tg.cancel_scope, result)
+            await _run_all(options, state_dir, out, result)
+            tg.cancel_scope.cancel()
+    if result.interrupted and not result.waiting:
+        print("mfo-actors demo: interrupted", file=out, flush=True)
+        return EXIT_INTERRUPTED
+    return result.code if result.code is not None else 1
+
+
+async def _stop_on_signal(signals: Any, scope: anyio.CancelScope, result: _Result) -> None:
+    async for _ in signals:
+        result.interrupted = True
+        scope.cancel()
+        return
+
+
+async def _run_all(options: DemoOptions, state_dir: Path, out: TextIO, result: _Result) -> None:
     app = MockMFOServer(MockOptions(email=DEMO_EMAIL, password=DEMO_PASSWORD,
                                     token_lifetime=TOKEN_LIFETIME, seed=1))
     async with anyio.create_task_group() as tg:
@@ -117,15 +152,15 @@ async def _demo(options: DemoOptions, state_dir: Path, out: TextIO) -> int:
         print(f"  daemon log: {setup.log_file}", file=out, flush=True)
         daemon = await _start_daemon(setup)
         try:
-            code = await _with_daemon(options, setup, daemon, out)
+            await _with_daemon(options, setup, daemon, out, result)
         finally:
             with anyio.CancelScope(shield=True):
                 stopped = await _stop_daemon(daemon)
-        if stopped != 0:
-            print(f"the daemon exited {stopped} (expected 0); see {setup.log_file}", file=out)
-            code = 1
+                if stopped != 0:
+                    print(f"the daemon exited {stopped} (expected 0); see {setup.log_file}",
+                          file=out)
+                    result.code = 1
         tg.cancel_scope.cancel()
-    return code
 
 
 async def _start_daemon(setup: DemoSetup) -> anyio.abc.Process:
@@ -171,7 +206,7 @@ async def _wait_ready(setup: DemoSetup, daemon: anyio.abc.Process,
 
 
 async def _with_daemon(options: DemoOptions, setup: DemoSetup, daemon: anyio.abc.Process,
-                       out: TextIO) -> int:
+                       out: TextIO, result: _Result) -> None:
     timeout = httpx.Timeout(10.0)
     async with httpx.AsyncClient(base_url=setup.admin_url, timeout=timeout) as admin, \
             httpx.AsyncClient(base_url=setup.listener_url, timeout=timeout) as listener, \
@@ -200,10 +235,11 @@ async def _with_daemon(options: DemoOptions, setup: DemoSetup, daemon: anyio.abc
             print(f"  unexpected answer: {problem}", file=out)
         print(verdict.line(), file=out, flush=True)
         ok = verdict.ok and not tally.unexpected and not tally.duplicate_mismatch
+        result.code = 0 if ok else 1
         if options.keep_running:
             _print_try_it(setup, out)
-            await _wait_for_signal()
-        return 0 if ok else 1
+            result.waiting = True
+            await anyio.sleep_forever()  # until a signal cancels us
 
 
 class _Show:
@@ -281,12 +317,6 @@ async def _verdict(upstream: httpx.AsyncClient, tally: Tally) -> Verdict:
 def _delivery_of(body: Any) -> Any:
     payload = body.get("payload") if isinstance(body, dict) else None
     return payload.get("delivery") if isinstance(payload, dict) else None
-
-
-async def _wait_for_signal() -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
 
 
 def _print_try_it(setup: DemoSetup, out: TextIO) -> None:
