@@ -260,11 +260,18 @@ class FlowsConfig(_Base, frozen=True):
     catch_up: Literal["none", "one"] = "none"  # missed cron ticks after downtime
 
 
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+
 class StoreConfig(_Base, frozen=True):
     """Where events and run history are kept."""
 
-    backend: Literal["sqlite", "redis"] = "sqlite"
-    url: str | None = None  # redis://host:port/db for the redis backend
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str | None = None  # postgres: a libpq connection string or postgresql:// URL
+    schema: str = "mfo"  # postgres: the schema holding the tables (created on first start)
+    # postgres: a node that stops renewing its flow runs (killed, cut off) for this long has
+    # them rerun by another node; its event claims come back after forwarder.lease.
+    node_lease: Duration = Duration(30.0)
     path: str | None = None  # sqlite file; default <state_dir>/store.sqlite3
     max_pending: int = 100_000  # events not yet delivered before the listener answers 503
     max_bytes: Size = Size(1024**3)  # bytes of pending payloads before 503
@@ -680,12 +687,15 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
     except (ZoneInfoNotFoundError, ValueError):
         fail(f"unknown timezone {cfg.flows.timezone!r} (use an IANA name like Europe/Paris)",
              "flows", "timezone")
-    if cfg.store.backend == "redis":
-        if not cfg.store.url:
-            fail("the redis backend needs store.url (redis://host:port/db)", "store", "url")
-        if cfg.async_backend == "trio":
-            fail("the redis backend runs on asyncio only; set async_backend: asyncio",
-                 "async_backend")
+    if cfg.store.backend == "postgres" and not cfg.store.dsn:
+        fail("the postgres backend needs store.dsn (postgresql://user@host:5432/db)",
+             "store", "dsn")
+    if not _SCHEMA_NAME.fullmatch(cfg.store.schema):
+        fail("must be a lower-case SQL name (letters, digits, _; at most 40 characters)",
+             "store", "schema")
+    if cfg.store.node_lease < 3:
+        fail("must be at least 3s (a node renews its runs every third of it)",
+             "store", "node_lease")
 
 
 def check_config_text(

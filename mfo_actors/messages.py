@@ -1,7 +1,7 @@
 """The messages that travel between actors over typed channels.
 
 All are frozen msgspec Structs, tagged by ``kind`` so a union of them can be decoded from the
-wire (the Redis backend sends some across hosts). Times are Unix seconds (float) from the
+wire. Times are Unix seconds (float) from the
 wall clock unless a field says otherwise.
 
 A flow trigger is not a message: it is a ``store.RunRequest`` written in the same

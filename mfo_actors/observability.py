@@ -265,7 +265,7 @@ def _add_identity(_logger: Any, _method: str, event_dict: MutableMapping[str, An
 
 
 class _StdlibBridge(logging.Handler):
-    """Sends stdlib ``logging`` records (httpx, redis ...) through structlog's chain."""
+    """Sends stdlib ``logging`` records (httpx, psycopg ...) through structlog's chain."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

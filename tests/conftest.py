@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Generator, Iterator
 
 import pluggy
@@ -26,25 +27,56 @@ def _runtime_debug() -> Iterator[None]:
         set_debug(previous)
 
 
-# -- MFO_REQUIRE_REDIS=1 (set by .ci/run): a Redis test may not quietly skip -------------------
+# -- PostgreSQL: $MFO_PG_DSN, one schema per test; MFO_REQUIRE_POSTGRES=1 (.ci/run) ----------
 
-REQUIRE_REDIS = os.environ.get("MFO_REQUIRE_REDIS") == "1"
+REQUIRE_POSTGRES = os.environ.get("MFO_REQUIRE_POSTGRES") == "1"
 
 
-def _redis_skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str | None:
-    """The skip reason if *report* is a skip that mentions Redis (xfails excluded)."""
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """The DSN of the test PostgreSQL ($MFO_PG_DSN); the test skips when it is not set or
+    not reachable (and fails instead under MFO_REQUIRE_POSTGRES=1)."""
+    dsn = os.environ.get("MFO_PG_DSN")
+    if not dsn:
+        pytest.skip("postgres: set MFO_PG_DSN to run the PostgreSQL tests")
+    try:
+        import psycopg
+
+        with psycopg.connect(dsn, connect_timeout=5):
+            pass
+    except Exception as exc:
+        pytest.skip(f"postgres at $MFO_PG_DSN unreachable: {exc}")
+    return dsn
+
+
+@pytest.fixture
+def pg_schema(pg_dsn: str) -> Iterator[str]:
+    """A fresh schema name for one test; the schema is dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield name
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def _postgres_skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str | None:
+    """The skip reason if *report* is a skip that mentions Postgres (xfails excluded)."""
     if not report.skipped or hasattr(report, "wasxfail"):
         return None
     longrepr = report.longrepr
     reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
-    return reason if "redis" in reason.lower() else None
+    return reason if "postgres" in reason.lower() else None
 
 
-def _fail_redis_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
-    reason = _redis_skip_reason(report)
-    if REQUIRE_REDIS and reason is not None:
+def _fail_postgres_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    reason = _postgres_skip_reason(report)
+    if REQUIRE_POSTGRES and reason is not None:
         report.outcome = "failed"
-        report.longrepr = f"MFO_REQUIRE_REDIS=1 but this test was skipped: {reason}"
+        report.longrepr = f"MFO_REQUIRE_POSTGRES=1 but this test was skipped: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -52,7 +84,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
-    _fail_redis_skip(outcome.get_result())
+    _fail_postgres_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -60,4 +92,4 @@ def pytest_make_collect_report(
     collector: pytest.Collector,
 ) -> Generator[None, pluggy.Result[pytest.CollectReport], None]:
     outcome = yield
-    _fail_redis_skip(outcome.get_result())
+    _fail_postgres_skip(outcome.get_result())

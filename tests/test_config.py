@@ -137,9 +137,21 @@ class TestErrors:
         err = load_error("auth:\n  mode: login\n  email: a@b.c\n")
         assert err.key == "auth.password"
 
-    def test_redis_on_trio_is_refused_at_load(self) -> None:
-        err = load_error("async_backend: trio\nstore: {backend: redis, url: redis://x}\n")
-        assert err.key == "async_backend"
+    def test_redis_backend_is_refused_at_load(self) -> None:
+        err = load_error("store: {backend: redis, url: redis://x}\n")
+        assert (err.key, err.line) == ("store.backend", 1)
+        assert "redis" in err.message
+
+    def test_postgres_needs_a_dsn(self) -> None:
+        err = load_error("store: {backend: postgres}\n")
+        assert (err.key, err.line) == ("store.dsn", 1)
+        assert load_config_text(
+            "async_backend: trio\nstore: {backend: postgres, dsn: 'postgresql://h/db'}\n"
+        ).store.schema == "mfo"
+
+    def test_postgres_schema_must_be_a_plain_name(self) -> None:
+        err = load_error("store: {backend: postgres, dsn: x, schema: 'a; DROP'}\n")
+        assert err.key == "store.schema"
 
     def test_unknown_flows_timezone_is_refused_at_load(self) -> None:
         """Otherwise the scheduler crashes (and restarts forever) at its first cron tick."""

@@ -1,12 +1,12 @@
 """The EventStore contract: every backend must pass these (parametrised by ``backend``).
 
 A new backend adds its name to the ``backend`` fixture's params and a branch to
-``make_config``; the tests only use the protocol, through ``open_store(cfg)``.
+``make_config``; the tests only use the protocol, through ``open_store(cfg)``. Postgres tests
+each get their own schema ($MFO_PG_DSN), dropped afterwards.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -30,6 +30,7 @@ from mfo_actors.store import (
     EventStore,
     RunRequest,
     StoreClosedError,
+    StoreError,
     StoreFullError,
     TaskRunRecord,
     open_store,
@@ -56,19 +57,24 @@ class FakeClock:
 Opener = Callable[..., AbstractAsyncContextManager[EventStore]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis" and not os.environ.get("MFO_TEST_REDIS_URL"):
-        pytest.skip("set MFO_TEST_REDIS_URL to test the redis backend")
     return str(request.param)
+
+
+@pytest.fixture
+def backend_store(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Store options that point *backend* at this test's own data."""
+    if backend == "postgres":
+        schema = request.getfixturevalue("pg_schema")
+        return {"dsn": request.getfixturevalue("pg_dsn"), "schema": schema}
+    return {}
 
 
 def make_config(backend: str, state_dir: Path, **store: Any) -> InstanceConfig:
     dedupe_window = store.pop("dedupe_window", 3600.0)
     if "max_bytes" in store:
         store["max_bytes"] = Size(store["max_bytes"])
-    if backend == "redis":
-        store.update(url=os.environ["MFO_TEST_REDIS_URL"])
     return InstanceConfig(
         instance="test",
         state_dir=str(state_dir),
@@ -83,11 +89,14 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def opener(backend: str, tmp_path: Path, clock: FakeClock) -> Opener:
-    """``opener(**store_options)`` opens the store of one instance (the same data each time)."""
+def opener(backend: str, backend_store: dict[str, Any], tmp_path: Path,
+           clock: FakeClock) -> Opener:
+    """``opener(**store_options)`` opens the store of one instance (the same data each time);
+    ``node=`` opens it as another node of the same instance."""
 
-    def open_(**store: Any) -> AbstractAsyncContextManager[EventStore]:
-        return open_store(make_config(backend, tmp_path / "state", **store), clock=clock)
+    def open_(node: str | None = None, **store: Any) -> AbstractAsyncContextManager[EventStore]:
+        cfg = make_config(backend, tmp_path / "state", **backend_store, **store)
+        return open_store(cfg, clock=clock, node=node)
 
     return open_
 
@@ -155,6 +164,32 @@ class TestAppend:
             stats = await store.stats()
         assert all(f is not None and f.status == "pending" for f in found)
         assert stats.pending == 20
+
+    async def test_one_bad_write_fails_alone(self, opener: Opener, clock: FakeClock) -> None:
+        """A write that cannot be stored (here: an id already taken) fails its own caller;
+        the writes committed in the same batch are stored."""
+        taken = make_event(clock)
+        good = [make_event(clock, source=f"s{i}") for i in range(9)]
+        outcomes: dict[str, str] = {}
+        async with opener() as store:
+            await store.append(taken)
+
+            async def one(e: Event, key: str) -> None:
+                try:
+                    await store.append(e)
+                    outcomes[key] = "stored"
+                except StoreError:
+                    outcomes[key] = "failed"
+
+            async with anyio.create_task_group() as tg:
+                for i, e in enumerate([*good[:4], taken, *good[4:]]):
+                    tg.start_soon(one, e, "taken" if e is taken else str(i))
+            found = [await store.get_event(e.id) for e in good]
+            stats = await store.stats()
+        assert outcomes.pop("taken") == "failed"
+        assert set(outcomes.values()) == {"stored"}
+        assert all(f is not None for f in found)
+        assert stats.pending == 10
 
     async def test_list_events_newest_first_with_filters(
         self, opener: Opener, clock: FakeClock
@@ -534,6 +569,27 @@ class TestSettle:
             assert [c.event.id for c in again] == [e.id for e in events]
             assert (await store.stats()).pending == 4
 
+    async def test_recover_claims_takes_back_only_this_nodes(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """Node b restarting takes back b's claims; a's stay a's (a is alive and settles)."""
+        events = [make_event(clock, source=f"s{i}") for i in range(4)]
+        async with opener(node="a") as a:
+            for e in events:
+                await a.append(e)
+            mine = await a.claim_due(limit=2, lease=3600)
+            async with opener(node="b") as b:
+                theirs = await b.claim_due(limit=10, lease=3600)
+            assert {c.event.id for c in mine + theirs} == {e.id for e in events}
+            async with opener(node="b") as b:  # b restarts
+                assert await b.recover_claims() == len(theirs)
+                again = await b.claim_due(limit=10, lease=30)
+            assert {c.event.id for c in again} == {c.event.id for c in theirs}
+            for c in mine:
+                await a.mark_delivered(c.event.id, c.claim_token or "")
+                stored = await a.get_event(c.event.id)
+                assert stored is not None and stored.status == "delivered"
+
     async def test_prune_keeps_recent_and_dedupe_window(
         self, opener: Opener, clock: FakeClock
     ) -> None:
@@ -749,6 +805,24 @@ class TestRuns:
             assert again.run_id == rerun.run_id
             (second,) = await store.recover_runs(rerun_flows=["rerun"])
             assert (second.run_id, second.status, second.interrupted) == (rerun.run_id, "new", 2)
+
+    async def test_recover_runs_takes_back_only_this_nodes(self, opener: Opener) -> None:
+        mine, theirs = run_request("f"), run_request("f")
+        async with opener(node="a") as a:
+            await a.create_runs([mine])
+            await a.claim_runs(limit=10)
+            async with opener(node="b") as b:
+                await b.create_runs([theirs])
+                (claimed,) = await b.claim_runs(limit=10)
+                assert claimed.run_id == theirs.run_id
+            async with opener(node="b") as b:  # b restarts
+                recovered = await b.recover_runs(rerun_flows=["f"])
+            assert [r.run_id for r in recovered] == [theirs.run_id]
+            got = await a.get_run(mine.run_id)
+            assert got is not None and got[0].status == "active"
+            await a.finish_run(mine.run_id, status="done")
+            got = await a.get_run(mine.run_id)
+            assert got is not None and got[0].status == "done"
 
     async def test_output_is_size_capped(self, opener: Opener) -> None:
         req = run_request()

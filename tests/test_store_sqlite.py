@@ -23,7 +23,7 @@ from mfo_actors.store import (
     open_store,
     sqlite_path,
 )
-from mfo_actors.store._schema import SCHEMA_VERSION, migrate
+from mfo_actors.store._schema import MIGRATIONS, SCHEMA_VERSION, migrate
 
 pytestmark = pytest.mark.anyio
 
@@ -239,11 +239,24 @@ class TestFile:
                 pass
         assert not (tmp_path / "missing.db").exists()
 
-    async def test_redis_backend_not_implemented(self, tmp_path: Path) -> None:
-        cfg = InstanceConfig(store=StoreConfig(backend="redis", url="redis://127.0.0.1:1/0"))
-        with pytest.raises(StoreError, match="redis backend not implemented yet"):
-            async with open_store(cfg):
-                pass
+    async def test_claims_from_before_node_ids_are_recovered(self, tmp_path: Path) -> None:
+        """A version-1 file (claims had no owner) is migrated; its claims are this node's."""
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN")
+        MIGRATIONS[0](conn)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
+            "is_json, size, status, next_attempt_at, claim_token, lease_until) "
+            "VALUES ('01OLD', 's', 't', 0, '{}', x'', 'text/plain', 0, 0, 'claimed', 0, 'tok', "
+            "9e12)")
+        conn.execute("COMMIT")
+        conn.close()
+        async with open_sqlite_store(path, node="n1") as store:
+            assert await store.recover_claims() == 1
+            (claimed,) = await store.claim_due(limit=1, lease=30)
+        assert claimed.event.id == "01OLD"
 
 
 async def test_second_process_writes_are_noticed(tmp_path: Path) -> None:
@@ -269,9 +282,9 @@ async def test_writes_queued_when_the_writer_is_cancelled_fail_cleanly(
 ) -> None:
     """A writer stuck past the close deadline is cancelled; its callers (in its batch and
     still queued behind it) get an error, not a hang."""
-    import mfo_actors.store._sqlite as sqlite_module
+    import mfo_actors.store._engine as engine_module
 
-    monkeypatch.setattr(sqlite_module, "CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(engine_module, "CLOSE_TIMEOUT", 0.2)
     outcomes: list[str] = []
     blocker = anyio.CapacityLimiter(1)
     token = object()

@@ -30,7 +30,9 @@ with ``on_interrupt: rerun``, the default) or become ``error`` "interrupted" (``
 and ``run`` returns when they end. If the supervisor's deadline cancels them first, the
 engine records their unfinished tasks ``cancelled`` and the run record is deliberately left
 ``active``: the next start's ``recover_runs`` then treats it exactly like a crash, by the
-flow's ``on_interrupt`` policy.
+flow's ``on_interrupt`` policy. Start-up recovery takes only this node's runs; when several
+daemons share a store, every half ``store.node_lease`` the scheduler also takes the runs of
+nodes that stopped renewing theirs (died) by the same policy.
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ class SchedulerActor:
         self._timezone = cfg.flows.timezone
         self._catch_up_policy: Literal["none", "one"] = cfg.flows.catch_up
         self._concurrency = max(1, cfg.flows.concurrency)
+        self._orphan_interval = float(cfg.store.node_lease) / 2
         self._store = store
         self._flows = dict(flows)
         self._clock: Clock = clock if clock is not None else SystemClock()
@@ -265,6 +268,7 @@ class SchedulerActor:
                     loops.start_soon(self._schedules)
                     if self._breaker_states is not None:
                         loops.start_soon(self._watch_breaker)
+                    loops.start_soon(self._orphans_loop, rerun)
                     ready.set()
                     log.info("scheduler.started", flows=len(self._flows),
                              schedules=sum(len(f.schedules) for f in self._flows.values()),
@@ -404,6 +408,21 @@ class SchedulerActor:
             self._results.publish_nowait(RunResult(
                 run_id=record.run_id, flow=record.flow, status=status, error=error,
                 outputs=outputs or {}, interrupted=record.interrupted > 0))
+
+    async def _orphans_loop(self, rerun: list[str]) -> None:
+        """Rerun (or fail, by ``on_interrupt``) the active runs of nodes that died."""
+        while not self._stopping:
+            # Real time, not self._clock: it paces database reads; the store's clock judges
+            # the leases.
+            await anyio.sleep(self._orphan_interval)
+            try:
+                recovered = await self._store.recover_runs(rerun_flows=rerun, orphaned=True)
+            except StoreError as exc:
+                log.error("scheduler.orphans_failed", error=str(exc))
+                continue
+            for rec in recovered:
+                log.warning("scheduler.run_recovered", run_id=rec.run_id, flow=rec.flow,
+                            status=rec.status, interrupted=rec.interrupted, orphaned=True)
 
     # -- schedules -------------------------------------------------------------------------
 

@@ -77,7 +77,8 @@ def with_store(cfg: InstanceConfig, config_file: str,
             async with open_store(cfg, must_exist=must_exist) as store:
                 return await body(store)
         except StoreError as exc:
-            where = sqlite_path(cfg) if cfg.store.backend == "sqlite" else cfg.store.url
+            where = (sqlite_path(cfg) if cfg.store.backend == "sqlite"
+                     else f"schema {cfg.store.schema!r}")
             if "no event store" in str(exc):
                 raise UserError(f"{config_file}: {missing.format(where=where)}") from None
             raise UserError(f"{config_file}: {exc}") from None

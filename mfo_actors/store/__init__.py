@@ -1,8 +1,12 @@
-"""Durable events, run history and chat sessions behind one protocol (SQLite by default)."""
+"""Durable events, run history and chat sessions behind one protocol (SQLite by default,
+PostgreSQL for several daemons as one)."""
 
+from mfo_actors.store._node import node_id as node_id
 from mfo_actors.store._open import DEFAULT_SQLITE_FILE as DEFAULT_SQLITE_FILE
 from mfo_actors.store._open import open_store as open_store
 from mfo_actors.store._open import sqlite_path as sqlite_path
+from mfo_actors.store._postgres import PostgresStore as PostgresStore
+from mfo_actors.store._postgres import open_postgres_store as open_postgres_store
 from mfo_actors.store._protocol import AppendResult as AppendResult
 from mfo_actors.store._protocol import AttemptOutcome as AttemptOutcome
 from mfo_actors.store._protocol import DeliveryAttempt as DeliveryAttempt
@@ -33,6 +37,7 @@ __all__ = [
     "DeliveryAttempt",
     "EventStatus",
     "EventStore",
+    "PostgresStore",
     "RunRecord",
     "RunRequest",
     "SQLiteStore",
@@ -47,6 +52,8 @@ __all__ = [
     "StoredEvent",
     "TaskRunRecord",
     "TaskState",
+    "node_id",
+    "open_postgres_store",
     "open_sqlite_store",
     "open_store",
     "sqlite_path",

@@ -1,9 +1,13 @@
 """The store protocol: what the listener, forwarder, scheduler and CLI need from durable state.
 
-Two backends implement it: SQLite in ``state_dir`` (the default) and, later, Redis Streams for
-scale-out. Everything here is async and safe to call from many tasks at once; a backend that
-blocks (SQLite) does so off the event loop. Every write that returns has been made durable
-(for SQLite: committed with ``synchronous=FULL``).
+Two backends implement it: SQLite in ``state_dir`` (the default, one daemon) and PostgreSQL,
+which several daemons (nodes) share for scale-out. Everything here is async and safe to call
+from many tasks at once; a backend that blocks does so off the event loop (worker threads).
+Every write that returns has been made durable (SQLite: committed with ``synchronous=FULL``;
+Postgres: committed with ``synchronous_commit=on``).
+
+Claims and active runs are owned by the node (``store/_node.py``) that took them: start-up
+recovery takes back only its own; another node's come back when their lease expires.
 
 Event lifecycle::
 
@@ -253,7 +257,8 @@ class EventStore(Protocol):
         ...
 
     async def recover_claims(self) -> int:
-        """Make every claimed event due again (called once at start-up); return how many."""
+        """Make this node's claimed events due again (called once at start-up); return how
+        many. Other nodes' claims are left to their leases."""
         ...
 
     async def get_event(self, event_id: str) -> StoredEvent | None:
@@ -328,10 +333,14 @@ class EventStore(Protocol):
         """Settle an active run."""
         ...
 
-    async def recover_runs(self, *, rerun_flows: Sequence[str]) -> list[RunRecord]:
-        """At start-up: runs left ``active`` by a crash get ``interrupted += 1``; those of
-        *rerun_flows* go back to ``new``, the others become ``error`` ("interrupted").
-        Returns the interrupted runs as they are after the change."""
+    async def recover_runs(
+        self, *, rerun_flows: Sequence[str], orphaned: bool = False
+    ) -> list[RunRecord]:
+        """At start-up: this node's runs left ``active`` by a crash get ``interrupted += 1``;
+        those of *rerun_flows* go back to ``new``, the others become ``error``
+        ("interrupted"). With *orphaned* (called periodically): the same for other nodes'
+        active runs whose lease ran out (a node that died). Returns the interrupted runs as
+        they are after the change."""
         ...
 
     async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:

@@ -134,6 +134,17 @@ def _v3(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v4(conn: sqlite3.Connection) -> None:
+    """The node that holds a claim or runs a run: start-up recovery takes back only its own."""
+    _run_script(
+        conn,
+        """
+        ALTER TABLE events ADD COLUMN claimed_by TEXT;
+        ALTER TABLE runs ADD COLUMN node TEXT;
+        """
+    )
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
     for statement in script.split(";"):
@@ -142,7 +153,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # MIGRATIONS[i] brings a file from version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,343 @@
+"""Group commit, shared by the SQL backends: many write calls, one transaction, one fsync.
+
+Every write call becomes an :class:`Op` put on a bounded memory stream. One writer task takes
+everything queued (up to ``group_commit_max``) and hands the batch to the backend's
+``_apply_batch``, which runs it in ONE transaction in a worker thread, each op inside a
+savepoint (a failing op is rolled back alone and its caller gets the error; the others still
+commit). Then the writer, back on the event loop, updates the in-memory counts and wakes every
+caller with its own result. While a batch commits the next one queues up, so commits per
+second stay flat while writes per commit grow with the load.
+
+Counts for backpressure and ``stats()`` live in memory; an append reserves its slot before
+queueing, so the bound holds for writes in flight too. A backend that learns the true counts
+(another process wrote) puts them in ``_resync``; the writer takes them before the batch's own
+changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskStatus
+
+from mfo_actors.errors import MFOError
+from mfo_actors.observability import get_logger
+from mfo_actors.store._protocol import (
+    StoreClosedError,
+    StoreError,
+    StoreFullError,
+    StoreStats,
+)
+
+__all__ = ["NO_CHANGE", "Counts", "Delta", "GroupCommitStore", "Latch", "Op"]
+
+log = get_logger("mfo_actors.store")
+
+T = TypeVar("T")
+
+CLOSE_TIMEOUT = 30.0  # seconds to drain queued writes at close before giving up on them
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one committed op changes in the in-memory counts, and whom it wakes."""
+
+    pending: int = 0
+    bytes: int = 0
+    delivered: int = 0
+    dead: int = 0
+    wake_events: bool = False
+    wake_runs: bool = False
+
+
+NO_CHANGE = Delta()
+# An op's body: (the backend's transaction handle, now) -> (result, delta).
+OpFn = Callable[[Any, float], tuple[T, Delta]]
+
+
+class Op(Generic[T]):
+    """One write call waiting for its transaction."""
+
+    __slots__ = ("completed", "delta", "done", "error", "fn", "is_append", "reserved",
+                 "result", "source")
+
+    def __init__(self, fn: OpFn[T], *, reserved: int | None = None,
+                 source: str | None = None) -> None:
+        self.fn = fn
+        self.done = anyio.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.delta: Delta = NO_CHANGE
+        self.completed = False  # the writer ran it (successfully or not)
+        self.reserved = reserved  # bytes of a backpressure reservation (appends), until settled
+        self.is_append = reserved is not None
+        self.source = source  # the event source the op writes, when known before it runs
+
+
+class Latch:
+    """A wake-up signal that is kept until a waiter consumes it (no lost wake-ups)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        event = self._event
+        if event.is_set():
+            await anyio.lowlevel.checkpoint()
+        else:
+            with anyio.move_on_after(max(seconds, 0.0)):
+                await event.wait()
+        if event.is_set() and self._event is event:
+            self._event = anyio.Event()
+
+
+@dataclass(slots=True)
+class Counts:
+    pending: int = 0
+    pending_bytes: int = 0
+    delivered: int = 0
+    dead: int = 0
+
+
+def as_store_error(exc: BaseException, db_errors: tuple[type[BaseException], ...] = ()
+                   ) -> BaseException:
+    """*exc* as a StoreError for the caller (a database error by its message)."""
+    if isinstance(exc, MFOError):
+        return exc
+    if isinstance(exc, db_errors):
+        err = StoreError(f"store write failed: {exc}")
+    else:
+        err = StoreError(f"store write failed: {exc!r}")
+    err.__cause__ = exc
+    return err
+
+
+class GroupCommitStore:
+    """The writer task, the op queue, counts and wake-ups; a backend adds ``_apply_batch``
+    (run in a worker thread under ``_write_limiter``) and the ops themselves."""
+
+    _DB_ERRORS: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, counts: Counts, *, group_commit_max: int, max_pending: int,
+                 max_bytes: int) -> None:
+        self._counts = counts
+        self._resync: Counts | None = None
+        self._group_commit_max = max(1, group_commit_max)
+        self._max_pending = max_pending
+        self._max_bytes = max_bytes
+        self._reserved = 0
+        self._reserved_bytes = 0
+        self._closing = False
+        self._send, self._recv = anyio.create_memory_object_stream[Op[Any]](
+            self._group_commit_max
+        )
+        self._write_limiter = anyio.CapacityLimiter(1)
+        self._writer_done = anyio.Event()
+        self._events_latch = Latch()
+        self._runs_latch = Latch()
+        self._batches = self._ops = self._appends = self._max_batch = 0
+        self._failed_batches = self._external_resyncs = 0
+
+    def _apply_batch(self, batch: list[Op[Any]]) -> None:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+    async def _close_connections(self) -> None:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+    async def _stop_background(self) -> None:
+        """Hurry the background tasks to their next checkpoint (they are being cancelled)."""
+
+    @asynccontextmanager
+    async def _running(self, *background: Callable[[], Coroutine[Any, Any, None]]
+                       ) -> AsyncIterator[None]:
+        """Run the writer (and *background* tasks) for the block; then commit what is queued
+        (for up to CLOSE_TIMEOUT), stop, and close the connections."""
+        body_error: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._serve_writer)
+                for task in background:
+                    tg.start_soon(task)
+                try:
+                    yield
+                except BaseException as exc:
+                    body_error = exc
+                    raise
+                finally:
+                    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True) as scope:
+                        await self.aclose()
+                    if scope.cancelled_caught:
+                        log.error("store.close_timeout",
+                                  queued=self._recv.statistics().current_buffer_used)
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await self._stop_background()
+        except BaseExceptionGroup as group:
+            # The task group wraps what the body raised; give the caller its own exception.
+            if body_error is not None and list(group.exceptions) == [body_error]:
+                raise body_error from body_error.__cause__
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_connections()
+
+    async def aclose(self) -> None:
+        """Refuse new writes, let the writer commit what is queued, and wait for it."""
+        if not self._closing:
+            self._closing = True
+            self._send.close()  # blocked senders get ClosedResourceError -> StoreClosedError
+        await self._writer_done.wait()
+
+    async def stats(self) -> StoreStats:
+        """Counts from memory (committed writes only)."""
+        await anyio.lowlevel.checkpoint()
+        c = self._counts
+        return StoreStats(pending=c.pending, pending_bytes=c.pending_bytes,
+                          delivered=c.delivered, dead=c.dead)
+
+    async def wait_for_events(self, timeout: float) -> None:  # noqa: ASYNC109 (protocol)
+        """Return after an append, replay, settle or due reschedule, or after *timeout*."""
+        await self._events_latch.wait(timeout)
+
+    async def wait_for_runs(self, timeout: float) -> None:  # noqa: ASYNC109 (protocol)
+        """Return once a ``new`` run may exist, or after *timeout*."""
+        await self._runs_latch.wait(timeout)
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _serve_writer(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Commit queued writes in batches until the stream is closed and drained."""
+        try:
+            async with self._recv:
+                try:
+                    task_status.started()
+                    while True:
+                        try:
+                            first = await self._recv.receive()
+                        except anyio.EndOfStream:
+                            return
+                        batch = [first]
+                        while len(batch) < self._group_commit_max:
+                            try:
+                                batch.append(self._recv.receive_nowait())
+                            except (anyio.WouldBlock, anyio.EndOfStream):
+                                break
+                        await self._run_batch(batch)
+                finally:
+                    # Cancelled (or crashed) with writes still queued: refuse new ones, and
+                    # tell the queued callers that theirs were not stored.
+                    self._closing = True
+                    self._send.close()
+                    leftovers: list[Op[Any]] = []
+                    while True:
+                        try:
+                            leftovers.append(self._recv.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    self._complete(leftovers)
+        finally:
+            self._writer_done.set()
+
+    async def _run_batch(self, batch: list[Op[Any]]) -> None:
+        try:
+            # Not abandoned on cancellation: the transaction always finishes before we go on.
+            await anyio.to_thread.run_sync(self._apply_batch, batch, limiter=self._write_limiter)
+        finally:
+            self._complete(batch)
+
+    def _committed(self, batch: list[Op[Any]]) -> None:
+        """In the write thread, once *batch*'s transaction committed."""
+        self._batches += 1
+        self._ops += len(batch)
+        self._max_batch = max(self._max_batch, len(batch))
+        for op in batch:
+            op.completed = True
+
+    def _op_failed(self, op: Op[Any], exc: Exception) -> None:
+        op.error = as_store_error(exc, self._DB_ERRORS)
+
+    def _fail_all(self, batch: list[Op[Any]], exc: BaseException) -> None:
+        self._failed_batches += 1
+        log.error("store.batch_failed", ops=len(batch), error=repr(exc))
+        for op in batch:
+            # One exception object per caller: each raises it in its own task.
+            op.error = (type(exc)(str(exc)) if isinstance(exc, StoreError)
+                        else as_store_error(exc, self._DB_ERRORS))
+            op.delta = NO_CHANGE
+            op.completed = True
+
+    def _complete(self, batch: list[Op[Any]]) -> None:
+        """On the event loop, after a batch: update counts, wake callers and waiters."""
+        if not batch:
+            return
+        if self._resync is not None:
+            self._counts, self._resync = self._resync, None
+            self._external_resyncs += 1
+        wake_events = wake_runs = False
+        counts = self._counts
+        for op in batch:
+            if not op.completed:
+                op.error = StoreClosedError("the store closed before this write was committed")
+            elif op.error is None:
+                delta = op.delta
+                counts.pending += delta.pending
+                counts.pending_bytes += delta.bytes
+                counts.delivered += delta.delivered
+                counts.dead += delta.dead
+                wake_events |= delta.wake_events
+                wake_runs |= delta.wake_runs
+            self._release(op)
+            if op.is_append:
+                self._appends += 1
+            op.done.set()
+        if wake_events:
+            self._events_latch.set()
+        if wake_runs:
+            self._runs_latch.set()
+
+    def _reserve(self, size: int) -> None:
+        """Hold a slot for an append of *size* bytes, or raise StoreFullError at the bound."""
+        if self._closing:
+            raise StoreClosedError("the store is closing")
+        counts = self._counts
+        if (
+            counts.pending + self._reserved + 1 > self._max_pending
+            or counts.pending_bytes + self._reserved_bytes + size > self._max_bytes
+        ):
+            raise StoreFullError(
+                f"the store is full ({counts.pending + self._reserved} events, "
+                f"{counts.pending_bytes + self._reserved_bytes} bytes pending)"
+            )
+        self._reserved += 1
+        self._reserved_bytes += size
+
+    def _release(self, op: Op[Any]) -> None:
+        if op.reserved is not None:
+            self._reserved -= 1
+            self._reserved_bytes -= op.reserved
+            op.reserved = None
+
+    async def _submit(self, op: Op[T]) -> T:
+        try:
+            if self._closing:
+                raise StoreClosedError("the store is closing")
+            try:
+                await self._send.send(op)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise StoreClosedError("the store is closing") from None
+            await op.done.wait()
+        finally:
+            self._release(op)  # no-op once the writer settled it
+        if op.error is not None:
+            raise op.error
+        return op.result  # type: ignore[return-value]  # set when error is None
