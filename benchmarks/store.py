@@ -26,7 +26,10 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
@@ -55,16 +58,16 @@ async def bench_store(path: Path, seconds: float, concurrency: int) -> dict[str,
         return await bench_appends(store, seconds, concurrency)
 
 
-async def bench_appends(store: EventStore, seconds: float, concurrency: int
-                        ) -> dict[str, float]:
-    """*concurrency* tasks appending for *seconds*; appends/s, latency, events per commit."""
+async def drive(append: Callable[[Event], Awaitable[Any]], seconds: float,
+                concurrency: int) -> dict[str, float]:
+    """*concurrency* tasks calling *append* for *seconds*: appends/s and latency."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
     async def appender() -> None:
         while time.perf_counter() < deadline:
             t = time.perf_counter()
-            await store.append(make_event())
+            await append(make_event())
             latencies.append(time.perf_counter() - t)
 
     start = time.perf_counter()
@@ -72,13 +75,20 @@ async def bench_appends(store: EventStore, seconds: float, concurrency: int
         for _ in range(concurrency):
             tg.start_soon(appender)
     elapsed = time.perf_counter() - start
-    stats = store.statistics()  # type: ignore[attr-defined]  # both backends have it
     return {
         "appends_per_s": len(latencies) / elapsed,
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
-        "events_per_commit": stats.appends / max(1, stats.batches),
+        "events_per_commit": 1.0,
     }
+
+
+async def bench_appends(store: EventStore, seconds: float, concurrency: int
+                        ) -> dict[str, float]:
+    """*concurrency* tasks appending for *seconds*; appends/s, latency, events per commit."""
+    result = await drive(store.append, seconds, concurrency)
+    stats = store.statistics()  # type: ignore[attr-defined]  # both backends have it
+    return {**result, "events_per_commit": stats.appends / max(1, stats.batches)}
 
 
 async def bench_naive(path: Path, seconds: float, concurrency: int) -> dict[str, float]:
@@ -89,7 +99,6 @@ async def bench_naive(path: Path, seconds: float, concurrency: int) -> dict[str,
     conn.execute("CREATE TABLE IF NOT EXISTS events (id TEXT PRIMARY KEY, source TEXT, "
                  "type TEXT, received_at REAL, headers TEXT, body BLOB)")
     limiter = anyio.CapacityLimiter(1)
-    latencies: list[float] = []
 
     def insert(e: Event) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -97,26 +106,11 @@ async def bench_naive(path: Path, seconds: float, concurrency: int) -> dict[str,
                      (e.id, e.source, e.type, e.received_at, str(e.headers), e.body))
         conn.execute("COMMIT")
 
-    deadline = time.perf_counter() + seconds
-
-    async def appender() -> None:
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            await anyio.to_thread.run_sync(insert, make_event(), limiter=limiter)
-            latencies.append(time.perf_counter() - t)
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(appender)
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return {
-        "appends_per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "events_per_commit": 1.0,
-    }
+    try:
+        return await drive(partial(anyio.to_thread.run_sync, insert, limiter=limiter),
+                           seconds, concurrency)
+    finally:
+        conn.close()
 
 
 def fsync_ms(directory: Path) -> float:
@@ -151,7 +145,6 @@ async def bench_pg_naive(dsn: str, schema: str, seconds: float, concurrency: int
     pool = ConnectionPool(dsn, min_size=4, max_size=4, open=False)
     pool.open(wait=True)
     insert = sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(table)
-    latencies: list[float] = []
     limiter = anyio.CapacityLimiter(4)
 
     def one(e: Event) -> None:
@@ -159,28 +152,11 @@ async def bench_pg_naive(dsn: str, schema: str, seconds: float, concurrency: int
             conn.execute(insert, (e.id, e.source, e.type, e.received_at, str(e.headers),
                                   e.body))
 
-    deadline = time.perf_counter() + seconds
-
-    async def appender() -> None:
-        while time.perf_counter() < deadline:
-            t = time.perf_counter()
-            await anyio.to_thread.run_sync(one, make_event(), limiter=limiter)
-            latencies.append(time.perf_counter() - t)
-
-    start = time.perf_counter()
     try:
-        async with anyio.create_task_group() as tg:
-            for _ in range(concurrency):
-                tg.start_soon(appender)
+        return await drive(partial(anyio.to_thread.run_sync, one, limiter=limiter),
+                           seconds, concurrency)
     finally:
         pool.close()
-    elapsed = time.perf_counter() - start
-    return {
-        "appends_per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-        "events_per_commit": 1.0,
-    }
 
 
 async def bench_drain(store: EventStore) -> dict[str, float]:

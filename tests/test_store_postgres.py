@@ -26,19 +26,9 @@ from mfo_actors.store import (
     open_postgres_store,
 )
 from tests.helpers import free_port, poll
+from tests.test_store_contract import T0, FakeClock
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
-
-T0 = 1_800_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 Opener = Callable[..., AbstractAsyncContextManager[PostgresStore]]
 
