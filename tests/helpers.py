@@ -27,6 +27,8 @@ __all__ = [
     "DaemonProcess",
     "free_port",
     "poll",
+    "process_fds",
+    "process_rss",
     "running_daemon",
     "start_daemon",
     "wait_for",
@@ -69,6 +71,20 @@ async def poll(cond: Callable[[], Awaitable[bool] | bool], *, deadline: float = 
             if result:
                 return
             await anyio.sleep(0.005)
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of process *pid* in bytes (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def process_fds(pid: int) -> int:
+    """Open file descriptors of process *pid* (Linux ``/proc``)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def wait_http_ok(url: str, *, deadline: float = DEFAULT_DEADLINE) -> bytes:

@@ -14,6 +14,7 @@ import h11
 import pytest
 
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response, serve_http
+from tests.helpers import poll
 
 pytestmark = pytest.mark.anyio
 
@@ -310,16 +311,27 @@ class TestTimeouts:
 
 class TestConnections:
     async def test_max_connections_answers_503(self) -> None:
+        """With every connection in a request, a newcomer is answered 503 and closed (idle
+        ones would be evicted instead: tests/test_http_hostile.py)."""
+        release = anyio.Event()
+
+        async def slow(request: Request) -> Response:
+            await release.wait()
+            return Response(200)
+
         limits = HttpLimits(max_connections=2)
-        async with running(limits=limits) as server, connect(server) as c1, \
+        async with running(slow, limits=limits) as server, connect(server) as c1, \
                 connect(server) as c2:
-            assert (await c1.request("GET", "/")).status == 200
-            assert (await c2.request("GET", "/")).status == 200
+            await c1.send_raw(raw_request("GET", "/"))
+            await c2.send_raw(raw_request("GET", "/"))
+            await poll(lambda: server.in_flight == 2)
             async with connect(server) as c3:
                 reply = await c3.reply()
                 assert reply.status == 503
                 assert reply.headers["retry-after"] == "1"
                 assert await c3.closed_by_server()
+            release.set()
+            assert (await c1.reply()).status == 200
             assert (await c1.request("GET", "/")).status == 200
 
     async def test_stop_accepting_and_drain(self) -> None:

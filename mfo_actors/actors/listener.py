@@ -7,8 +7,8 @@ Per request, in the connection's task (no queue in memory, so backpressure is th
    ``Content-Length`` above ``max_body_size`` 413, shutting down 503;
 2. the signature (``verify`` of the route): 401 ``{"error": "invalid signature: ..."}``, the
    body is not stored;
-3. JSON routes: the body must parse (msgspec, fast); otherwise 400 naming the problem. The raw
-   bytes are kept as ``Event.body`` (forwarded without re-encoding);
+3. JSON routes: the body must be UTF-8 JSON and parse (msgspec, fast); otherwise 400 naming
+   the problem. The raw bytes are kept as ``Event.body`` (forwarded without re-encoding);
 4. ``store.append`` (group commit, fsync'd): 202 ``{"id": ...}``; a provider retry of a
    delivery already stored 200 ``{"id": <first id>, "duplicate": true}``; store over its bound
    or closing 503 with ``Retry-After``; any other store error 503 too, logged.
@@ -165,9 +165,18 @@ def _parse_for_type(route: _Route, body: bytes) -> Any:
     """Validate a JSON body and return what ``event_type`` needs of it.
 
     Raises:
-      msgspec.DecodeError: the body is not valid JSON (the message names the position), or
-        is nested deeper than the decoder goes (a ``RecursionError`` would otherwise be a 500).
+      msgspec.DecodeError: the body is not valid JSON (the message names the position), is
+        not UTF-8, or is nested deeper than the decoder goes (a ``RecursionError`` would
+        otherwise be a 500).
     """
+    if not body.isascii():
+        # The type probe skips the fields it does not read without checking their bytes, so
+        # a string holding invalid UTF-8 would pass and be refused later by the upstream.
+        # isascii() is a fast scan; only bodies with non-ASCII bytes pay for the decode.
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise msgspec.DecodeError(f"not valid UTF-8 (byte {exc.start})") from None
     try:
         if route.type_pointer is not None:
             return _decode_json(body)

@@ -16,9 +16,20 @@ Design, and why:
   refused the moment it passes the limit. After an error the connection is closed with a short
   "lingering close" (half-close, then discard what the client still sends) so that the client
   reads our answer instead of a TCP reset.
-* **Max connections.** Beyond ``max_connections`` a new connection is accepted, answered
-  ``503`` with ``Retry-After: 1`` and ``Connection: close`` at once, and closed (the request is
-  not read), so clients get a clear answer instead of a hanging SYN backlog.
+* **Max connections.** At ``max_connections`` a new connection evicts the longest-waiting
+  connection that is not in a request (idle keep-alive, or connected without sending a byte
+  yet), so idle connections cannot lock out a health probe. When every connection is busy
+  the newcomer is answered ``503`` with ``Retry-After: 1`` and ``Connection: close`` at once
+  and closed (the request is not read), instead of hanging in the SYN backlog.
+* **Backpressure and hostile peers.** The socket is read only when the server needs the next
+  bytes (:class:`~mfo_actors.http._stream.ConnectionStream`): a client that pipelines without
+  reading our answers, or streams a body we refused, is held back by TCP flow control, not
+  buffered. A connection task never raises: whatever a reset does to the transport while we
+  answer or close, only that connection ends.
+* **Framing.** Only HTTP/1.0 and 1.1 (others: 505). A request with both ``Content-Length``
+  and ``Transfer-Encoding`` is framed by the latter and its connection is closed after the
+  answer (RFC 9112 section 6.1: the pair is how requests are smuggled past proxies). An
+  absolute-form target (``POST http://host/path``) is routed by its path (section 3.2.2).
 * **TLS** (optional): each accepted connection is wrapped with anyio's ``TLSStream`` in its
   own task, the handshake within ``header_timeout``; the context is asked for per connection,
   so a certificate replaced on reload serves the next connection and open ones keep theirs.
@@ -28,7 +39,7 @@ Design, and why:
 
 Errors the core answers itself carry a JSON body ``{"error": "..."}``: 400 (malformed request,
 h11's ``RemoteProtocolError``), 408 (body too slow), 413, 431, 500 (the handler raised; logged),
-503 (too many connections).
+503 (too many connections), 505 (not HTTP/1.x).
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import h11
 import msgspec
 from anyio.streams.tls import TLSStream
 
+from mfo_actors.http._stream import CONNECTION_GONE, ConnectionStream
 from mfo_actors.http._types import Handler, HeadCheck, Request, RequestHead, Response
 from mfo_actors.observability import get_logger
 
@@ -98,12 +110,17 @@ class _Timeout(Exception):
 
 
 class _ConnState:
-    """What :meth:`HttpServer.stop_accepting` needs to know about one connection."""
+    """What :meth:`HttpServer.stop_accepting` and eviction need to know about one connection."""
 
-    __slots__ = ("idle_scope",)
+    __slots__ = ("evicted", "idle", "wait_scope", "wait_since")
 
     def __init__(self) -> None:
-        self.idle_scope: anyio.CancelScope | None = None  # set while waiting for a new request
+        # Set while waiting for a request that has not sent a byte yet: cancelling it closes
+        # the connection. ``idle``: between keep-alive requests (else: before the first).
+        self.wait_scope: anyio.CancelScope | None = None
+        self.wait_since = 0.0
+        self.idle = False
+        self.evicted = False
 
 
 class HttpServer:
@@ -145,6 +162,7 @@ class HttpServer:
         self._stopping = False
         self._accept_scopes: list[anyio.CancelScope] = []
         self._conns: set[_ConnState] = set()
+        self._evicting = 0  # evicted connections still closing
         self._in_flight = 0
         self._idle_event: anyio.Event | None = None
 
@@ -211,8 +229,8 @@ class HttpServer:
         for scope in self._accept_scopes:
             scope.cancel()
         for state in list(self._conns):
-            if state.idle_scope is not None:
-                state.idle_scope.cancel()
+            if state.idle and state.wait_scope is not None:
+                state.wait_scope.cancel()
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109 (the contract's name)
         """Wait up to *timeout* seconds for in-flight requests and their connections.
@@ -245,7 +263,8 @@ class HttpServer:
                         log.warning("http.accept_failed", error=repr(exc))
                         await anyio.sleep(0.1)
                         continue
-                    if len(self._conns) >= self._limits.max_connections:
+                    if (len(self._conns) - self._evicting >= self._limits.max_connections
+                            and not self._evict_one()):
                         await self._refuse(stream)
                         continue
                     state = _ConnState()
@@ -255,39 +274,55 @@ class HttpServer:
                 with anyio.CancelScope(shield=True):
                     await listener.aclose()
 
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest without a request in progress."""
+        waiting = [s for s in self._conns if s.wait_scope is not None and not s.evicted]
+        if not waiting:
+            return False
+        victim = min(waiting, key=lambda s: s.wait_since)
+        victim.evicted = True
+        self._evicting += 1
+        assert victim.wait_scope is not None
+        victim.wait_scope.cancel()
+        return True
+
     async def _refuse(self, stream: anyio.abc.ByteStream) -> None:
         """Answer 503 to a connection beyond ``max_connections`` and close it."""
+        conn = ConnectionStream(stream)
         try:
             with anyio.move_on_after(REJECT_SEND_TIMEOUT):
-                await stream.send(_BUSY_RESPONSE)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                await conn.send(_BUSY_RESPONSE)
+        except CONNECTION_GONE:
             pass
         finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
+            await conn.aclose()
 
     # -- one connection ----------------------------------------------------------------------
-    async def _connection(self, stream: anyio.abc.ByteStream, state: _ConnState) -> None:
-        linger = False
+    async def _connection(self, raw: anyio.abc.ByteStream, state: _ConnState) -> None:
+        """Serve one connection; never raises (but for cancellation): a hostile or broken
+        peer ends its own connection, never the server."""
+        stream = ConnectionStream(raw)
         try:
-            context = self._tls() if self._tls is not None else None
-            if context is not None:
-                stream = await self._handshake(stream, context)
-            linger = await self._serve_connection(stream, state)
-        except (_Timeout, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
-                anyio.EndOfStream):
-            pass
-        except Exception as exc:  # a bug in the core: log it, drop only this connection
-            log.error("http.connection_failed", error=repr(exc), exc_info=True)
-        finally:
+            linger = False
             try:
-                if linger:  # not shielded: a cancellation (shutdown deadline) cuts it short
-                    await _linger(stream)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-                self._conns.discard(state)
-                self._wake_drain()
+                context = self._tls() if self._tls is not None else None
+                if context is not None:
+                    stream = ConnectionStream(await self._handshake(raw, context))
+                linger = await self._serve_connection(stream, state)
+            except (_Timeout, *CONNECTION_GONE):
+                pass
+            except Exception as exc:  # a bug in the core: log it, drop only this connection
+                log.error("http.connection_failed", error=repr(exc), exc_info=True)
+            if linger:  # not shielded: a cancellation (shutdown deadline) cuts it short
+                await _linger(stream)
+        except Exception as exc:  # the close itself failed: the peer is gone either way
+            log.debug("http.close_failed", error=repr(exc))
+        finally:
+            await stream.aclose()
+            self._conns.discard(state)
+            if state.evicted:
+                self._evicting -= 1
+            self._wake_drain()
 
     async def _handshake(
         self, stream: anyio.abc.ByteStream, context: ssl.SSLContext
@@ -301,7 +336,7 @@ class HttpServer:
                                         standard_compatible=False)
         raise _Timeout
 
-    async def _serve_connection(self, stream: anyio.abc.ByteStream, state: _ConnState) -> bool:
+    async def _serve_connection(self, stream: ConnectionStream, state: _ConnState) -> bool:
         """Serve requests until the connection ends; return True to close it lingering."""
         limits = self._limits
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_size)
@@ -325,6 +360,10 @@ class HttpServer:
                 return False
             first = False
             assert isinstance(event, h11.Request)
+            if event.http_version not in (b"1.1", b"1.0"):
+                await self._send_simple(stream, conn, error_response(
+                    505, "only HTTP/1.0 and HTTP/1.1 are supported"))
+                return True
             if len(event.headers) > limits.max_headers:
                 await self._send_simple(stream, conn, error_response(
                     431, f"more than {limits.max_headers} headers"))
@@ -336,6 +375,8 @@ class HttpServer:
                     431, f"request head larger than {limits.max_header_size} bytes"))
                 return True
             head = _make_head(event, peer)
+            # RFC 9112 section 6.1: framed by Transfer-Encoding (h11 does), then closed.
+            smuggling = "transfer-encoding" in head.headers and "content-length" in head.headers
 
             # ---- decide on the body before reading it
             limit = limits.max_body_size
@@ -348,6 +389,7 @@ class HttpServer:
                         or head.headers.get("content-length", "0") != "0"
                         or not isinstance(conn.next_event(), h11.EndOfMessage)
                     )
+                    skip_body = skip_body or smuggling
                     self._in_flight += 1
                     try:
                         await self._send(stream, conn, head, checked, close=skip_body)
@@ -391,9 +433,11 @@ class HttpServer:
                     log.error("http.handler_failed", method=head.method, path=head.path,
                               error=repr(exc), exc_info=True)
                     response = error_response(500, "internal server error")
-                await self._send(stream, conn, head, response, close=False)
+                await self._send(stream, conn, head, response, close=smuggling)
             finally:
                 self._request_done()
+            if smuggling:
+                return True
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
             else:
@@ -409,7 +453,7 @@ class HttpServer:
 
     async def _read_head(
         self,
-        stream: anyio.abc.ByteStream,
+        stream: ConnectionStream,
         conn: h11.Connection,
         state: _ConnState,
         first: bool,
@@ -419,37 +463,40 @@ class HttpServer:
         if event is not h11.NEED_DATA:
             return event  # type: ignore[return-value]  # pipelined: already buffered
         limits = self._limits
-        idle = not first and not conn.trailing_data[0]
+        # Waiting: nothing of the next request has arrived (evictable; idle: keep-alive).
+        waiting = not conn.trailing_data[0]
+        idle = waiting and not first
         now = anyio.current_time()
         deadline = now + (limits.keepalive_timeout if idle else limits.header_timeout)
         while True:
-            if idle:
-                if self._stopping:
-                    return None
-                scope = state.idle_scope = anyio.CancelScope(deadline=deadline)
-            else:
-                scope = anyio.CancelScope(deadline=deadline)
+            if idle and self._stopping:
+                return None
+            scope = anyio.CancelScope(deadline=deadline)
+            if waiting:
+                state.wait_scope, state.wait_since, state.idle = scope, now, idle
             try:
                 with scope:
                     data = await stream.receive(RECEIVE_SIZE)
             except anyio.EndOfStream:
                 data = b""
             finally:
-                state.idle_scope = None
+                state.wait_scope = None
             if scope.cancelled_caught:
-                if idle:
+                if idle or state.evicted:
                     return None
                 raise _Timeout
-            if idle:
-                idle = False
-                deadline = anyio.current_time() + limits.header_timeout
+            if waiting:
+                waiting = False
+                if idle:
+                    idle = False
+                    deadline = anyio.current_time() + limits.header_timeout
             conn.receive_data(data)
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
 
     async def _read_body(
-        self, stream: anyio.abc.ByteStream, conn: h11.Connection, limit: int
+        self, stream: ConnectionStream, conn: h11.Connection, limit: int
     ) -> bytes | None:
         """The whole body; None when it passes *limit* bytes."""
         if conn.they_are_waiting_for_100_continue:
@@ -483,7 +530,7 @@ class HttpServer:
                 raise anyio.BrokenResourceError
 
     async def _send_simple(
-        self, stream: anyio.abc.ByteStream, conn: h11.Connection, response: Response
+        self, stream: ConnectionStream, conn: h11.Connection, response: Response
     ) -> None:
         """Send an error answer of the core, closing the connection afterwards."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -495,7 +542,7 @@ class HttpServer:
 
     async def _send(
         self,
-        stream: anyio.abc.ByteStream,
+        stream: ConnectionStream,
         conn: h11.Connection,
         head: RequestHead | None,
         response: Response,
@@ -543,7 +590,7 @@ class HttpServer:
 
     async def _send_stream(
         self,
-        stream: anyio.abc.ByteStream,
+        stream: ConnectionStream,
         conn: h11.Connection,
         status: int,
         headers: list[tuple[bytes, bytes]],
@@ -565,7 +612,7 @@ class HttpServer:
             while kept <= self._limits.max_header_size:
                 try:
                     more = await stream.receive(RECEIVE_SIZE)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                except CONNECTION_GONE:
                     gone = True
                     scope.cancel()
                     return
@@ -595,18 +642,19 @@ class HttpServer:
             raise anyio.BrokenResourceError
 
 
-async def _send_within(stream: anyio.abc.ByteStream, data: bytes, seconds: float) -> None:
+async def _send_within(stream: ConnectionStream, data: bytes, seconds: float) -> None:
     with anyio.move_on_after(seconds) as scope:
         await stream.send(data)
     if scope.cancelled_caught:
         raise _Timeout
 
 
-async def _linger(stream: anyio.abc.ByteStream) -> None:
+async def _linger(stream: ConnectionStream) -> None:
     """Half-close, then discard what the client still sends, so it reads our answer.
 
     Closing a socket with unread input makes the kernel send a reset, and a client still
-    writing its (refused) body may then never see our 413.
+    writing its (refused) body may then never see our 413. At most ``LINGER_MAX_BYTES`` are
+    read, for at most ``LINGER_TIMEOUT``; a client that is still sending then gets the reset.
     """
     try:
         await stream.send_eof()
@@ -614,14 +662,14 @@ async def _linger(stream: anyio.abc.ByteStream) -> None:
         with anyio.move_on_after(LINGER_TIMEOUT):
             while received < LINGER_MAX_BYTES:
                 received += len(await stream.receive(RECEIVE_SIZE))
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
-            NotImplementedError):  # TLS before 1.3 has no half-close: just close
+    except CONNECTION_GONE:
         pass
 
 
 _HEADER_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")  # RFC 9110 token, lower-cased
 _HEADER_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # no CR, LF, NUL or other CTLs
 _HEADER_CACHE: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_ABSOLUTE = re.compile(rb"(?i)https?://")
 _HEADER_CACHE_MAX = 4096  # distinct (name, value) pairs remembered as valid
 
 
@@ -642,6 +690,13 @@ def _encode_header(pair: tuple[str, str]) -> tuple[bytes, bytes]:
 
 def _make_head(event: h11.Request, peer: tuple[str, int] | None) -> RequestHead:
     target = event.target
+    if not target.startswith(b"/") and _ABSOLUTE.match(target):
+        # absolute-form (RFC 9112 section 3.2.2): route by the path; the host is ours anyway
+        rest = target.split(b"://", 1)[1]
+        cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+        target = rest[cut:] or b"/"
+        if target.startswith(b"?"):
+            target = b"/" + target
     path, _, query = target.partition(b"?")
     raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers]
     return RequestHead(
