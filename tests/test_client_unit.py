@@ -40,9 +40,10 @@ from mfo_actors.config import RetryConfig
 
 class TestClassifyResponse:
     def test_success_is_none(self) -> None:
-        """2xx and 3xx are not errors."""
+        """Only a 2xx is a success; a 3xx is a retryable error (never a delivery)."""
         assert classify_response(200, {}, b"{}") is None
-        assert classify_response(304, {}, b"") is None
+        assert classify_response(204, {}, b"") is None
+        assert isinstance(classify_response(304, {}, b""), RetryableError)
 
     def test_slop_error_body_is_parsed(self) -> None:
         """A 400 with SLOP's envelope becomes APIError with its code, message and details."""

@@ -193,8 +193,11 @@ async def test_order_per_source_holds_under_retries(tmp_path: Path) -> None:
         for ev in events:  # released events were not charged an attempt
             stored = await r.store.get_event(ev.id)
             assert stored is not None and stored.status == "delivered"
-        assert sum(s.attempts for s in [await r.store.get_event(e.id) for e in events]
-                   if s is not None) == 60 + r.forwarder.retried
+        # Every delivery is an attempt; a failure is one only while the upstream answers
+        # others (forwarder docstring), so at most every retried failure is charged.
+        total = sum(s.attempts for s in [await r.store.get_event(e.id) for e in events]
+                    if s is not None)
+        assert 60 <= total <= 60 + r.forwarder.retried
 
 
 async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
@@ -208,9 +211,8 @@ async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
         ev = make_event()
         await r.append([ev])
         started = time.monotonic()
-        stored = await r.wait_event(ev.id, lambda s: s.attempts >= 1)
+        stored = await r.wait_event(ev.id, lambda s: "lease" in (s.last_error or ""))
         assert time.monotonic() - started < 2.5  # well before the 3 s answer would come
-        assert stored.last_error is not None and "lease" in stored.last_error
         assert stored.status in ("pending", "claimed")
         r.srv.app.set_faults(latency=0.0)
         await r.wait_delivered(1)
@@ -223,7 +225,7 @@ async def test_429_retry_after_delays_next_attempt(tmp_path: Path) -> None:
         ev = make_event()
         sent = time.time()
         await r.append([ev])
-        stored = await r.wait_event(ev.id, lambda s: s.attempts >= 1)
+        stored = await r.wait_event(ev.id, lambda s: "429" in (s.last_error or ""))
         assert stored.next_attempt_at >= sent + 2.0
         await r.wait_delivered(1)
         arrived = r.srv.app._events[ev.id].received_at
@@ -447,13 +449,21 @@ async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> No
                     ready = ReadySignal()
                     tg.start_soon(forwarder.run, ready)
                     await ready.wait()
+                    calls = 0
+                    real = store.reschedule
+
+                    async def counting(*args: object, **kwargs: object) -> None:
+                        nonlocal calls
+                        calls += 1
+                        await real(*args, **kwargs)  # type: ignore[arg-type]
+
+                    store.reschedule = counting  # type: ignore[method-assign]
                     ev = make_event()
                     await store.append(ev)
-
-                    async def dead() -> bool:
-                        stored = await store.get_event(ev.id)
-                        return stored is not None and stored.status == "dead"
-
-                    await poll(dead, deadline=10)
+                    # More sends than failure_threshold: the slots were given back each time
+                    # (nothing was sent, so no attempt is counted and nothing dead-letters).
+                    await poll(lambda: calls >= 5, deadline=10)
                     forwarder.request_stop()
+                    stored = await store.get_event(ev.id)
+                    assert stored is not None and stored.attempts == 0
             assert breaker.allowance() == 2

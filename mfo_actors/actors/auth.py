@@ -36,12 +36,12 @@ import msgspec
 
 from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._stop import cancel_on
-from mfo_actors.client._auth import jwt_expiry
+from mfo_actors.client._auth import LOGIN_BODY_CAP, jwt_expiry
+from mfo_actors.client._transport import exchange
 from mfo_actors.client.errors import (
     AuthError,
     ValidationError,
     classify_response,
-    classify_transport_error,
 )
 from mfo_actors.client.models import LoginRequest, LoginResponse
 from mfo_actors.messages import TokenIssued, TokenRejected
@@ -379,11 +379,9 @@ class AuthRefresherActor:
         body = msgspec.json.encode(LoginRequest(email=self._auth.email,
                                                 password=self._auth.password))
         try:
-            try:
-                response = await http.post(
-                    self._url, content=body, headers={"content-type": "application/json"})
-            except httpx.TransportError as exc:
-                raise classify_transport_error(exc) from exc
+            response = await exchange(http, "POST", self._url, content=body,
+                                      headers={"content-type": "application/json"},
+                                      max_body=LOGIN_BODY_CAP)
             error = classify_response(response.status_code, response.headers, response.content)
             if error is not None:
                 raise error

@@ -8,16 +8,37 @@ its lease is not spent waiting in a queue. Each worker POSTs one event (one atte
 
 * 2xx: ``mark_delivered`` (``mfo_events_forwarded_total``, ``mfo_forward_latency_seconds``
   from acceptance to delivery). A 2xx whose body is not the expected JSON still counts as
-  delivered: the server took the event.
-* :class:`RetryableError` (network, timeout, 408, 429, 5xx): ``reschedule`` at
+  delivered: the server took the event. Only a 2xx: a 3xx (a redirect at a load balancer)
+  is a retryable error, never followed.
+* :class:`RetryableError` (network, timeout, 3xx, 408, 429, 5xx): ``reschedule`` at
   ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
   as a floor; ``mfo_events_retried_total``), or ``dead_letter`` once ``client.retry.max_attempts``
-  attempts have failed.
-* 401/403 after the client's one re-login (:class:`AuthError`), or no token in time: the
-  event is not at fault, so it is rescheduled like a retryable failure (and dead-lettered
-  only when the attempts run out, from where ``events replay`` brings it back).
+  attempts have failed (see "What an attempt is" below).
+* 401/403 after the client's one re-login (:class:`AuthError`): the event is rescheduled
+  like a retryable failure (and dead-lettered only when the attempts run out, from where
+  ``events replay`` brings it back). No token in time (logins failing): rescheduled, no
+  attempt counted (nothing was sent).
 * Any other 4xx (:class:`APIError`): ``dead_letter`` at once with the status and error body
   (``mfo_events_dead_total``); ``events replay`` sends it again.
+
+What an attempt is (what ``client.retry.max_attempts`` counts): a send **the upstream
+answered about this event** (an answer that is not a failure of the upstream itself: 2xx,
+3xx, 4xx), or a failure of the upstream (no answer, a timeout, 408, 429, 5xx) **while it
+was answering others**: the upstream's previous outcome, over every worker, was an answer
+(this failure does not continue a run of failures), or another send got an answer while
+this one was in flight. A failure that continues a run of failures is an outage, not this
+event's fault: the event is rescheduled with backoff, its attempts untouched, however long
+the outage lasts (connection refused for an hour, a proxy answering 502, every half-open
+probe failing); until the upstream has answered once since start, no failure counts.
+So a poison event (one the server always fails on while it takes the others) is
+dead-lettered after ``max_attempts``; an outage costs at most the one attempt of the send
+that found it, and never dead-letters anything. The price: an event that fails while it is
+the only traffic (one source, the server timing out on it alone) cannot be told from an
+outage after its first failure, and is retried until the server takes it or an operator
+acts; ``events list`` shows its ``last_error``, and the breaker keeps such retries to one
+probe per ``reset_timeout``.
+Error texts kept in the store (``last_error``) are redacted like log lines: a token the
+upstream echoes back is never stored.
 * :class:`CircuitBreakerError` (nothing was sent): the worker keeps the event and waits
   for the breaker (``wait_until_callable``) while its lease allows (half of it), then tries
   again; only if the breaker stays shut longer is the event rescheduled to the breaker's
@@ -69,12 +90,14 @@ import msgspec
 
 from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.client._retry import compute_backoff
+from mfo_actors.client._transport import ERROR_BODY_CAP
 from mfo_actors.client.errors import (
     APIError,
     AuthError,
     CircuitBreakerError,
     RetryableError,
     ValidationError,
+    is_upstream_failure,
 )
 from mfo_actors.messages import DeliveryOutcome
 from mfo_actors.metrics import (
@@ -82,9 +105,8 @@ from mfo_actors.metrics import (
     EVENTS_FORWARDED,
     EVENTS_RETRIED,
     FORWARD_LATENCY,
-    OUTBOX_DEPTH,
 )
-from mfo_actors.observability import get_logger
+from mfo_actors.observability import get_logger, redact
 from mfo_actors.runtime import RestartPolicy, SystemClock
 from mfo_actors.store import StoreError
 
@@ -108,7 +130,6 @@ LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this
 # claim is settled before the lease could hand the event to another worker (which would send
 # it a second time while the first request is still open).
 LEASE_SEND_FRACTION = 0.9
-STATS_INTERVAL = 1.0  # seconds between refreshes of mfo_outbox_depth
 ERROR_BODY_LIMIT = 2000  # characters of an error body kept in the dead-letter reason
 
 
@@ -217,7 +238,12 @@ class ForwarderActor:
         self._freed = anyio.Event()
         self._stopping = False
         self._stop = anyio.Event()
-        self._last_stats = float("-inf")
+        # Answers from the upstream that were not failures of the upstream itself (2xx, 3xx,
+        # 4xx), all workers together, and whether the last outcome was a failure: they decide
+        # whether a failure is an attempt (see "What an attempt is"). Failing until the
+        # upstream has answered once.
+        self._answered = 0
+        self._failing = True
         self.delivered = 0
         self.retried = 0
         self.dead = 0
@@ -286,7 +312,6 @@ class ForwarderActor:
         ordered = self._fcfg.ordering == "source"
         poll = float(self._fcfg.poll_interval)
         while not self._stopping:
-            await self._update_depth()
             if self._idle == 0:
                 freed = self._freed
                 if self._idle == 0:
@@ -322,17 +347,6 @@ class ForwarderActor:
                 send.send_nowait((claimed_at, run))  # room guaranteed: at most `idle` queued
             if not claimed:
                 await self._store.wait_for_events(poll)
-
-    async def _update_depth(self) -> None:
-        now = self._clock.monotonic()
-        if now - self._last_stats < STATS_INTERVAL:
-            return
-        self._last_stats = now
-        try:
-            stats = await self._store.stats()
-        except StoreError:
-            return
-        OUTBOX_DEPTH.labels(instance=self._instance).set(stats.pending)
 
     # -- workers -------------------------------------------------------------------------
 
@@ -406,13 +420,14 @@ class ForwarderActor:
             def answered(status: int | None, send: _Send = send) -> _Send:
                 return send.answered(status, self._clock.monotonic())
 
+            answers_before = self._answered
             try:
                 if self._gate_self:
                     self._breaker.before_call()
                 with anyio.fail_after(max(0.0, send_by - started)):
                     await client.request(
                         "POST", EVENTS_PATH, content=body, idempotency_key=event.id,
-                        retry=False)
+                        retry=False, max_body=ERROR_BODY_CAP)
             except CircuitBreakerError as exc:
                 # Nothing was sent. Keep the event while the lease allows, then give it back.
                 # (Only while our breaker agrees it is shut, so the wait above really waits.)
@@ -423,20 +438,24 @@ class ForwarderActor:
                                        error=f"circuit {exc.state}", count=False)
                 return False
             except RetryableError as exc:
-                await self._report(started, ok=False, failure=True, status=exc.status,
+                failure = is_upstream_failure(exc)
+                count = self._is_attempt(failure, answers_before)
+                await self._report(started, ok=False, failure=failure, status=exc.status,
                                    error=str(exc))
                 return await self._failed(stored, token, str(exc), answered(exc.status),
-                                          retry_after=exc.retry_after)
+                                          retry_after=exc.retry_after, count=count)
             except AuthError as exc:
                 # 401/403 after the one re-login, or no token (logins failing): not the
                 # event's fault, and not the upstream's (the breaker counts it as no failure).
-                if exc.code != "token_unavailable":
+                sent = exc.code != "token_unavailable"
+                if sent:
                     await self._report(started, ok=False, failure=False, status=exc.status,
                                        error=str(exc))
                 elif self._gate_self:
                     self._breaker.release()  # nothing was sent: no outcome, free the slot
                 return await self._failed(stored, token, f"auth: {exc}",
-                                          answered(exc.status), retry_after=None)
+                                          answered(exc.status), retry_after=None,
+                                          count=sent, sent=sent)
             except APIError as exc:
                 await self._report(started, ok=False, failure=False, status=exc.status,
                                    error=str(exc))
@@ -447,9 +466,10 @@ class ForwarderActor:
                 if self._gate_self:
                     self._breaker.release()
                 error = f"no answer within {LEASE_SEND_FRACTION:.0%} of the {lease:g}s lease"
+                count = self._is_attempt(True, answers_before)
                 await self._report(started, ok=False, failure=True, status=None, error=error)
                 return await self._failed(stored, token, error, answered(None),
-                                          retry_after=None)
+                                          retry_after=None, count=count)
             except ValidationError as exc:
                 # A 2xx with a body we could not read: the server has the event.
                 log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
@@ -459,7 +479,7 @@ class ForwarderActor:
                     self._breaker.record(ok=False, failure=True, status=None)
                 log.exception("forwarder.unexpected_error", event_id=event.id)
                 return await self._failed(stored, token, f"unexpected: {exc!r}",
-                                          answered(None), retry_after=None)
+                                          answered(None), retry_after=None, count=True)
             except BaseException:
                 if self._gate_self:
                     self._breaker.release()  # cancelled mid-call: no outcome, free the slot
@@ -496,8 +516,18 @@ class ForwarderActor:
         with anyio.move_on_after(remaining):
             await self._breaker.wait_until_callable()
 
+    def _is_attempt(self, failure: bool, answered_before: int) -> bool:
+        """Whether a send that ended this way counts as an attempt (see the module doc);
+        call before :meth:`_report` records it."""
+        return not failure or not self._failing or self._answered > answered_before
+
     async def _report(self, started: float, *, ok: bool, failure: bool, status: int | None,
                       error: str | None) -> None:
+        if failure:
+            self._failing = True
+        else:
+            self._answered += 1
+            self._failing = False
         if self._gate_self:
             self._breaker.record(ok=ok, failure=failure, status=status)
         if self._outcomes is not None:
@@ -506,27 +536,35 @@ class ForwarderActor:
                 latency_s=max(0.0, self._clock.monotonic() - started), error=error))
 
     async def _failed(self, stored: StoredEvent, token: str, error: str, send: _Send, *,
-                      retry_after: float | None) -> bool:
+                      retry_after: float | None, count: bool, sent: bool = True) -> bool:
         """Reschedule with backoff (False), or dead-letter once attempts run out (True).
 
         The budget (``client.retry.max_attempts``) counts the attempts since the last replay.
+        *count*: whether this was an attempt (see "What an attempt is"); one that was not
+        never dead-letters, and backs off as after the event's last counted attempt.
+        *sent*: the request went out (``mfo_events_retried_total`` counts those).
         """
         attempt = stored.attempts - stored.attempt_base + 1
-        if attempt >= self._retry.max_attempts:
+        if count and attempt >= self._retry.max_attempts:
             await self._dead(stored, token, f"gave up after {attempt} attempts: {error}", send)
             return True
+        if not count:
+            error = f"{error} (upstream failing for every event: not counted as an attempt)"
         delay = compute_backoff(attempt, self._retry, retry_after, rng=self._rng)
-        await self._reschedule(stored, token, delay=delay, error=error, count=True, send=send)
+        await self._reschedule(stored, token, delay=delay, error=error, count=count, send=send,
+                               retried=sent)
         return False
 
     async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
-                          count: bool, send: _Send | None = None) -> None:
+                          count: bool, send: _Send | None = None,
+                          retried: bool | None = None) -> None:
+        error = redact(error)  # an upstream may echo our token in its error body
         await self._store.reschedule(
             stored.event.id, token, next_attempt_at=self._clock.now() + delay, error=error,
             count_attempt=count, sent_at=send.at if send else None,
             status=send.status if send else None, latency=send.latency if send else None)
         self._last_error = error
-        if count:
+        if count if retried is None else retried:
             self.retried += 1
             EVENTS_RETRIED.labels(instance=self._instance).inc()
         log.debug("forwarder.rescheduled", event_id=stored.event.id, source=stored.event.source,
@@ -535,6 +573,7 @@ class ForwarderActor:
                   latency_ms=_ms(send.latency) if send else None)
 
     async def _dead(self, stored: StoredEvent, token: str, reason: str, send: _Send) -> None:
+        reason = redact(reason)  # an upstream may echo our token in its error body
         await self._store.dead_letter(stored.event.id, token, reason=reason, sent_at=send.at,
                                       status=send.status, latency=send.latency)
         self.dead += 1

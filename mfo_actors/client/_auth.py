@@ -20,11 +20,12 @@ import anyio
 import httpx
 import msgspec
 
+from mfo_actors.client._transport import exchange
 from mfo_actors.client.errors import (
     AuthError,
+    RetryableError,
     ValidationError,
     classify_response,
-    classify_transport_error,
 )
 from mfo_actors.client.models import LoginRequest, LoginResponse
 from mfo_actors.observability import get_logger, register_secret
@@ -34,6 +35,7 @@ __all__ = ["AuthProvider", "LoginAuth", "NoAuth", "StaticTokenAuth", "jwt_expiry
 log = get_logger(__name__)
 
 _login_decoder = msgspec.json.Decoder(LoginResponse)
+LOGIN_BODY_CAP = 64 * 1024  # bytes of a login answer read: a token and its lifetime
 
 
 @runtime_checkable
@@ -167,11 +169,12 @@ class LoginAuth:
     async def _login(self) -> None:
         body = msgspec.json.encode(LoginRequest(email=self._email, password=self._password))
         try:
-            response = await self._http.post(
-                self._url, content=body, headers={"content-type": "application/json"})
-        except httpx.TransportError as exc:
-            log.warning("auth.login_failed", url=self._url, error=type(exc).__name__)
-            raise classify_transport_error(exc) from exc
+            response = await exchange(self._http, "POST", self._url, content=body,
+                                      headers={"content-type": "application/json"},
+                                      max_body=LOGIN_BODY_CAP)
+        except RetryableError as exc:
+            log.warning("auth.login_failed", url=self._url, error=str(exc))
+            raise
         error = classify_response(response.status_code, response.headers, response.content)
         if error is not None:
             log.warning("auth.login_failed", url=self._url, status=response.status_code)

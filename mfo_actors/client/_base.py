@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
+import anyio
 import httpx
 import msgspec
 
@@ -28,6 +29,14 @@ from mfo_actors.client._cache import ResponseCache
 from mfo_actors.client._hooks import Breaker, RateLimiter
 from mfo_actors.client._observe import RequestMetrics, endpoint_label
 from mfo_actors.client._retry import RetryPolicy
+from mfo_actors.client._transport import (
+    DEFAULT_MAX_BODY,
+    ERROR_BODY_CAP,
+    exchange,
+    read_capped,
+    total_timeout,
+    was_truncated,
+)
 from mfo_actors.client.errors import (
     APIError,
     ClientError,
@@ -35,6 +44,7 @@ from mfo_actors.client.errors import (
     ValidationError,
     classify_response,
     classify_transport_error,
+    is_upstream_failure,
 )
 from mfo_actors.observability import get_logger
 
@@ -123,7 +133,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: type[T], params: Mapping[str, str] | None = ...,
-        idempotent: bool | None = ..., cache: bool = ...,
+        idempotent: bool | None = ..., cache: bool = ..., max_body: int = ...,
     ) -> T: ...
 
     @overload
@@ -131,7 +141,7 @@ class BaseClient:
         self, method: str, path: str, *, json: Any = ..., content: bytes | None = ...,
         headers: Mapping[str, str] | None = ..., idempotency_key: str | None = ...,
         retry: bool = ..., response_type: None = ..., params: Mapping[str, str] | None = ...,
-        idempotent: bool | None = ..., cache: bool = ...,
+        idempotent: bool | None = ..., cache: bool = ..., max_body: int = ...,
     ) -> Any: ...
 
     async def request(
@@ -148,8 +158,13 @@ class BaseClient:
         params: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
         cache: bool = True,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> T | Any:
         """Call ``method base_url+path`` and return the decoded body.
+
+        Each attempt is one exchange bounded by the HTTP client's timeout in total
+        (``client.timeout``: connect, send, answer and body together), its body read up to
+        *max_body* bytes (an error body up to 64 KiB; see ``mfo_actors.client._transport``).
 
         Args:
           json: A value to send as JSON (dicts, lists, msgspec Structs).
@@ -165,6 +180,8 @@ class BaseClient:
             such as an upsert or a query, is retried without sending a key).
           cache: ``False``: a GET neither read from nor written to the response cache
             (state that changes on its own, such as a job being polled).
+          max_body: Bytes of a 2xx answer read at most; a longer one is a ValidationError
+            (the forwarder, which ignores the body of an acknowledgement, passes little).
 
         Raises:
           APIError: a 4xx answer (``AuthError`` for 401/403 after one re-login).
@@ -192,8 +209,8 @@ class BaseClient:
         async def attempt() -> T | Any:
             try:
                 response = await self._attempt(method, url, body, send_headers, params,
-                                               endpoint)
-                result = self._decode(response, response_type)
+                                               endpoint, max_body)
+                result = self._decode(response, response_type, max_body)
             except ClientError as exc:
                 self.metrics.error(endpoint, exc)
                 raise
@@ -286,15 +303,16 @@ class BaseClient:
                         if new_header is not None:
                             relogged, auth_header = True, new_header
                             continue
-                    if response.status_code >= 400:
+                    if not response.is_success:
                         try:
-                            await response.aread()
-                        except httpx.TransportError as exc:
+                            with anyio.fail_after(total_timeout(self.http)):
+                                content, _ = await read_capped(response, ERROR_BODY_CAP)
+                        except (httpx.TransportError, TimeoutError) as exc:
                             recorded = True
                             self._record(ok=False, failure=True, status=None)
                             raise classify_transport_error(exc) from exc
                         error = classify_response(response.status_code, response.headers,
-                                                  response.content)
+                                                  content)
                         recorded = True
                         self._record_error(error, response.status_code)
                         if error is not None:
@@ -342,19 +360,20 @@ class BaseClient:
     async def _send(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str],
         params: Mapping[str, str] | None, auth_header: str | None, endpoint: str,
+        max_body: int,
     ) -> httpx.Response:
         if self.rate_limiter is not None:
             await self.rate_limiter.acquire()
         started = time.perf_counter()
         try:
-            response = await self.http.request(
-                method, url, content=body, headers=self._with_auth(headers, auth_header),
-                params=params)
-        except httpx.TransportError as exc:
+            response = await exchange(
+                self.http, method, url, content=body,
+                headers=self._with_auth(headers, auth_header), params=params,
+                max_body=max_body)
+        except RetryableError as exc:
             self.metrics.exchange(endpoint, None, time.perf_counter() - started)
-            log.debug("client.transport_error", method=method, url=url,
-                      error=type(exc).__name__)
-            raise classify_transport_error(exc) from exc
+            log.debug("client.transport_error", method=method, url=url, error=str(exc))
+            raise
         elapsed = time.perf_counter() - started
         self.metrics.exchange(endpoint, response.status_code, elapsed, len(response.content))
         log.debug("client.response", method=method, url=url, status=response.status_code,
@@ -372,21 +391,21 @@ class BaseClient:
 
     async def _attempt(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str],
-        params: Mapping[str, str] | None, endpoint: str,
+        params: Mapping[str, str] | None, endpoint: str, max_body: int,
     ) -> httpx.Response:
         auth_header = await self.auth.header()
         if self.breaker is not None:
             self.breaker.before_call()
         try:
             response = await self._send(method, url, body, headers, params, auth_header,
-                                        endpoint)
+                                        endpoint, max_body)
             if response.status_code == 401:
                 new_header = await self._relogin(auth_header)
                 if new_header is not None:
                     response = await self._send(method, url, body, headers, params, new_header,
-                                                endpoint)
+                                                endpoint, max_body)
         except RetryableError as exc:
-            self._record(ok=False, failure=True, status=exc.status)
+            self._record(ok=False, failure=is_upstream_failure(exc), status=exc.status)
             raise
         except APIError as exc:  # the re-login itself was refused
             self._record(ok=False, failure=False, status=exc.status)
@@ -415,10 +434,13 @@ class BaseClient:
         if error is None:
             self._record(ok=True, failure=False, status=status)
         else:
-            self._record(ok=False, failure=isinstance(error, RetryableError), status=status)
+            self._record(ok=False, failure=is_upstream_failure(error), status=status)
 
     @classmethod
-    def _decode(cls, response: httpx.Response, response_type: type[T] | None) -> T | Any:
+    def _decode(cls, response: httpx.Response, response_type: type[T] | None,
+                max_body: int = DEFAULT_MAX_BODY) -> T | Any:
+        if was_truncated(response):
+            raise ValidationError(f"answer body larger than {max_body} bytes", field=None)
         return cls._decode_body(response.content, response_type)
 
     @staticmethod

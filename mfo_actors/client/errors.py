@@ -39,6 +39,7 @@ __all__ = [
     "ValidationError",
     "classify_response",
     "classify_transport_error",
+    "is_upstream_failure",
     "parse_retry_after",
 ]
 
@@ -245,13 +246,24 @@ def _reason(status: int) -> str:
 def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> MFOError | None:
     """Decide what an HTTP answer means: ``None`` for success, else the error to raise.
 
-    * 2xx/3xx: ``None``.
+    * 2xx: ``None``. Only a 2xx is a success (a delivery, for the forwarder).
+    * 1xx, 3xx: :class:`RetryableError` naming the status and the ``Location``. A redirect
+      (an http->https one at a load balancer, say) is never followed to another host, and
+      never taken for a delivery: the event is retried, and dead-lettered with the status
+      and the Location in its error once its attempts run out.
     * 401, 403: :class:`AuthError` (the caller decides whether a re-login is worth it).
     * 408, 429, 5xx: :class:`RetryableError` with the ``Retry-After`` delay when sent.
     * any other 4xx: :class:`APIError`.
     """
-    if status < 400:
+    if 200 <= status < 300:
         return None
+    if status < 400:
+        location = _header(headers, "location")
+        where = f" to {location[:_BODY_SNIPPET]}" if location else ""
+        return RetryableError(
+            f"{status} {_reason(status)}{where} (Location: {location or '-'}; redirects are "
+            "not followed, only a 2xx is a success: check client.base_url)",
+            status=status)
     code, message, details = _parse_error_body(status, body)
     if status in RETRYABLE_STATUSES or status >= 500:
         retry_after = parse_retry_after(_header(headers, "retry-after"))
@@ -260,6 +272,16 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> M
     if status in (401, 403):
         return AuthError(status, code, message, details)
     return APIError(status, code, message, details)
+
+
+def is_upstream_failure(error: BaseException | None) -> bool:
+    """Whether *error* is the upstream's fault (no answer, timeout, 408, 429, 5xx): what the
+    circuit breaker counts. An answer that says the request was wrong (4xx) or elsewhere
+    (3xx) proves the upstream is up."""
+    if not isinstance(error, RetryableError):
+        return False
+    status = error.status
+    return status is None or status >= 500 or status in RETRYABLE_STATUSES
 
 
 def classify_transport_error(exc: BaseException) -> RetryableError:

@@ -1,0 +1,262 @@
+"""A hostile or broken upstream: redirects, trickled and endless bodies, long outages, echoed
+tokens. Nothing the upstream does may lose an event, hold a delivery slot past
+``client.timeout``, or put a credential into the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+
+from mfo_actors.actors.forwarder import ForwarderActor
+from mfo_actors.client._auth import NoAuth
+from mfo_actors.client._base import BaseClient
+from mfo_actors.client._breaker import CircuitBreaker
+from mfo_actors.client.errors import RetryableError, classify_response
+from mfo_actors.config import InstanceConfig, load_config_text
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.observability import register_secret
+from mfo_actors.runtime import Clock, FakeClock, ReadySignal, SystemClock
+from mfo_actors.store import EventStore, open_sqlite_store
+from tests.helpers import poll
+
+pytestmark = pytest.mark.anyio
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def config(*, max_attempts: int = 3, timeout: str = "5s", threshold: int = 3,
+           reset: str = "30s", concurrency: int = 4) -> InstanceConfig:
+    return load_config_text(f"""
+instance: hostile
+client:
+  base_url: http://upstream.test
+  timeout: {timeout}
+  retry: {{max_attempts: {max_attempts}, initial_backoff: 1s, max_backoff: 60s}}
+  circuit_breaker: {{failure_threshold: {threshold}, reset_timeout: {reset}}}
+forwarder: {{concurrency: {concurrency}, ordering: source, poll_interval: 10ms, lease: 5m}}
+""")
+
+
+def event(source: str, n: int, now: float) -> Event:
+    return Event(id=new_id(), source=source, type="t", received_at=now, headers={},
+                 body=b'{"n": %d}' % n, is_json=True, content_type="application/json")
+
+
+@asynccontextmanager
+async def forwarding(tmp_path: Path, handler: Handler, cfg: InstanceConfig, *,
+                     clock: Clock | None = None
+                     ) -> AsyncIterator[tuple[EventStore, ForwarderActor]]:
+    """Store, breaker, client over *handler* (no network) and a running forwarder."""
+    clk = clock if clock is not None else SystemClock()
+    async with open_sqlite_store(tmp_path / "store.sqlite3", clock=clk.now) as store:
+        breaker = CircuitBreaker(cfg.client.base_url, cfg.client.circuit_breaker, clock=clk)
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport) as http:
+            client = BaseClient(cfg.client.base_url, auth=NoAuth(), http=http, breaker=breaker)
+            forwarder = ForwarderActor(cfg, store, client, breaker, clock=clk,
+                                       rng=lambda: 1.0)
+            async with anyio.create_task_group() as tg:
+                ready = ReadySignal()
+                tg.start_soon(forwarder.run, ready)
+                await ready.wait()
+                try:
+                    yield store, forwarder
+                finally:
+                    forwarder.request_stop()
+
+
+class TestRedirects:
+    def test_only_2xx_is_success(self) -> None:
+        """Item 3: every status below 400 counted as delivered, so a load balancer's
+        http->https redirect silently lost every event."""
+        assert classify_response(200, {}, b"") is None
+        assert classify_response(204, {}, b"") is None
+        for status in (300, 301, 302, 303, 307, 308):
+            error = classify_response(status, {"Location": "https://mfo.example/api/events"},
+                                      b"<html>moved</html>")
+            assert isinstance(error, RetryableError), status
+            assert error.status == status
+            assert "https://mfo.example/api/events" in str(error)
+        assert isinstance(classify_response(100, {}, b""), RetryableError)
+
+    async def test_redirected_event_is_retried_then_dead_with_its_location(
+        self, tmp_path: Path
+    ) -> None:
+        """A 3xx is never followed and never a delivery: the event is retried, then
+        dead-lettered with the status and the Location kept."""
+        sent: list[str] = []
+
+        async def redirect(request: httpx.Request) -> httpx.Response:
+            sent.append(str(request.url))
+            return httpx.Response(301, headers={"location": "https://elsewhere.test/x"})
+
+        cfg = config(max_attempts=2)
+        async with forwarding(tmp_path, redirect, cfg) as (store, forwarder):
+            ev = event("a", 1, time.time())
+            await store.append(ev)
+            # backoff after the first attempt is initial_backoff (1 s, jitter pinned to 1)
+            await poll(lambda: forwarder.dead == 1, deadline=20)
+            stored = await store.get_event(ev.id)
+        assert stored is not None and stored.status == "dead"
+        assert stored.last_error is not None
+        assert "301" in stored.last_error and "https://elsewhere.test/x" in stored.last_error
+        assert forwarder.delivered == 0
+        assert all(url.startswith("http://upstream.test/") for url in sent) and len(sent) == 2
+
+
+class TestOutages:
+    async def test_ten_minute_outage_dead_letters_nothing(self, tmp_path: Path) -> None:
+        """Item 14: with the upstream refusing connections for 10 minutes (fake clock), no
+        event uses up its attempts: half-open probes and closed-state connection failures
+        are not attempts while nothing else succeeds. Everything arrives after."""
+        clock = FakeClock(start=time.time())
+        up = False
+        received: list[bytes] = []
+
+        async def upstream(request: httpx.Request) -> httpx.Response:
+            if not up:
+                raise httpx.ConnectError("connection refused", request=request)
+            received.append(request.content)
+            return httpx.Response(202, json={"ok": True})
+
+        cfg = config(max_attempts=3, threshold=3, reset="30s")
+        async with forwarding(tmp_path, upstream, cfg, clock=clock) as (store, forwarder):
+            events = [event(f"s{i % 4}", i, clock.now()) for i in range(20)]
+            for ev in events:
+                await store.append(ev)
+            while clock.monotonic() < 600:
+                await clock.advance_to(clock.monotonic() + 5)
+                await anyio.sleep(0.01)
+                assert forwarder.dead == 0, (await store.list_events(status="dead"))[:1]
+            stats = await store.stats()
+            assert stats.dead == 0 and stats.pending == 20
+            attempts = [s.attempts for s in await store.list_events(limit=100)]
+            assert max(attempts) == 0, attempts
+            up = True
+            with anyio.fail_after(30):
+                while (await store.stats()).delivered < 20:
+                    await clock.advance_to(clock.monotonic() + 5)
+                    await anyio.sleep(0.01)
+        assert len(received) == 20 and forwarder.dead == 0
+
+    async def test_failures_while_others_succeed_count_as_attempts(self, tmp_path: Path
+                                                                   ) -> None:
+        """An event the server always fails on (a reset, a 500) while it accepts the
+        others is not an outage: its attempts count and it is dead-lettered."""
+        poison_reset = b'"n": 0}'
+        poison_500 = b'"n": 1}'
+
+        async def upstream(request: httpx.Request) -> httpx.Response:
+            if poison_reset in request.content:
+                raise httpx.ReadError("connection reset by peer", request=request)
+            if poison_500 in request.content:
+                return httpx.Response(500, json={"error": {"code": "boom", "message": "x"}})
+            return httpx.Response(202)
+
+        cfg = config(max_attempts=2, threshold=100)
+        async with forwarding(tmp_path, upstream, cfg) as (store, forwarder):
+            await store.append(event("bad-reset", 0, time.time()))
+            await store.append(event("bad-500", 1, time.time()))
+            n = 2
+            # Others keep succeeding while the two poison events are retried.
+            with anyio.fail_after(30):
+                while forwarder.dead < 2:
+                    await store.append(event("good", n, time.time()))
+                    n += 1
+                    await anyio.sleep(0.05)
+            dead = {s.event.source: s for s in await store.list_events(status="dead")}
+        assert set(dead) == {"bad-reset", "bad-500"}
+        assert all(s.attempts == 2 for s in dead.values())
+
+
+class TestEchoedSecrets:
+    async def test_token_echoed_in_an_error_body_is_not_stored(self, tmp_path: Path) -> None:
+        """Item 15: the upstream echoing our bearer token in its error body put the token
+        in the ``last_error`` column."""
+        token = "tok-" + new_id()
+        register_secret(token)  # as LoginAuth does with every token it gets
+
+        async def upstream(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(400, json={"error": {
+                "code": "bad_token", "message": f"Bearer {token} is not allowed; raw {token}"}})
+
+        async with forwarding(tmp_path, upstream, config()) as (store, forwarder):
+            ev = event("a", 1, time.time())
+            await store.append(ev)
+            await poll(lambda: forwarder.dead == 1)
+            stored = await store.get_event(ev.id)
+        assert stored is not None and stored.last_error is not None
+        assert token not in stored.last_error and "[REDACTED]" in stored.last_error
+
+
+@asynccontextmanager
+async def raw_upstream(respond: Callable[[anyio.abc.SocketStream], Awaitable[None]]
+                       ) -> AsyncIterator[str]:
+    """A TCP server that reads a request head and then runs *respond* on the connection."""
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+            try:
+                await respond(stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class TestDeadlines:
+    async def test_trickled_answer_is_cut_at_the_timeout(self) -> None:
+        """Item 11: a body trickled one byte per 100 ms held a slot for ~54 s with a 5 s
+        timeout (httpx's timeouts are per read); ``client.timeout`` bounds the exchange."""
+        async def trickle(stream: anyio.abc.SocketStream) -> None:
+            await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(1000):
+                await stream.send(b"x")
+                await anyio.sleep(0.1)
+
+        async with raw_upstream(trickle) as url:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                client = BaseClient(url, auth=NoAuth(), http=http)
+                started = anyio.current_time()
+                with anyio.fail_after(15), pytest.raises(RetryableError, match="timeout"):
+                    await client.request("POST", "/api/events", content=b"{}", retry=False)
+                assert anyio.current_time() - started < 10
+
+    async def test_endless_answer_is_not_read_into_memory(self) -> None:
+        """Item 11: a 200 MB answer was read whole (RSS +800 MB); bodies are read up to a
+        cap, and an error body up to 64 KiB."""
+        sent = 0
+
+        async def endless(stream: anyio.abc.SocketStream) -> None:
+            nonlocal sent
+            await stream.send(b"HTTP/1.1 500 Oops\r\nContent-Length: 209715200\r\n\r\n")
+            chunk = b"y" * 65536
+            while True:
+                await stream.send(chunk)
+                sent += len(chunk)
+
+        async with raw_upstream(endless) as url:
+            async with httpx.AsyncClient(timeout=30.0) as http:
+                client = BaseClient(url, auth=NoAuth(), http=http)
+                with anyio.fail_after(20), pytest.raises(RetryableError) as info:
+                    await client.request("POST", "/api/events", content=b"{}", retry=False)
+        assert info.value.status == 500
+        assert sent < 32 * 1024 * 1024
