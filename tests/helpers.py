@@ -203,8 +203,12 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     args: tuple[str, ...] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> DaemonProcess:
-    """Start the daemon as a real subprocess (no NOTIFY_SOCKET/WATCHDOG_* unless *env* has them)."""
+    """Start the daemon as a real subprocess (no NOTIFY_SOCKET/WATCHDOG_* unless *env* has them).
+
+    *preexec_fn* runs in the child before the daemon starts (resource limits in tests).
+    """
     environ = {k: v for k, v in os.environ.items()
                if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}}
     environ.update(env or {})
@@ -217,6 +221,7 @@ def start_daemon(
         text=True,
         env=environ,
         cwd=cwd,
+        preexec_fn=preexec_fn,
     )
     return DaemonProcess(proc)
 

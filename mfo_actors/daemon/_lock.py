@@ -3,6 +3,11 @@
 The kernel drops a flock when its holder's file descriptor closes, which includes the process
 dying from ``kill -9``; so a stale lock file never blocks a restart (unlike a pid file, whose
 pid may have been reused). The pid written into the file is only there for the error message.
+
+A flock protects a file, not a path: if the lock file is removed (``rm -rf`` of the state
+dir), a second daemon can create a new one and lock it. :meth:`StateDirLock.check` tells
+whether the path still names the file we hold, and :meth:`StateDirLock.retake` locks the
+path again when it is free (the daemon's state-dir guard calls both every second).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class StateDirLock:
         self.state_dir = state_dir
         self.path = state_dir / LOCK_FILE_NAME
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
 
     def acquire(self) -> None:
         try:
@@ -72,7 +78,49 @@ class StateDirLock:
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        st = os.fstat(fd)
+        self._fd, self._identity = fd, (st.st_dev, st.st_ino)
+
+    def check(self) -> str | None:
+        """None while ``<state_dir>/daemon.lock`` is the file we hold; else what happened."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return "removed" if self.state_dir.is_dir() else "state_dir removed"
+        except OSError as exc:
+            return f"cannot be checked: {exc.strerror or exc}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return "replaced"
+        return None
+
+    def retake(self) -> bool:
+        """Lock the path again after :meth:`check` found it removed or replaced; True when
+        we hold it now. False when the state dir is gone or another process holds the new
+        lock file (:class:`StateDirLockedError` is not raised: the caller decides)."""
+        if not self.state_dir.is_dir():
+            return False
+        old = self._fd
+        try:
+            self.acquire()
+        except (StateDirLockedError, UserError):
+            return False
+        if old is not None:
+            os.close(old)
+        return True
+
+    def held_by_other(self) -> bool:
+        """True when another process holds a lock on the file now at the path."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def release(self) -> None:
         """Unlock; the file stays (removing it would race with a daemon starting now)."""

@@ -101,13 +101,14 @@ async def _run_locked(
     stop: anyio.Event | None,
     signals: AsyncIterator[int] | None,
 ) -> int:
-    with StateDirLock(state_dir), structlog.contextvars.bound_contextvars(actor="daemon"):
+    with StateDirLock(state_dir) as lock, \
+            structlog.contextvars.bound_contextvars(actor="daemon"):
         check_listen_addresses(cfg)
         outcome = _Outcome()
         try:
             async with SystemdNotifier.from_environ(env) as notifier:
                 await _serve(cfg, state_dir=state_dir, env=env, notifier=notifier, stop=stop,
-                             signals=signals, outcome=outcome)
+                             signals=signals, outcome=outcome, lock=lock)
         except UserError:
             outcome.exit_code = EXIT_FAILED
             raise
@@ -129,8 +130,9 @@ async def _serve(
     stop: anyio.Event | None,
     signals: AsyncIterator[int] | None,
     outcome: _Outcome,
+    lock: StateDirLock | None = None,
 ) -> None:
-    ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env)
+    ctx = DaemonContext(state_dir=state_dir, notifier=notifier, environ=env, lock=lock)
     async with open_instance(cfg, ctx) as actors:
         outcome.started = True
         log.info(
@@ -141,7 +143,7 @@ async def _serve(
         ctx.supervisor = supervisor
         reloader = Reloader(cfg, actors, notifier=notifier, state_dir=state_dir, environ=env)
         await _supervise(cfg, supervisor, len(actors), reloader=reloader, notifier=notifier,
-                         stop=stop, signals=signals, outcome=outcome)
+                         stop=stop, signals=signals, outcome=outcome, ctx=ctx)
     if outcome.start_error is not None:
         raise outcome.start_error
 
@@ -156,6 +158,7 @@ async def _supervise(
     stop: anyio.Event | None,
     signals: AsyncIterator[int] | None,
     outcome: _Outcome,
+    ctx: DaemonContext | None = None,
 ) -> None:
     stopping = anyio.Event()
 
@@ -188,6 +191,8 @@ async def _supervise(
             tg.start_soon(_reload_loop, reloads_rx, supervisor, reloader, stopping)
             if stop is not None:
                 tg.start_soon(_watch_event, stop, begin_shutdown)
+            if ctx is not None:
+                tg.start_soon(_watch_failure, ctx, begin_shutdown, outcome)
             tg.start_soon(_announce_ready, supervisor, notifier, count)
             tg.start_soon(_announce_stopping, stopping, notifier)
             try:
@@ -241,6 +246,15 @@ async def _reload_loop(
 async def _watch_event(stop: anyio.Event, begin_shutdown: Callable[[str], None]) -> None:
     await stop.wait()
     begin_shutdown("stop-event")
+
+
+async def _watch_failure(ctx: DaemonContext, begin_shutdown: Callable[[str], None],
+                         outcome: _Outcome) -> None:
+    """Something the daemon cannot run without is gone (the state dir): stop, exit 1."""
+    await ctx.failed.wait()
+    outcome.exit_code = EXIT_FAILED
+    log.error("daemon.failed", error=ctx.failure)
+    begin_shutdown("failure")
 
 
 async def _announce_ready(supervisor: Supervisor, notifier: SystemdNotifier, count: int) -> None:

@@ -5,7 +5,8 @@ yields the actors in start order; everything it opened is closed when the block 
 the supervisor has stopped every actor. The supervisor starts the list in order (each once the
 previous is ready) and stops it in reverse, so an actor comes after everything it depends on:
 
-    watchdog, admin, summary, retention, sessions, breaker, auth, forwarder, scheduler, listener
+    watchdog, statedir, admin, summary, retention, gauges, sessions, breaker, auth, forwarder,
+    scheduler, listener
 
 On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
 their store commit), then the scheduler and forwarder drain, and the admin port answers
@@ -31,16 +32,18 @@ from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.actors.retention import RetentionActor
 from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instance_flows
 from mfo_actors.actors.sessions import SessionsActor, StoreSessions
+from mfo_actors.actors.store_gauges import StoreGaugesActor
 from mfo_actors.actors.summary import SummaryActor
 from mfo_actors.client import MFOClient, http_client_from_config
 from mfo_actors.config import InstanceConfig
+from mfo_actors.daemon._lock import StateDirLock
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
+from mfo_actors.daemon._statedir import StateDirGuard
 from mfo_actors.daemon._watchdog import WatchdogActor
 from mfo_actors.errors import UserError
-from mfo_actors.metrics import OUTBOX_DEPTH
 from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Actor, Clock, Supervisor, SystemClock
-from mfo_actors.store import EventStore, StoreError, open_store
+from mfo_actors.store import EventStore, StoreError, open_store, sqlite_path
 
 __all__ = ["DaemonContext", "open_instance"]
 
@@ -63,6 +66,17 @@ class DaemonContext:
     supervisor: Supervisor | None = None
     """Set right after the actors are built, before any starts; ``/readyz`` reads
     ``supervisor.statuses()`` from it at request time."""
+    lock: StateDirLock | None = None
+    """The held state-dir lock (the state-dir guard watches its file)."""
+    failure: str | None = None
+    """Why the daemon must stop and exit non-zero (set by :meth:`fail`)."""
+    failed: anyio.Event = field(default_factory=anyio.Event)
+
+    def fail(self, reason: str) -> None:
+        """Stop the daemon with exit code 1 (the first reason wins)."""
+        if self.failure is None:
+            self.failure = reason
+            self.failed.set()
 
 
 @contextlib.asynccontextmanager
@@ -103,12 +117,18 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             WatchdogActor(ctx.notifier, watchdog_interval(ctx.environ)),
         ]
         health: dict[str, Any] = {"breaker": breaker.health, "auth": auth.health}
+        if ctx.lock is not None:
+            files = [sqlite_path(cfg)] if cfg.store.backend == "sqlite" else []
+            guard = StateDirGuard(ctx.lock, files=files, fail=ctx.fail, clock=ctx.clock)
+            health["statedir"] = guard.health
+            actors.append(guard)
         if cfg.admin.enabled:
             actors.append(AdminActor(cfg.admin, instance=cfg.instance,
                                      readiness=_readiness(cfg, ctx, store, health),
                                      config_file=cfg.source_file))
         actors += [SummaryActor(cfg, store, clock=ctx.clock),
                    RetentionActor(cfg, store, clock=ctx.clock),
+                   StoreGaugesActor(cfg, store, clock=ctx.clock),
                    SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
             forwarder = ForwarderActor(
@@ -133,8 +153,8 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
 def _readiness(
     cfg: InstanceConfig, ctx: DaemonContext, store: EventStore, health: Mapping[str, Any]
 ) -> Any:
-    """``/readyz``: 200 only when every actor is ready and the store answers."""
-    outbox = OUTBOX_DEPTH.labels(cfg.instance)
+    """``/readyz``: 200 only when every actor is ready, the state dir is there, and the
+    store's last write succeeded and it is below its bound."""
 
     async def readiness() -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {}
@@ -150,6 +170,10 @@ def _readiness(
                 check["detail"] = health[name]()
             checks[name] = check
             ok = ok and actor_ok
+        if "statedir" in health:
+            state_dir = health["statedir"]()
+            checks["state_dir"] = state_dir
+            ok = ok and bool(state_dir["ok"])
         try:
             # A stuck store must not hang the probe (and pile up admin connections).
             with anyio.fail_after(READINESS_STORE_TIMEOUT):
@@ -158,12 +182,13 @@ def _readiness(
             checks["store"] = {"ok": False, "error": repr(exc)}
             ok = False
         else:
-            outbox.set(stats.pending)
             full = (stats.pending >= cfg.store.max_pending
                     or stats.pending_bytes >= cfg.store.max_bytes)
-            checks["store"] = {"ok": not full, "pending": stats.pending,
-                               "pending_bytes": stats.pending_bytes, "dead": stats.dead}
-            ok = ok and not full
+            store_ok = stats.writable and not full
+            checks["store"] = {"ok": store_ok, "pending": stats.pending,
+                               "pending_bytes": stats.pending_bytes, "dead": stats.dead,
+                               "writable": stats.writable, "write_error": stats.write_error}
+            ok = ok and store_ok
         return ok, checks
 
     return readiness

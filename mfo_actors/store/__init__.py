@@ -24,6 +24,7 @@ from mfo_actors.store._protocol import StoreFullError as StoreFullError
 from mfo_actors.store._protocol import StoreStats as StoreStats
 from mfo_actors.store._protocol import TaskRunRecord as TaskRunRecord
 from mfo_actors.store._protocol import TaskState as TaskState
+from mfo_actors.store._protocol import WriteHealth as WriteHealth
 from mfo_actors.store._sqlite import OUTPUT_CAP as OUTPUT_CAP
 from mfo_actors.store._sqlite import SQLiteStore as SQLiteStore
 from mfo_actors.store._sqlite import SQLiteStoreStatistics as SQLiteStoreStatistics
@@ -52,6 +53,7 @@ __all__ = [
     "StoredEvent",
     "TaskRunRecord",
     "TaskState",
+    "WriteHealth",
     "node_id",
     "open_postgres_store",
     "open_sqlite_store",

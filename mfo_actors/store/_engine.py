@@ -12,6 +12,12 @@ Counts for backpressure and ``stats()`` live in memory; an append reserves its s
 queueing, so the bound holds for writes in flight too. A backend that learns the true counts
 (another process wrote) puts them in ``_resync``; the writer takes them before the batch's own
 changes.
+
+Write health (:class:`~mfo_actors.store.WriteHealth`, ``stats().writable``): a committed
+batch makes the store writable, a batch that could not be committed makes it not writable;
+while not writable, the writer calls the backend's ``_probe`` (a small write) after each
+``PROBE_INTERVAL`` without traffic, so readiness recovers without waiting for writes that a
+load balancer no longer sends.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from anyio.abc import TaskStatus
 from mfo_actors.errors import MFOError
 from mfo_actors.observability import get_logger
 from mfo_actors.store._protocol import (
+    PROBE_INTERVAL,
     StoreClosedError,
     StoreError,
     StoreFullError,
     StoreStats,
+    WriteHealth,
 )
 
 __all__ = ["NO_CHANGE", "Counts", "Delta", "GroupCommitStore", "Latch", "Op"]
@@ -145,9 +153,14 @@ class GroupCommitStore:
         self._runs_latch = Latch()
         self._batches = self._ops = self._appends = self._max_batch = 0
         self._failed_batches = self._external_resyncs = 0
+        self._health = WriteHealth()
 
     def _apply_batch(self, batch: list[Op[Any]]) -> None:  # pragma: no cover (abstract)
         raise NotImplementedError
+
+    def _probe(self) -> None:
+        """In the write thread, while writes fail: try a small write and record the outcome
+        in ``self._health``. The default does nothing (health returns with the next batch)."""
 
     async def _close_connections(self) -> None:  # pragma: no cover (abstract)
         raise NotImplementedError
@@ -201,7 +214,8 @@ class GroupCommitStore:
         await anyio.lowlevel.checkpoint()
         c = self._counts
         return StoreStats(pending=c.pending, pending_bytes=c.pending_bytes,
-                          delivered=c.delivered, dead=c.dead)
+                          delivered=c.delivered, dead=c.dead, writable=self._health.ok,
+                          write_error=self._health.error)
 
     async def wait_for_events(self, timeout: float) -> None:  # noqa: ASYNC109 (protocol)
         """Return after an append, replay, settle or due reschedule, or after *timeout*."""
@@ -223,9 +237,13 @@ class GroupCommitStore:
                     task_status.started()
                     while True:
                         try:
-                            first = await self._recv.receive()
+                            first = await self._next_op()
                         except anyio.EndOfStream:
                             return
+                        if first is None:  # writes fail and none came: probe
+                            await anyio.to_thread.run_sync(self._probe,
+                                                           limiter=self._write_limiter)
+                            continue
                         batch = [first]
                         while len(batch) < self._group_commit_max:
                             try:
@@ -248,6 +266,15 @@ class GroupCommitStore:
         finally:
             self._writer_done.set()
 
+    async def _next_op(self) -> Op[Any] | None:
+        """The next queued write; None after ``PROBE_INTERVAL`` without one while writes
+        fail (time for a probe)."""
+        if self._health.ok:
+            return await self._recv.receive()
+        with anyio.move_on_after(PROBE_INTERVAL):
+            return await self._recv.receive()
+        return None
+
     async def _run_batch(self, batch: list[Op[Any]]) -> None:
         try:
             # Not abandoned on cancellation: the transaction always finishes before we go on.
@@ -257,6 +284,7 @@ class GroupCommitStore:
 
     def _committed(self, batch: list[Op[Any]]) -> None:
         """In the write thread, once *batch*'s transaction committed."""
+        self._health.succeeded()
         self._batches += 1
         self._ops += len(batch)
         self._max_batch = max(self._max_batch, len(batch))
@@ -268,6 +296,7 @@ class GroupCommitStore:
 
     def _fail_all(self, batch: list[Op[Any]], exc: BaseException) -> None:
         self._failed_batches += 1
+        self._health.failed(str(as_store_error(exc, self._DB_ERRORS)))
         log.error("store.batch_failed", ops=len(batch), error=repr(exc))
         for op in batch:
             # One exception object per caller: each raises it in its own task.

@@ -58,6 +58,7 @@ __all__ = [
     "StoredEvent",
     "TaskRunRecord",
     "TaskState",
+    "WriteHealth",
 ]
 
 EventStatus = Literal["pending", "claimed", "delivered", "dead"]
@@ -123,12 +124,46 @@ class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class StoreStats(msgspec.Struct, frozen=True, kw_only=True):
-    """Counts for backpressure, /readyz and ``mfo_outbox_depth``."""
+    """Counts for backpressure, /readyz and ``mfo_outbox_depth``, and whether writes work."""
 
     pending: int  # pending + claimed
     pending_bytes: int
     delivered: int
     dead: int
+    # The outcome of the last write transaction (or of the probe write a backend runs while
+    # its writes fail): /readyz is not ready while it failed. See :class:`WriteHealth`.
+    writable: bool = True
+    write_error: str | None = None
+
+
+class WriteHealth:
+    """Whether a backend's writes work, by the outcome of the last one: what ``/readyz``
+    reports (``StoreStats.writable``), the same way for every backend.
+
+    A backend calls :meth:`succeeded` after each committed write transaction and
+    :meth:`failed` after one that could not be committed (disk full, file gone, database
+    unreachable), not after an op that failed on its own (a constraint). While failed, it
+    should retry a small write on its own every few seconds (:data:`PROBE_INTERVAL`), so
+    readiness comes back without waiting for traffic a load balancer no longer sends.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def succeeded(self) -> None:
+        self.error = None
+
+    def failed(self, error: str) -> None:
+        self.error = error
+
+
+PROBE_INTERVAL = 1.0  # seconds between probe writes while writes fail
 
 
 class TaskRunRecord(msgspec.Struct, frozen=True, kw_only=True):

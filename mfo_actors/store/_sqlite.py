@@ -13,10 +13,20 @@ recounts the in-memory statistics.
 Counts for backpressure and ``stats()`` are kept in memory, initialised from the file at open
 and updated after each commit; appends reserve their slot before queueing so the bound holds
 for writes in flight too.
+
+Failing writes. ``stats().writable`` is the outcome of the last transaction
+(:class:`~mfo_actors.store.WriteHealth`); while it failed (disk full, immutable files), the
+writer tries a one-page probe write every ``PROBE_INTERVAL`` so readiness comes back on its
+own. Before each transaction the writer checks that the path still names the file it opened
+(same device and inode): once the file (or the state dir) is removed or replaced under a
+running daemon, every write fails with a :class:`StoreError` saying so, instead of being
+committed into a deleted file and acknowledged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -54,7 +64,14 @@ from mfo_actors.store._codec import (
     task_params,
     task_record,
 )
-from mfo_actors.store._engine import NO_CHANGE, Counts, Delta, GroupCommitStore, Op
+from mfo_actors.store._engine import (
+    NO_CHANGE,
+    Counts,
+    Delta,
+    GroupCommitStore,
+    Op,
+    as_store_error,
+)
 from mfo_actors.store._protocol import (
     AppendResult,
     DeliveryAttempt,
@@ -231,11 +248,13 @@ class SQLiteStore(GroupCommitStore):
         dedupe_window: float,
         clock: Callable[[], float],
         node: str,
+        identity: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(counts, group_commit_max=group_commit_max, max_pending=max_pending,
                          max_bytes=max_bytes)
         self._path = path
         self._node = node
+        self._identity = identity  # (st_dev, st_ino) of the file we opened
         self._wconn: sqlite3.Connection | None = wconn
         self._rconn: sqlite3.Connection | None = rconn
         self._data_version = data_version
@@ -258,7 +277,8 @@ class SQLiteStore(GroupCommitStore):
         clock: Callable[[], float],
         node: str,
     ) -> SQLiteStore:
-        def open_sync() -> tuple[sqlite3.Connection, sqlite3.Connection, Counts, int, int]:
+        def open_sync() -> tuple[sqlite3.Connection, sqlite3.Connection, Counts, int, int,
+                                 tuple[int, int]]:
             if must_exist and not path.exists():
                 raise StoreError(f"no event store at {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,13 +288,15 @@ class SQLiteStore(GroupCommitStore):
                 counts = _count(wconn)
                 version = _data_version(wconn)
                 rconn = _connect(path, readonly=True)
+                st = os.stat(path)
             except BaseException:
                 wconn.close()
                 raise
-            return wconn, rconn, counts, version, before
+            return wconn, rconn, counts, version, before, (st.st_dev, st.st_ino)
 
         try:
-            wconn, rconn, counts, version, before = await anyio.to_thread.run_sync(open_sync)
+            wconn, rconn, counts, version, before, identity = await anyio.to_thread.run_sync(
+                open_sync)
         except NewerSchemaError as exc:
             raise StoreError(f"{path}: {exc}") from None
         except NotAStoreError as exc:
@@ -290,7 +312,7 @@ class SQLiteStore(GroupCommitStore):
         store = cls(
             path, wconn, rconn, counts, version, group_commit_max=group_commit_max,
             max_pending=max_pending, max_bytes=max_bytes, dedupe_window=dedupe_window,
-            clock=clock, node=node,
+            clock=clock, node=node, identity=identity,
         )
         log.info("store.opened", path=str(path), schema_before=before, pending=counts.pending,
                  dead=counts.dead)
@@ -314,6 +336,44 @@ class SQLiteStore(GroupCommitStore):
             await anyio.to_thread.run_sync(close_sync)
         log.info("store.closed", path=str(self._path))
 
+    def _check_file(self) -> None:
+        """Raise StoreError unless the path still names the file we opened (in the write
+        thread, before each transaction: one ``stat``, next to an fsync)."""
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            raise StoreError(
+                f"{self._path}: the store file was removed while the daemon runs; writes "
+                "are refused (they would go to a deleted file)") from None
+        except OSError as exc:
+            raise StoreError(f"{self._path}: cannot check the store file: {exc}") from None
+        if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
+            raise StoreError(
+                f"{self._path}: the store file was replaced while the daemon runs; writes "
+                "are refused (they would go to the old, deleted file)")
+
+    def _probe(self) -> None:
+        """A one-page write transaction (in the write thread): is the store writable again?"""
+        conn = self._wconn
+        if conn is None:
+            return
+        try:
+            self._check_file()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (version,) = conn.execute("PRAGMA user_version").fetchone()
+                conn.execute(f"PRAGMA user_version = {int(version):d}")  # rewrites page 1
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            self._health.failed(str(as_store_error(exc, self._DB_ERRORS)))
+            return
+        log.info("store.writable_again", path=str(self._path))
+        self._health.succeeded()
+
     def _apply_batch(self, batch: list[Op[Any]]) -> None:
         """Run *batch* in one transaction (in the write thread)."""
         conn = self._wconn
@@ -322,8 +382,9 @@ class SQLiteStore(GroupCommitStore):
             return
         now = self._clock()
         try:
+            self._check_file()
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             self._fail_all(batch, exc)
             return
         try:
