@@ -1,7 +1,9 @@
 """YAML files validated into msgspec Structs (the instance config, flow files).
 
-Parse with PyYAML's SafeLoader keeping the line of every key (:class:`LineMap`), reject
-duplicate keys, convert with msgspec using :func:`dec_hook` for the value types written in
+Parse with PyYAML's SafeLoader keeping the line of every key (:class:`LineMap`), refuse
+aliases that expand past :data:`MAX_EXPANDED_NODES` (an alias bomb: nine levels of nine
+aliases is 387 million nodes written in ten lines), reject duplicate keys, convert with
+msgspec using :func:`dec_hook` for the value types written in
 these files (:class:`Duration`, :class:`Size`, :class:`Port`), and map msgspec's validation
 errors back to a key path and line (:func:`split_validation_error`, :func:`validation_error`).
 """
@@ -50,6 +52,10 @@ class Size(int):
 class Port(int):
     """A TCP port, written as ``8080`` or in the seed's Go style ``":8080"``."""
 
+
+# Nodes a document may expand to through its aliases. Real configs and flows have hundreds;
+# every later walk (line map, secrets, msgspec) is linear in this, so it bounds them all.
+MAX_EXPANDED_NODES = 20_000
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -148,6 +154,54 @@ class LineMap:
         return self._lines.get(())
 
 
+def _alias_problem(root: yaml.Node) -> tuple[str, int] | None:
+    """Whether aliases make *root* expand past :data:`MAX_EXPANDED_NODES` (or loop): the
+    problem and the line of the first aliased node. Linear in the distinct nodes: an alias is
+    the same node object reached twice, and each node's expanded size is computed once."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    first_shared: list[int] = []
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            if not first_shared:
+                first_shared.append(node.start_mark.line + 1)
+            return sizes[key]
+        if key in active:
+            raise _AliasLoop(node.start_mark.line + 1)
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                total += size(key_node) + size(value_node)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        total = size(root)
+    except _AliasLoop as loop:
+        return "a YAML alias refers to itself (a recursive anchor)", loop.line
+    if total > MAX_EXPANDED_NODES:
+        line = first_shared[0] if first_shared else root.start_mark.line + 1
+        return (f"YAML aliases expand this document past {MAX_EXPANDED_NODES} nodes "
+                "(an alias bomb?); write the values out or use fewer aliases"), line
+    return None
+
+
+class _AliasLoop(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
 def _duplicate_keys(node: yaml.Node, path: KeyPath = ()) -> Iterator[tuple[KeyPath, int]]:
     """Every key written twice in one mapping (PyYAML would silently keep the last)."""
     if isinstance(node, yaml.MappingNode):
@@ -187,6 +241,9 @@ def parse_yaml(
             node = loader.get_single_node()
             if node is None:
                 return {}, lines
+            aliases = _alias_problem(node)
+            if aliases is not None:  # nothing after it could be read in reasonable time
+                raise ConfigError(aliases[0], file=file, line=aliases[1])
             for path, at in _duplicate_keys(node):
                 duplicate = ConfigError("duplicate key", file=file, key=dotted(path), line=at)
                 if problems is None:

@@ -15,7 +15,13 @@ override the file's values (:func:`apply_env_overrides`); a value is read as a Y
 flow collection, and a problem in it names the variable instead of a file line.
 
 Every problem is a :class:`~mfo_actors.errors.ConfigError` naming the file, the dotted key
-path and the YAML line. Durations read ``500ms 30s 1m 1h 1d`` (or a number of seconds),
+path and the YAML line. A value that came from a secret reference is never echoed in one:
+the message says ``(value from ${env:NAME})`` instead. Names that end up in metric labels and
+log fields (``instance``, a route's ``source``) may not come from a secret reference. Empty
+signing secrets, passwords and tokens are errors; a signing secret shorter than
+:data:`MIN_SECRET_BYTES` is a warning (``load_config(..., warnings=list)``).
+
+Durations read ``500ms 30s 1m 1h 1d`` (or a number of seconds),
 sizes ``512KiB 1MiB 1GB`` (or a number of bytes), and ports the seed's Go style ``":8080"``.
 Relative paths (``state_dir``, ``flows.dir``) are relative to the working directory, as
 under systemd's ``WorkingDirectory=``.
@@ -23,13 +29,15 @@ under systemd's ``WorkingDirectory=``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import ssl
 import types
 import typing
 from collections.abc import Iterator, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -53,6 +61,7 @@ from mfo_actors.errors import ConfigError
 from mfo_actors.observability import is_sensitive_key, redact, register_secret
 
 __all__ = [
+    "MIN_SECRET_BYTES",
     "AdminConfig",
     "AuthConfig",
     "CacheConfig",
@@ -81,7 +90,10 @@ __all__ = [
     "load_config_text",
     "parse_duration",
     "parse_size",
+    "signing_key",
 ]
+
+MIN_SECRET_BYTES = 16  # HMAC keys shorter than this are guessable offline from one signature
 
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -335,6 +347,26 @@ class InstanceConfig(_Base, frozen=True):
 # ${credential:NAME} without systemd ($CREDENTIALS_DIRECTORY unset): <config dir>/credentials/NAME
 LOCAL_CREDENTIALS_DIR = "credentials"
 _SECRET_REF = re.compile(r"\$\{(env|file|credential):([^}]*)\}")
+_WHSEC_PREFIX = "whsec_"
+# Values that become metric labels and log fields: a secret there would be published.
+_NAME_KEYS = ("instance", "source")
+# Where a resolved value came from, by key path: (text as written, value after resolution).
+_Origins = dict[KeyPath, tuple[str, str]]
+
+
+@lru_cache(maxsize=64)
+def signing_key(scheme: str, secret: str) -> bytes:
+    """The HMAC key of a route's ``verify.secret``: for ``standard-webhooks`` the base64
+    after ``whsec_`` (a secret that is not valid base64 is used as its UTF-8 bytes), for the
+    other schemes the secret's UTF-8 bytes. Empty when the secret is."""
+    if scheme == "standard-webhooks":
+        text = secret.removeprefix(_WHSEC_PREFIX)
+        try:
+            key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        return key or text.encode("utf-8")
+    return secret.encode("utf-8")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
     """The Struct type of a section field (``RetryConfig`` or ``RateLimitConfig | None``)."""
@@ -558,14 +590,21 @@ def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any,
 
 def _resolve_secrets(
     data: Any, *, where: _Where, base_dir: Path, environ: Mapping[str, str],
-    problems: list[ConfigError],
+    problems: list[ConfigError], origins: _Origins | None = None,
 ) -> list[KeyPath]:
     """Replace every ``${kind:name}`` by its value; return the paths that failed (left as
-    written, their problems added to *problems*)."""
+    written, their problems added to *problems*). *origins* receives, per resolved path,
+    the text as written and the value (so errors never echo a secret)."""
     failed: list[KeyPath] = []
     for path, container, key in list(_walk_strings(data)):
         value: str = container[key]
         if "${" not in value:
+            continue
+        if path and path[-1] in _NAME_KEYS and _SECRET_REF.search(value):
+            problems.append(where.error(
+                f"{path[-1]} names metrics and log lines; it cannot come from a secret "
+                "reference (${...}): write the name", path))
+            failed.append(path)
             continue
         errors: list[str] = []
 
@@ -586,7 +625,52 @@ def _resolve_secrets(
             failed.append(path)
         else:
             container[key] = resolved
+            if origins is not None and resolved != value:
+                origins[path] = (value, resolved)
     return failed
+
+
+def _origin(origins: _Origins, *path: str | int) -> str:
+    """`` (value from ${env:X})`` when the value at *path* came from a reference."""
+    found = origins.get(tuple(path))
+    return f" (value from {found[0]})" if found else ""
+
+
+def _scrub(error: ConfigError, origins: _Origins) -> ConfigError:
+    """*error* without any value resolved from a secret reference in its message."""
+    message = error.message
+    for written, value in origins.values():
+        if not value:
+            continue
+        instead = f"(value from {written})"
+        for echoed in (repr(value), f"'{value}'", f'"{value}"', f"`{value}`"):
+            message = message.replace(echoed, instead)
+        if len(value) >= 3:  # shorter ones would clobber ordinary words
+            message = message.replace(value, instead)
+    if message == error.message:
+        return error
+    return ConfigError(message, file=error.file, key=error.key, line=error.line)
+
+def _check_secrets(cfg: InstanceConfig, problems: _Problems, origins: _Origins,
+                   warnings: list[str]) -> None:
+    """Empty credentials are problems; short signing secrets are warnings."""
+    def fail(message: str, *path: str | int) -> None:
+        problems.add(message + _origin(origins, *path), *path)
+
+    for name in ("password", "token"):
+        if getattr(cfg.auth, name) == "":
+            fail(f"{name} is empty", "auth", name)
+    for i, route in enumerate(cfg.webhook_listener.routes):
+        if route.verify is None:
+            continue
+        path = ("webhook_listener", "routes", i, "verify", "secret")
+        secret = route.verify.secret
+        if not secret or not secret.removeprefix(_WHSEC_PREFIX):
+            fail("the signing secret is empty: anyone could sign with an empty key", *path)
+        elif len(signing_key(route.verify.scheme, secret)) < MIN_SECRET_BYTES:
+            warnings.append(
+                f"{problems.where.error('', path)}the signing secret is shorter than "
+                f"{MIN_SECRET_BYTES} bytes{_origin(origins, *path)}; use 32 random bytes")
 
 
 def _check_rate_limit(limit: RateLimitConfig | None, fail: Any, *path: str | int) -> None:
@@ -699,9 +783,13 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
 
 
 def check_config_text(
-    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> tuple[InstanceConfig | None, list[ConfigError]]:
     """Load an instance config from YAML text, collecting every problem.
+
+    *warnings* receives one line per thing that works but should not be so (a signing secret
+    shorter than 16 bytes). No problem echoes a value resolved from a secret reference.
 
     Each problem is reported once: a key found wrong is set aside (its default applies) and
     the rest of the file is still checked, so one typo does not hide the next. Problems are
@@ -727,8 +815,9 @@ def check_config_text(
         where = _Where(file, lines, apply_env_overrides(data, env))
     except ConfigError as exc:
         return None, [*problems, exc]
+    origins: _Origins = {}
     set_aside = _resolve_secrets(data, where=where, base_dir=base_dir, environ=env,
-                                 problems=problems)
+                                 problems=problems, origins=origins)
     if "source_file" in data:
         problems.append(where.error("unknown key", ("source_file",)))
         del data["source_file"]
@@ -739,14 +828,17 @@ def check_config_text(
     problems.extend(where.error(message, path) for message, path in invalid)
     if cfg is not None:
         semantic = _Problems(where, [*set_aside, *removed])
+        _check_secrets(cfg, semantic, origins, warnings if warnings is not None else [])
         _check_semantics(cfg, semantic)
         problems.extend(semantic.found)
+    problems = [_scrub(p, origins) for p in problems]
     problems.sort(key=lambda p: p.line or 0)
     return cfg, problems
 
 
 def load_config_text(
-    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
 ) -> InstanceConfig:
     """Load an instance config from YAML text.
 
@@ -755,12 +847,14 @@ def load_config_text(
       file: The name used in error messages; relative ``${file:...}`` paths resolve beside it.
       environ: Where ``${env:...}`` and ``$CREDENTIALS_DIRECTORY`` are looked up
         (default: ``os.environ``).
+      warnings: Receives one line per thing that works but should not be so (a signing
+        secret shorter than 16 bytes), ``file:line: key: message``.
 
     Raises:
       ConfigError: naming the file, key path and line of the first problem (and how many
         more there are: ``mfo-actors check`` lists them all).
     """
-    cfg, problems = check_config_text(text, file=file, environ=environ)
+    cfg, problems = check_config_text(text, file=file, environ=environ, warnings=warnings)
     if problems:
         raise _first_of(problems)
     assert cfg is not None  # no problem means a config
@@ -788,28 +882,31 @@ def _read_config(file: str) -> str:
         raise ConfigError("config is not valid UTF-8", file=file) from None
 
 
-def check_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+def check_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None,
+                 warnings: list[str] | None = None
                  ) -> tuple[InstanceConfig | None, list[ConfigError]]:
-    """Load the instance config file at *path*, collecting every problem (``check``)."""
+    """Load the instance config file at *path*, collecting every problem (``check``);
+    *warnings* as for :func:`check_config_text`."""
     file = os.fspath(path)
     try:
         text = _read_config(file)
     except ConfigError as exc:
         return None, [exc]
-    return check_config_text(text, file=file, environ=environ)
+    return check_config_text(text, file=file, environ=environ, warnings=warnings)
 
 
-def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
-                ) -> InstanceConfig:
+def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None,
+                warnings: list[str] | None = None) -> InstanceConfig:
     """Load and validate the instance config file at *path*.
 
-    The instance name defaults to the file's stem (``crm.yaml`` -> ``crm``).
+    The instance name defaults to the file's stem (``crm.yaml`` -> ``crm``). *warnings*: as
+    for :func:`load_config_text`.
 
     Raises:
       ConfigError: the file cannot be read, or names the key path and line of the problem.
     """
     file = os.fspath(path)
-    return load_config_text(_read_config(file), file=file, environ=environ)
+    return load_config_text(_read_config(file), file=file, environ=environ, warnings=warnings)
 
 
 def dump_config(cfg: InstanceConfig) -> str:

@@ -26,14 +26,11 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
-from functools import lru_cache
 
-from mfo_actors.config import VerifyConfig
+from mfo_actors.config import VerifyConfig, signing_key
 from mfo_actors.errors import MFOError
 
 __all__ = ["SignatureError", "sign_github", "sign_standard_webhooks", "verify"]
-
-_WHSEC_PREFIX = "whsec_"
 
 
 class SignatureError(MFOError):
@@ -42,17 +39,6 @@ class SignatureError(MFOError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@lru_cache(maxsize=64)
-def _standard_webhooks_key(secret: str) -> bytes:
-    """The HMAC key of a ``whsec_`` secret (decoded once, not per request)."""
-    text = secret.removeprefix(_WHSEC_PREFIX)
-    try:
-        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        key = b""
-    return key or secret.encode("utf-8")
 
 
 def _hmac(key: bytes, *parts: bytes) -> bytes:
@@ -68,14 +54,14 @@ def sign_standard_webhooks(secret: str, msg_id: str, timestamp: int, body: bytes
     The sending side of :func:`verify` (the demo's simulated providers; tests): ``v1,`` and
     the base64 HMAC-SHA256 of ``"{msg_id}.{timestamp}.{body}"`` under the ``whsec_`` key.
     """
-    mac = _hmac(_standard_webhooks_key(secret), msg_id.encode("utf-8"), b".",
+    mac = _hmac(signing_key("standard-webhooks", secret), msg_id.encode("utf-8"), b".",
                 str(timestamp).encode("ascii"), b".", body)
     return "v1," + base64.b64encode(mac).decode("ascii")
 
 
 def sign_github(secret: str, body: bytes) -> str:
     """The ``X-Hub-Signature-256`` value GitHub puts on *body*: ``sha256=<hex>``."""
-    return "sha256=" + _hmac(secret.encode("utf-8"), body).hex()
+    return "sha256=" + _hmac(signing_key("github", secret), body).hex()
 
 
 def _verify_standard(
@@ -133,7 +119,7 @@ def _verify_hmac(cfg: VerifyConfig, headers: Mapping[str, str], body: bytes) -> 
         if not given.startswith(cfg.prefix):
             raise SignatureError(f"{cfg.header} does not start with {cfg.prefix!r}")
         given = given[len(cfg.prefix):]
-    expected = _hmac(cfg.secret.encode("utf-8"), body)
+    expected = _hmac(signing_key(cfg.scheme, cfg.secret), body)
     if cfg.encoding == "hex":
         ok = hmac.compare_digest(
             expected.hex().encode("ascii"), given.lower().encode("ascii", "replace")
@@ -157,8 +143,11 @@ def verify(cfg: VerifyConfig, headers: Mapping[str, str], body: bytes, *, now: f
       now: Current Unix time, for the Standard Webhooks timestamp tolerance.
 
     Raises:
-      SignatureError: with a reason safe to return to the sender.
+      SignatureError: with a reason safe to return to the sender; always when no secret is
+        configured (an empty key would let anyone sign: the config loader refuses it too).
     """
+    if not signing_key(cfg.scheme, cfg.secret):
+        raise SignatureError("no signing secret is configured for this route")
     if cfg.scheme == "standard-webhooks":
         _verify_standard(cfg, headers, body, now)
     elif cfg.scheme == "github":

@@ -4,6 +4,8 @@ Prints one line per problem (``file:line: key: message``), every problem of ever
 only the first), and exits 1 if there is any; otherwise prints ``ok: <file>`` per config file
 (``ok: <dir>`` for a flows directory) and exits 0. A config's flows (``flows.dir``) are
 checked with it; ``--flows DIR`` checks a flows directory alone, without any config.
+Warnings (a weak signing secret) are printed as ``warning: file:line: key: message`` lines
+before the problems and do not fail the check.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    warnings: list[str] = []
     if args.flows is not None:
         problems = check_flows_dir(Path(args.flows))
         ok = [] if problems else [args.flows]
     else:
-        problems, ok = check_paths(Path(args.config))
+        problems, ok = check_paths(Path(args.config), warnings=warnings)
+    for line in warnings:
+        print(f"warning: {line}")
     for line in problems:
         print(line)
     if problems:
@@ -83,8 +88,10 @@ def check_flows_dir(flows_dir: Path) -> list[str]:
     return [" ".join(p.splitlines()) for p in found]
 
 
-def check_paths(target: Path) -> tuple[list[str], list[str]]:
-    """Validate *target* (a file or a directory of configs) and the flows they use.
+def check_paths(target: Path, *, warnings: list[str] | None = None
+                ) -> tuple[list[str], list[str]]:
+    """Validate *target* (a file or a directory of configs) and the flows they use;
+    *warnings* receives the configs' warnings (see ``check_config``).
 
     Returns:
       ``(problems, ok_files)``: one line per problem, and the files with none.
@@ -96,7 +103,7 @@ def check_paths(target: Path) -> tuple[list[str], list[str]]:
     ok: list[str] = []
     configs: list[InstanceConfig] = []
     for file in _config_files(target):
-        cfg, found = check_config(file)
+        cfg, found = check_config(file, warnings=warnings)
         problems.extend(str(p) for p in found)
         if cfg is not None:
             configs.append(cfg)

@@ -11,9 +11,11 @@ import anyio
 
 from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.daemon import run_instance
-from mfo_actors.observability import configure_logging
+from mfo_actors.observability import configure_logging, get_logger
 
 __all__ = ["configure"]
+
+log = get_logger("mfo_actors.commands.run")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +29,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    warnings: list[str] = []
+    cfg = load_config(args.config, warnings=warnings)
     configure_logging(level=cfg.logging.level, fmt=cfg.logging.format, instance=cfg.instance)
+    for warning in warnings:
+        log.warning("config.warning", problem=warning)
     return anyio.run(functools.partial(run_instance, cfg), backend=cfg.async_backend,
                      backend_options=backend_options(cfg))
 
