@@ -595,7 +595,7 @@ def kill9_triggered_runs_survive(tmp_path: Path, *, events: int = 20) -> None:
                                                       "path": "/webhook"})
     (tmp_path / "flows" / "onhook.yaml").write_text(KILL_FLOW, encoding="utf-8")
     with running_daemon(config) as daemon:
-        daemon.wait_event("scheduler.started")
+        daemon.wait_event("listener.started")  # it starts after the scheduler
         ids = [post_event(port, n) for n in range(events)]
         daemon.wait_event("scheduler.run_started")
         daemon.signal(signal.SIGKILL)

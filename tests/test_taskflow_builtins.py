@@ -240,18 +240,18 @@ async def test_http_request() -> None:
             type: http.request
             config:
               method: POST
-              url: "http://127.0.0.1:${input.port}/hook"
+              url: "http://127.0.0.1:PORT/hook"
               headers: {X-Test: "yes"}
               json: {n: "${input.n}"}
           - id: fail
             type: http.request
             dependencies: [post]
-            config: {url: "http://127.0.0.1:${input.port}/down"}
-    """)
+            config: {url: "http://127.0.0.1:PORT/${input.down}"}
+    """.replace("PORT", str(port)))
     async with multi, anyio.create_task_group() as tg:
         tg.start_soon(serve)
         with anyio.fail_after(10):
-            outcome = await FlowExecutor().run(f, input={"port": port, "n": 7})
+            outcome = await FlowExecutor().run(f, input={"down": "down", "n": 7})
     assert outcome.tasks["post"].output == {"status": 200, "json": {"ok": True},
                                             "text": '{"ok": true}'}
     assert seen[0].startswith(b"POST /hook HTTP/1.1")

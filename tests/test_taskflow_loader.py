@@ -254,7 +254,7 @@ def test_templated_config_checks_static_parts(tmp_path: Path) -> None:
         tasks:
           - id: a
             type: http.request
-            config: {url: "${input.url}", method: FETCH}
+            config: {url: "http://x/${input.path}", method: FETCH}
     """)
     assert err.key == "tasks.a.config.method" and err.line == 5
 

@@ -149,7 +149,13 @@ class PayConfig(_Cfg, frozen=True, kw_only=True):
 
 
 class HttpRequestConfig(_Cfg, frozen=True, kw_only=True):
-    """``http.request``; a status >= 400 fails the task unless ``raise_for_status: false``."""
+    """``http.request``; a status >= 400 fails the task unless ``raise_for_status: false``.
+
+    ``url`` may use ``${...}`` only after its scheme, host and port, and the values are
+    percent-encoded (``_template.compile_url``): event data cannot steer the request.
+    """
+
+    url_fields: ClassVar[tuple[str, ...]] = ("url",)
 
     url: str
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"

@@ -34,6 +34,7 @@ from mfo_actors.taskflow._template import (
     Ref,
     Template,
     compile_tree,
+    compile_url,
     tree_refs,
 )
 
@@ -293,6 +294,14 @@ class _Compiler:
         except ValueError as exc:
             self.fail(str(exc), "tasks", i, "config")
             return
+        for field in getattr(tt.config, "url_fields", ()):
+            value = tree.get(field)
+            if isinstance(value, Template):
+                try:
+                    tree[field] = compile_url(value)
+                except ValueError as exc:
+                    self.fail(str(exc), "tasks", i, "config", field)
+                    return
         self.check_refs(list(tree_refs(tree)), nodes, i, ("tasks", i, "config"))
         try:
             cfg = msgspec.convert(_placeholders(tree, tt.config) if templated else tree,

@@ -7,6 +7,13 @@ reference inside a longer string is rendered as text (strings as they are, every
 as JSON). ``$${`` writes a literal ``${``. A reference with no value is a
 :class:`TemplateError` naming it, unless it ends with ``?`` (``${event.payload.plan?}``),
 which reads a missing value as null.
+
+URL templates (:func:`compile_url`, for config fields such as ``http.request``'s ``url``)
+are stricter: the scheme, host and port must be written in the flow file, and every value
+interpolated after them is percent-encoded as one URL component (RFC 3986: only
+``A-Z a-z 0-9 - . _ ~`` stay as they are), so event data can add to a path or a query
+value but never move the request to another host (``"@evil:1/x"`` becomes
+``%40evil%3A1%2Fx``), add a query parameter or start a fragment.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -23,8 +31,10 @@ __all__ = [
     "RESERVED_ROOTS",
     "Ref",
     "Template",
+    "UrlTemplate",
     "compile_template",
     "compile_tree",
+    "compile_url",
     "render_tree",
     "tree_refs",
 ]
@@ -118,6 +128,35 @@ class Template:
         if self.exact is not None:
             return self.exact.resolve(scope)
         return "".join(p if isinstance(p, str) else _as_text(p.resolve(scope)) for p in self.parts)
+
+
+class UrlTemplate(Template):
+    """A URL whose interpolated values are percent-encoded (see the module docstring)."""
+
+    __slots__ = ()
+
+    def render(self, scope: Mapping[str, Any]) -> Any:
+        return "".join(p if isinstance(p, str) else quote(_as_text(p.resolve(scope)), safe="")
+                       for p in self.parts)
+
+
+# The literal start of a URL template: scheme://authority, ended by the path, query or fragment.
+_URL_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#${}]*[/?#]")
+
+
+def compile_url(template: Template) -> UrlTemplate:
+    """*template* as a :class:`UrlTemplate`.
+
+    Raises:
+      ValueError: the scheme, host or port is not written out before the first reference.
+    """
+    first = template.parts[0]
+    if not isinstance(first, str) or not _URL_ORIGIN.match(first):
+        raise ValueError(
+            "the scheme, host and port of a URL must be written in the flow file; only the "
+            "path, query and fragment may use ${...} (their values are percent-encoded), "
+            f"got {template.source!r}")
+    return UrlTemplate(template.source, template.parts)
 
 
 def compile_template(text: str) -> str | Template:
