@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 
 from tests.fuzz import test_fuzz_targets as targets
 from tests.fuzz.harness import HttpTarget
@@ -29,22 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     more = settings(max_examples=ROUND, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
-    plain = [targets.test_config_loader_fails_only_with_config_errors,
-             targets.test_flow_loader_fails_only_with_config_errors]
-    with_target = [targets.test_http_core_answers_or_closes,
-                   targets.test_http_core_survives_random_bytes]
+    plain = {"config_loader": more(given(**targets.CONFIG_TEXT)(targets.config_text)),
+             "flow_loader": more(given(**targets.FLOW_TEXT)(targets.flow_text))}
+    with_target = {"http_mutated": more(given(**targets.HTTP_MUTATED)(targets.http_mutated)),
+                   "http_random": more(given(**targets.HTTP_RANDOM)(targets.http_random))}
     counts: dict[str, int] = {}
     end = time.monotonic() + args.minutes * 60
-    with HttpTarget("asyncio").running() as http_asyncio, HttpTarget("trio").running() as http_trio:
+    with HttpTarget("asyncio").running() as on_asyncio, HttpTarget("trio").running() as on_trio:
         while time.monotonic() < end:
-            for fn in plain:
-                more(fn)()
-                counts[fn.__name__] = counts.get(fn.__name__, 0) + ROUND
-            for fn in with_target:
-                for target in (http_asyncio, http_trio):
-                    more(fn)(target)
-                    name = f"{fn.__name__}[{target.backend}]"
-                    counts[name] = counts.get(name, 0) + ROUND
+            for name, fn in plain.items():
+                fn()
+                counts[name] = counts.get(name, 0) + ROUND
+            for name, fn in with_target.items():
+                for target in (on_asyncio, on_trio):
+                    fn(target)
+                    key = f"{name}[{target.backend}]"
+                    counts[key] = counts.get(key, 0) + ROUND
     for name, n in counts.items():
         print(f"{name:60s} {n:>8,d} examples, no failure")
     if args.socket_requests:

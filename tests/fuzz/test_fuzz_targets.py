@@ -46,23 +46,29 @@ def target(request: pytest.FixtureRequest) -> Iterator[HttpTarget]:
         yield running
 
 
-@settings(max_examples=EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(base=st.sampled_from(BASE_REQUESTS), edits=_edits, chunks=st.integers(1, 4),
-       reset=st.booleans())
-def test_http_core_answers_or_closes(target: HttpTarget, base: bytes,
-                                     edits: list[tuple[int, int, bytes, int]], chunks: int,
-                                     reset: bool) -> None:
+HTTP_MUTATED = {"base": st.sampled_from(BASE_REQUESTS), "edits": _edits,
+                "chunks": st.integers(1, 4), "reset": st.booleans()}
+HTTP_RANDOM = {"data": st.binary(max_size=2048)}
+
+
+def http_mutated(target: HttpTarget, base: bytes, edits: list[tuple[int, int, bytes, int]],
+                 chunks: int, reset: bool) -> None:
     """Any mutated request: a valid HTTP answer (or none), and the server lives on."""
     answer = target.exchange(apply(base, edits), chunks=chunks, reset=reset)
     target.check(answer)
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=2048))
-def test_http_core_survives_random_bytes(target: HttpTarget, data: bytes) -> None:
+def http_random(target: HttpTarget, data: bytes) -> None:
     target.check(target.exchange(data))
+
+
+_FIXTURE_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+test_http_core_answers_or_closes = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=_FIXTURE_OK)(
+    given(**HTTP_MUTATED)(http_mutated))
+test_http_core_survives_random_bytes = settings(
+    max_examples=EXAMPLES // 3, deadline=None, suppress_health_check=_FIXTURE_OK)(
+    given(**HTTP_RANDOM)(http_random))
 
 
 def _text_mutations(seeds: list[str]) -> st.SearchStrategy[str]:
@@ -88,17 +94,23 @@ def _text_mutations(seeds: list[str]) -> st.SearchStrategy[str]:
     return mutated()
 
 
-@settings(max_examples=EXAMPLES, deadline=2000)
-@given(text=_text_mutations(CONFIG_SEEDS))
-def test_config_loader_fails_only_with_config_errors(text: str) -> None:
+CONFIG_TEXT = {"text": _text_mutations(CONFIG_SEEDS)}
+FLOW_TEXT = {"text": _text_mutations(FLOW_SEEDS)}
+
+
+def config_text(text: str) -> None:
     """A mutated config loads or raises ConfigError, within 2 s (no bombs, no tracebacks)."""
     check_config(text)
 
 
-@settings(max_examples=EXAMPLES, deadline=2000)
-@given(text=_text_mutations(FLOW_SEEDS))
-def test_flow_loader_fails_only_with_config_errors(text: str) -> None:
+def flow_text(text: str) -> None:
     check_flow(text)
+
+
+test_config_loader_fails_only_with_config_errors = settings(
+    max_examples=EXAMPLES, deadline=2000)(given(**CONFIG_TEXT)(config_text))
+test_flow_loader_fails_only_with_config_errors = settings(
+    max_examples=EXAMPLES, deadline=2000)(given(**FLOW_TEXT)(flow_text))
 
 
 def test_mutator_reaches_the_framing_code() -> None:
