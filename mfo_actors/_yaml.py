@@ -154,10 +154,11 @@ class LineMap:
         return self._lines.get(())
 
 
-def _alias_problem(root: yaml.Node) -> tuple[str, int] | None:
-    """Whether aliases make *root* expand past :data:`MAX_EXPANDED_NODES` (or loop): the
-    problem and the line of the first aliased node. Linear in the distinct nodes: an alias is
-    the same node object reached twice, and each node's expanded size is computed once."""
+def _node_problem(root: yaml.Node) -> tuple[str, int] | None:
+    """What makes *root* unusable as a config, with its line: a key that is not a plain
+    value (``? [a, b]``), or aliases that expand past :data:`MAX_EXPANDED_NODES` (or loop).
+    Linear in the distinct nodes: an alias is the same node object reached twice, and each
+    node's expanded size is computed once."""
     sizes: dict[int, int] = {}
     active: set[int] = set()
     first_shared: list[int] = []
@@ -174,6 +175,8 @@ def _alias_problem(root: yaml.Node) -> tuple[str, int] | None:
         total = 1
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise _ComplexKey(key_node.start_mark.line + 1)
                 total += size(key_node) + size(value_node)
                 if total > MAX_EXPANDED_NODES:
                     break
@@ -190,6 +193,8 @@ def _alias_problem(root: yaml.Node) -> tuple[str, int] | None:
         total = size(root)
     except _AliasLoop as loop:
         return "a YAML alias refers to itself (a recursive anchor)", loop.line
+    except _ComplexKey as key:
+        return "a key must be a plain value (a name), not a list or a mapping", key.line
     if total > MAX_EXPANDED_NODES:
         line = first_shared[0] if first_shared else root.start_mark.line + 1
         return (f"YAML aliases expand this document past {MAX_EXPANDED_NODES} nodes "
@@ -198,6 +203,13 @@ def _alias_problem(root: yaml.Node) -> tuple[str, int] | None:
 
 
 class _AliasLoop(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _ComplexKey(Exception):
+    """A mapping key that is itself a list or a mapping."""
+
     def __init__(self, line: int) -> None:
         self.line = line
 
@@ -241,9 +253,9 @@ def parse_yaml(
             node = loader.get_single_node()
             if node is None:
                 return {}, lines
-            aliases = _alias_problem(node)
-            if aliases is not None:  # nothing after it could be read in reasonable time
-                raise ConfigError(aliases[0], file=file, line=aliases[1])
+            unusable = _node_problem(node)
+            if unusable is not None:  # nothing after it could be read in reasonable time
+                raise ConfigError(unusable[0], file=file, line=unusable[1])
             for path, at in _duplicate_keys(node):
                 duplicate = ConfigError("duplicate key", file=file, key=dotted(path), line=at)
                 if problems is None:

@@ -48,6 +48,15 @@ class TestAliasBombs:
         assert len(lines) == 1 and "alias" in lines[0] and "bomb.yaml" in lines[0]
         assert "Traceback" not in done.stderr
 
+    @pytest.mark.parametrize("text", ["? name: x\n: 1\n", "? [a, b]\n: 1\n", "{[1]: 2}\n"])
+    def test_complex_keys_are_a_config_error(self, text: str) -> None:
+        """Found by the fuzzer: a mapping or list used as a key (``? name: x``) crashed the
+        duplicate-key check with a TypeError (a traceback instead of a one-line error)."""
+        with pytest.raises(ConfigError, match="key"):
+            load_config_text(text)
+        with pytest.raises(ConfigError, match="key"):
+            load_flow_text(text, default_registry())
+
     def test_small_aliases_still_work(self) -> None:
         """Anchors for a few repeated values are fine."""
         cfg = load_config_text(
