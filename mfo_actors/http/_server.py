@@ -66,7 +66,10 @@ log = get_logger("mfo_actors.http")
 
 RECEIVE_SIZE = 65536  # bytes per recv; a typical webhook (head + body) arrives in one
 LINGER_TIMEOUT = 2.0  # seconds to discard a refused body so the client reads our error answer
-LINGER_MAX_BYTES = 4 * 1024 * 1024  # ... and at most this much of it
+# ... and at most this much of it: Go's net/http discards at most 256 KiB of an unread body
+# before closing. Every byte drained is memory churn, and ten clients streaming bodies at a
+# refused path at once must not cost the daemon tens of MB.
+LINGER_MAX_BYTES = 256 * 1024
 REJECT_SEND_TIMEOUT = 0.5  # seconds to write the over-capacity 503 before giving up
 
 _REASONS: dict[int, bytes] = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
