@@ -257,18 +257,20 @@ async def test_400_dead_letters_at_once_and_replay_resends(tmp_path: Path) -> No
 async def test_attempts_are_recorded_and_a_replay_gets_a_fresh_budget(tmp_path: Path) -> None:
     """Each send is in the event's history with status and latency; an event that used its
     whole budget and was replayed gets max_attempts again, and the numbering goes on."""
+    # 302: answers that count as attempts every time (a run of 503s is an outage, which
+    # uses up no attempts after the first; see the forwarder's "What an attempt is").
     async with rig(tmp_path, max_attempts=2, threshold=10) as r:
-        r.srv.app.set_faults(fail_next=2, fail_status=503)
+        r.srv.app.set_faults(fail_next=2, fail_status=302)
         ev = make_event()
         await r.append([ev])
         await r.wait_event(ev.id, lambda s: s.status == "dead")
-        r.srv.app.set_faults(fail_next=1, fail_status=503)
+        r.srv.app.set_faults(fail_next=1, fail_status=302)
         assert await r.store.replay([ev.id]) == 1
         stored = await r.wait_event(ev.id, lambda s: s.status == "delivered")
         history = await r.store.list_attempts(ev.id)
     assert (stored.attempts, stored.last_error) == (4, None)
     assert [(a.number, a.outcome, a.status) for a in history] == [
-        (1, "retry", 503), (2, "dead", 503), (3, "retry", 503), (4, "delivered", None)]
+        (1, "retry", 302), (2, "dead", 302), (3, "retry", 302), (4, "delivered", None)]
     assert all(a.latency is not None and 0 <= a.latency < 5 for a in history)
     assert all(a.error for a in history[:3]) and history[3].error is None
     assert [a.at for a in history] == sorted(a.at for a in history)

@@ -139,8 +139,9 @@ class TestOutages:
                 assert forwarder.dead == 0, (await store.list_events(status="dead"))[:1]
             stats = await store.stats()
             assert stats.dead == 0 and stats.pending == 20
+            # The send that found the outage is the only one that counted.
             attempts = [s.attempts for s in await store.list_events(limit=100)]
-            assert max(attempts) == 0, attempts
+            assert sum(attempts) <= 1, attempts
             up = True
             with anyio.fail_after(30):
                 while (await store.stats()).delivered < 20:

@@ -48,7 +48,7 @@ async def test_store_refuses_writes_into_a_moved_file_and_recovers(tmp_path: Pat
         async def writable() -> bool:
             return (await store.stats()).writable
 
-        await poll(writable, deadline=10)
+        await poll(writable, deadline=20)
         await store.append(event())
         assert (await store.stats()).pending == 2
 

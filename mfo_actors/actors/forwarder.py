@@ -29,7 +29,7 @@ was answering others**: the upstream's previous outcome, over every worker, was 
 this one was in flight. A failure that continues a run of failures is an outage, not this
 event's fault: the event is rescheduled with backoff, its attempts untouched, however long
 the outage lasts (connection refused for an hour, a proxy answering 502, every half-open
-probe failing); until the upstream has answered once since start, no failure counts.
+probe failing).
 So a poison event (one the server always fails on while it takes the others) is
 dead-lettered after ``max_attempts``; an outage costs at most the one attempt of the send
 that found it, and never dead-letters anything. The price: an event that fails while it is
@@ -240,10 +240,9 @@ class ForwarderActor:
         self._stop = anyio.Event()
         # Answers from the upstream that were not failures of the upstream itself (2xx, 3xx,
         # 4xx), all workers together, and whether the last outcome was a failure: they decide
-        # whether a failure is an attempt (see "What an attempt is"). Failing until the
-        # upstream has answered once.
+        # whether a failure is an attempt (see "What an attempt is").
         self._answered = 0
-        self._failing = True
+        self._failing = False
         self.delivered = 0
         self.retried = 0
         self.dead = 0

@@ -67,8 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace) -> MockOptions:
     if not 0.0 <= args.fail_rate <= 1.0:
         raise UserError(f"--fail-rate must be between 0 and 1, got {args.fail_rate}")
-    if not 400 <= args.fail_status <= 599:
-        raise UserError(f"--fail-status must be 400..599, got {args.fail_status}")
+    if not 300 <= args.fail_status <= 599:  # 3xx: a redirect at a load balancer
+        raise UserError(f"--fail-status must be 300..599, got {args.fail_status}")
     for flag in ("latency", "token_lifetime", "outage_for", "stream_delay", "job_duration"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag.replace('_', '-')} must not be negative")

@@ -910,8 +910,8 @@ def _allow(method: str, *allowed: str) -> None:
 def _check_faults(faults: MockOptions) -> None:
     if not 0.0 <= faults.fail_rate <= 1.0:
         raise ValueError("fail_rate must be between 0 and 1")
-    if not 400 <= faults.fail_status <= 599:
-        raise ValueError("fail_status must be an HTTP error status (400-599)")
+    if not 300 <= faults.fail_status <= 599:  # 3xx: a redirect at a load balancer
+        raise ValueError("fail_status must be a redirect or error status (300-599)")
     if faults.latency < 0 or faults.token_lifetime < 0 or faults.stream_delay < 0 \
             or faults.job_duration < 0:
         raise ValueError("latency, token_lifetime, stream_delay and job_duration must be >= 0")

@@ -163,7 +163,7 @@ class WriteHealth:
         self.error = error
 
 
-PROBE_INTERVAL = 1.0  # seconds between probe writes while writes fail
+PROBE_INTERVAL = 5.0  # seconds between probe writes while writes fail (readiness probes: ~10 s)
 
 
 class TaskRunRecord(msgspec.Struct, frozen=True, kw_only=True):
