@@ -247,7 +247,8 @@ async def test_400_dead_letters_at_once_and_replay_resends(tmp_path: Path) -> No
         assert stored.attempts == 1
         assert stored.last_error is not None and "400" in stored.last_error
         assert "injected" in stored.last_error  # the error body is kept
-        assert r.forwarder.dead == 1
+        # The forwarder counts the dead letter once the store has committed it: wait for it.
+        await poll(lambda: r.forwarder.dead == 1)
         assert r.server_ids() == []
         assert await r.store.replay([ev.id]) == 1
         await r.wait_delivered(1)
