@@ -1,8 +1,19 @@
-"""The messages that travel between actors over typed channels.
+"""The messages that travel between actors.
 
 All are frozen msgspec Structs, tagged by ``kind`` so a union of them can be decoded from the
-wire. Times are Unix seconds (float) from the
-wall clock unless a field says otherwise.
+wire. Times are Unix seconds (float) from the wall clock unless a field says otherwise. Who
+sends each and who receives it is declared in one place, ``mfo_actors/daemon/_graph.py``
+(``mfo-actors check --graph`` prints it); a test holds every message here to a producer and a
+consumer in the running daemon.
+
+* :class:`Event`: listener -> forwarder, through the durable store (the mailbox that
+  survives kill -9);
+* :class:`DeliveryOutcome`: one per attempt, from whoever sent it (through the gate) to the
+  breaker actor;
+* :class:`BreakerState`: the breaker actor's watch (latest value), read by the gate, the
+  forwarder and the scheduler;
+* :class:`TokenIssued`: the auth actor's watch, read by the gate (every caller's header);
+* :class:`TokenRejected`: a caller that got 401 -> the auth actor.
 
 A flow trigger is not a message: it is a ``store.RunRequest`` written in the same
 transaction as its event (or cron tick), so a crash cannot lose it; the scheduler claims
@@ -11,7 +22,7 @@ runs from the store.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -20,9 +31,7 @@ __all__ = [
     "BreakerStateName",
     "DeliveryOutcome",
     "Event",
-    "EventStored",
     "Message",
-    "RunResult",
     "RunStatus",
     "TokenIssued",
     "TokenRejected",
@@ -52,15 +61,8 @@ class Event(Message, frozen=True):
     dedupe_key: str | None = None  # the provider's delivery id, when one was sent
 
 
-class EventStored(Message, frozen=True):
-    """An event is durable; wakes the forwarder without waiting for its poll interval."""
-
-    id: str
-    source: str
-
-
 class DeliveryOutcome(Message, frozen=True):
-    """The result of one call to an upstream, reported to its breaker.
+    """The outcome of one attempt to an upstream, reported to its breaker actor.
 
     ``failure`` is True for what should count against the breaker: network errors,
     timeouts, 5xx and 429; a 4xx answer is the caller's fault and is not a failure.
@@ -71,18 +73,17 @@ class DeliveryOutcome(Message, frozen=True):
     failure: bool
     status: int | None = None
     latency_s: float = 0.0
-    error: str | None = None
 
 
 class TokenIssued(Message, frozen=True):
-    """The auth refresher has a (new) bearer token for the client's auth provider."""
+    """The auth actor's current bearer token (the value of its token watch)."""
 
     token: str
     expires_at: float | None = None  # None: unknown lifetime (static tokens)
 
 
 class TokenRejected(Message, frozen=True):
-    """A caller got 401 with this token; the refresher re-logins once for everyone."""
+    """A caller got 401 with this token; the auth actor logs in again once for everyone."""
 
     token: str | None
 
@@ -91,7 +92,7 @@ BreakerStateName = Literal["closed", "open", "half_open"]
 
 
 class BreakerState(Message, frozen=True):
-    """A breaker changed state; sent to every subscriber and exported as ``mfo_breaker_state``."""
+    """The breaker's state (the value of the breaker actor's watch; ``mfo_breaker_state``)."""
 
     upstream: str
     state: BreakerStateName
@@ -101,14 +102,3 @@ class BreakerState(Message, frozen=True):
 
 TriggerKind = Literal["event", "cron", "interval", "manual", "subflow", "rerun"]
 RunStatus = Literal["new", "active", "done", "error"]
-
-
-class RunResult(Message, frozen=True):
-    """A run finished (done or error), with the flow's declared outputs."""
-
-    run_id: str
-    flow: str
-    status: RunStatus
-    error: str | None = None
-    outputs: dict[str, Any] = msgspec.field(default_factory=dict)
-    interrupted: bool = False

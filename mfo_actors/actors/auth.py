@@ -10,12 +10,14 @@ Modes (``auth.mode``):
 * ``token``: a static token; a 401 cannot be fixed by asking again, so it is only logged.
 * ``none``: no ``Authorization`` header.
 
-:attr:`AuthRefresherActor.provider` is the ``AuthProvider`` to build the client with. Its
-``header()`` waits (bounded) for the first token; ``invalidate(token)`` (called by the
-client on a 401) forgets that token and sends one :class:`TokenRejected` to the refresher.
-Single flight: only the first report of the *current* token does anything; a report of a
-token already replaced, or a second report of the same one, is ignored, so a burst of
-concurrent 401s costs one login. Callers that need a token meanwhile wait for the new one.
+The actor owns the token and publishes it on :attr:`AuthRefresherActor.tokens`, a watch
+(latest value; ``None`` while there is none) that the daemon's gate reads without awaiting.
+A caller that got 401 sends a :class:`TokenRejected` to :attr:`AuthRefresherActor.rejections`
+and waits for a different token. Single flight: only a report of the *current* token does
+anything (the watch goes to ``None``, so callers wait for the new one, and one login
+follows); a report of a token already replaced, or a second report of the same one, is
+ignored, so a burst of concurrent 401s costs one login. The login request itself is the
+library's (:func:`mfo_actors.client.login`).
 
 Failed logins back off (``login_backoff`` doubling up to ``login_max_backoff``) and show in
 :meth:`AuthRefresherActor.health` and ``mfo_token_refresh_total{result}``. A refused login
@@ -32,36 +34,26 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import httpx
-import msgspec
 
 from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._stop import cancel_on
-from mfo_actors.client._auth import LOGIN_BODY_CAP, jwt_expiry
-from mfo_actors.client._transport import exchange
-from mfo_actors.client.errors import (
-    AuthError,
-    ValidationError,
-    classify_response,
-)
-from mfo_actors.client.models import LoginRequest, LoginResponse
+from mfo_actors.client import AuthError, login
 from mfo_actors.messages import TokenIssued, TokenRejected
 from mfo_actors.metrics import TOKEN_REFRESH
 from mfo_actors.observability import get_logger, register_secret
-from mfo_actors.runtime import Broadcast, RestartPolicy, SystemClock, open_channel
+from mfo_actors.runtime import RestartPolicy, SystemClock, Watch, open_channel
 
 if TYPE_CHECKING:
     from mfo_actors.config import InstanceConfig
     from mfo_actors.runtime import ChannelReceiver, ChannelSender, Clock, ReadySignal
 
-__all__ = ["AuthRefresherActor", "RefreshingAuth", "TokenUnavailableError"]
+__all__ = ["REJECTIONS_CHANNEL_SIZE", "AuthRefresherActor", "TokenUnavailableError"]
 
 log = get_logger(__name__)
 
 REFRESH_JITTER = 0.05  # refresh up to 5% of the lifetime earlier than refresh_at, at random
 MIN_REFRESH_DELAY = 0.05  # seconds; a token that is (nearly) expired is renewed at once
-_REJECTIONS_SIZE = 16  # one pending rejection is all that matters; the rest are duplicates
-
-_login_decoder = msgspec.json.Decoder(LoginResponse)
+REJECTIONS_CHANNEL_SIZE = 16  # one pending rejection is all that matters; the rest repeat it
 
 
 class TokenUnavailableError(AuthError):
@@ -75,121 +67,22 @@ class TokenUnavailableError(AuthError):
         super().__init__(401, "token_unavailable", reason)
 
 
-class RefreshingAuth:
-    """The ``AuthProvider`` side of the refresher (what the ``BaseClient`` calls).
-
-    Args:
-      mode: ``login``, ``token`` or ``none``.
-      rejections: Where :meth:`invalidate` reports a rejected token (the refresher's inbox).
-      wait_timeout: How long :meth:`header` waits for a token before raising.
-    """
-
-    def __init__(
-        self,
-        mode: Literal["login", "token", "none"],
-        rejections: ChannelSender[TokenRejected],
-        *,
-        wait_timeout: float,
-    ) -> None:
-        self._mode = mode
-        self._rejections = rejections
-        self._wait_timeout = wait_timeout
-        self._token: str | None = None
-        self._has_token = anyio.Event()
-        self._last_error: str | None = None
-        self._static_rejected_logged = False
-
-    def __repr__(self) -> str:
-        return f"RefreshingAuth(mode={self._mode!r}, token={'***' if self._token else None})"
-
-    @property
-    def token(self) -> str | None:
-        """The token in use now (``None`` before the first login or right after a 401)."""
-        return self._token
-
-    def set_token(self, token: str) -> None:
-        """The refresher has a new token: every caller uses it from now on."""
-        register_secret(token)
-        self._token = token
-        self._last_error = None
-        self._has_token.set()
-
-    def set_error(self, reason: str) -> None:
-        """Why there is no token (shown to callers that time out waiting for one)."""
-        self._last_error = reason
-
-    async def wait_ready(self) -> None:
-        """Wait, without a time limit, until a token is available (at once for token/none).
-
-        The forwarder calls it before claiming events, so that while logins fail it does not
-        spend delivery attempts on requests that cannot be sent.
-        """
-        while self._mode == "login" and self._token is None:
-            await self._has_token.wait()
-
-    async def header(self) -> str | None:
-        """``Bearer <token>``, waiting up to ``wait_timeout`` for the first (or next) token.
-
-        Raises:
-          TokenUnavailableError: no token arrived in time (logins failing).
-        """
-        if self._mode == "none":
-            return None
-        token = self._token
-        if token is not None:
-            return f"Bearer {token}"
-        with anyio.move_on_after(self._wait_timeout):
-            while self._token is None:
-                await self._has_token.wait()
-        token = self._token
-        if token is None:
-            raise TokenUnavailableError(
-                f"no MFO token after {self._wait_timeout:.1f}s: "
-                f"{self._last_error or 'login has not succeeded yet'}"
-            )
-        return f"Bearer {token}"
-
-    async def invalidate(self, token: str | None) -> None:
-        """The server answered 401 to *token*: forget it and ask the refresher for a new one.
-
-        Only the first report of the token in use counts (single flight).
-        """
-        if self._mode == "none":
-            return
-        if self._mode == "token":
-            if not self._static_rejected_logged:
-                self._static_rejected_logged = True
-                log.error("auth.static_token_rejected",
-                          hint="the server refused auth.token; fix the config and restart")
-            return
-        current = self._token
-        if current is None or (token is not None and token != current):
-            return  # already being replaced, or already replaced: nothing to do
-        self._token = None
-        self._has_token = anyio.Event()
-        try:
-            self._rejections.send_nowait(TokenRejected(token=current))
-        except anyio.WouldBlock:
-            pass  # a rejection is already queued; one re-login serves everyone
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # the refresher is gone (shutting down)
-
-
 class AuthRefresherActor:
-    """Keeps a valid token in :attr:`provider` and publishes each on :attr:`tokens`.
+    """Keeps a valid token and publishes it on :attr:`tokens`.
 
     Args:
       cfg: ``auth`` (mode, credentials, refresh_at, login backoff), ``client`` (URL, timeout).
       http: The ``httpx.AsyncClient`` to log in with; ``None``: one of our own, closed on
         exit. (The caller owns one it passes.)
       clock: Time source for refresh and backoff (a ``FakeClock`` in tests).
-      token_wait: How long ``provider.header()`` waits for a token; default
+      token_wait: How long a caller waits for a token (:attr:`token_wait`); default
         ``client.timeout``.
       rng: Uniform [0, 1) source for the refresh jitter (tests pass a constant).
 
     Attributes:
-      provider: The ``AuthProvider`` for ``MFOClient.from_config(cfg, auth=...)``.
-      tokens: ``Broadcast[TokenIssued]``; ``tokens.latest`` is the current one.
+      tokens: ``Watch[TokenIssued | None]``: the token in use, None while there is none
+        (before the first login, after a rejection, ``auth.mode: none``).
+      rejections: Where a caller that got 401 sends :class:`TokenRejected`.
       logins: Successful logins so far.
     """
 
@@ -211,20 +104,19 @@ class AuthRefresherActor:
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._rng = rng
         self._url = cfg.client.effective_auth_base_url.rstrip("/") + "/login"
-        self._rejections_tx: ChannelSender[TokenRejected]
+        self.rejections: ChannelSender[TokenRejected]
         self._rejections_rx: ChannelReceiver[TokenRejected]
-        self._rejections_tx, self._rejections_rx = open_channel(TokenRejected, _REJECTIONS_SIZE)
-        self.provider = RefreshingAuth(
-            cfg.auth.mode, self._rejections_tx,
-            wait_timeout=float(cfg.client.timeout) if token_wait is None else token_wait,
-        )
-        self.tokens: Broadcast[TokenIssued] = Broadcast(TokenIssued)
+        self.rejections, self._rejections_rx = open_channel(TokenRejected,
+                                                            REJECTIONS_CHANNEL_SIZE)
+        self.token_wait = float(cfg.client.timeout) if token_wait is None else token_wait
+        self.tokens: Watch[TokenIssued | None] = Watch(TokenIssued, None)
         self.logins = 0
         self._failures = 0
         self._last_error: str | None = None
         self._expires_at: float | None = None  # wall clock
         self._rejected_logged = False
         self._issued: str | None = None  # the last token issued; rejections are matched to it
+        self._static_rejected_logged = False
         self._stop = anyio.Event()
         self._credentials_changed = anyio.Event()
         if cfg.auth.mode == "login":
@@ -234,7 +126,16 @@ class AuthRefresherActor:
         elif cfg.auth.mode == "token":
             if not cfg.auth.token:
                 raise ValueError("auth.mode token needs auth.token")
-            self.provider.set_token(cfg.auth.token)
+            self._publish(cfg.auth.token, None)
+
+    @property
+    def mode(self) -> Literal["login", "token", "none"]:
+        """``login``, ``token`` or ``none`` (``auth.mode``; a reload keeps it)."""
+        return self._auth.mode
+
+    def unavailable_reason(self) -> str:
+        """Why there is no token (for the error of a caller that waited in vain)."""
+        return self._last_error or "login has not succeeded yet"
 
     # -- status ------------------------------------------------------------------------
 
@@ -246,10 +147,11 @@ class AuthRefresherActor:
             None if self._expires_at is None
             else round(self._expires_at - self._clock.now(), 1)
         )
+        has_token = self.tokens.value is not None
         return {
-            "ok": self.provider.token is not None,
+            "ok": has_token,
             "mode": "login",
-            "has_token": self.provider.token is not None,
+            "has_token": has_token,
             "logins": self.logins,
             "consecutive_failures": self._failures,
             "last_error": self._last_error,
@@ -264,20 +166,20 @@ class AuthRefresherActor:
         Ready at once: the listener must take webhooks even while the MFO server (and so the
         login) is down; ``health()`` says whether a token is available.
         """
-        if self._auth.mode == "token" and self.provider.token is not None:
-            self._publish(self.provider.token, None)
         ready.set()
         try:
             await self._serve()
         finally:
             if self._stop.is_set():  # a graceful stop, not a crash to restart from
-                self._rejections_tx.close()
+                self.rejections.close()
                 self._rejections_rx.close()
-                self.tokens.close()
 
     async def _serve(self) -> None:
         if self._auth.mode != "login":
-            await self._stop.wait()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_on, self._stop, tg.cancel_scope)
+                async for _ in self._rejections_rx:
+                    self._static_rejected()
             return
         owns_http = self._http is None
         http = self._http or httpx.AsyncClient(
@@ -311,7 +213,7 @@ class AuthRefresherActor:
             if new.password:
                 register_secret(new.password)
             if new_token and new.token:
-                self.provider.set_token(new.token)
+                self._static_rejected_logged = False
                 self._publish(new.token, None)
             if new_login:
                 self._rejected_logged = False
@@ -358,8 +260,11 @@ class AuthRefresherActor:
                 async for rejected in self._rejections_rx:
                     if not on_rejection:
                         continue  # already failing and backing off: the next try is coming
-                    if rejected.token is not None and rejected.token == self._issued:
+                    current = self.tokens.value
+                    if (rejected.token is not None and rejected.token == self._issued
+                            and current is not None and current.token == rejected.token):
                         log.info("auth.token_rejected", action="login")
+                        self._withdraw()  # callers wait for the new token from now on
                         break
                 tg.cancel_scope.cancel()
 
@@ -376,19 +281,9 @@ class AuthRefresherActor:
         """One login. Returns the token's lifetime in seconds (``inf`` if unknown) or None
         when it failed (and records why)."""
         assert self._auth.email is not None and self._auth.password is not None
-        body = msgspec.json.encode(LoginRequest(email=self._auth.email,
-                                                password=self._auth.password))
         try:
-            response = await exchange(http, "POST", self._url, content=body,
-                                      headers={"content-type": "application/json"},
-                                      max_body=LOGIN_BODY_CAP)
-            error = classify_response(response.status_code, response.headers, response.content)
-            if error is not None:
-                raise error
-            try:
-                login = _login_decoder.decode(response.content)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise ValidationError.from_msgspec(exc) from None
+            issued = await login(http, self._url, self._auth.email, self._auth.password,
+                                 now=self._clock.now)
         except AuthError as exc:
             self._failed("rejected", f"login rejected ({exc.status}): wrong email or password?")
             if not self._rejected_logged:
@@ -402,26 +297,10 @@ class AuthRefresherActor:
             log.warning("auth.login_failed", url=self._url, error=str(exc),
                         failures=self._failures, retry_in=round(self._backoff(), 2))
             return None
-        token = login.token
-        register_secret(token)
-        now = self._clock.now()
-        lifetime: float | None = (
-            None if login.expires_in is None else float(login.expires_in))
-        if lifetime is None:
-            exp = jwt_expiry(token)
-            if exp is not None:
-                lifetime = exp - now
-        if lifetime is not None and lifetime <= 0:
-            # Expired on arrival by our clock: clock skew with the server (or a bogus
-            # expires_in). Refreshing "at once" would log in every 50 ms for ever; the
-            # server stays the judge, so keep the token until it answers 401.
-            log.warning("auth.token_expiry_in_past", lifetime=round(lifetime, 1),
-                        hint="clock skew with the MFO server? refreshing on 401 only")
-            lifetime = None
-        self._expires_at = None if lifetime is None else now + lifetime
-        self._issued = token
-        self.provider.set_token(token)
-        self._publish(token, self._expires_at)
+        lifetime = issued.lifetime
+        self._expires_at = None if lifetime is None else self._clock.now() + lifetime
+        self._issued = issued.token
+        self._publish(issued.token, self._expires_at)
         self.logins += 1
         self._failures = 0
         self._last_error = None
@@ -434,11 +313,18 @@ class AuthRefresherActor:
     def _failed(self, result: str, reason: str) -> None:
         self._failures += 1
         self._last_error = reason
-        self.provider.set_error(reason)
         TOKEN_REFRESH.labels(instance=self._cfg.instance, result=result).inc()
 
     def _publish(self, token: str, expires_at: float | None) -> None:
-        try:
-            self.tokens.publish_nowait(TokenIssued(token=token, expires_at=expires_at))
-        except anyio.ClosedResourceError:
-            pass
+        register_secret(token)
+        self.tokens.publish(TokenIssued(token=token, expires_at=expires_at))
+
+    def _withdraw(self) -> None:
+        """The current token was rejected: no token until the next login."""
+        self.tokens.publish(None)
+
+    def _static_rejected(self) -> None:
+        if not self._static_rejected_logged:
+            self._static_rejected_logged = True
+            log.error("auth.static_token_rejected",
+                      hint="the server refused auth.token; fix the config and restart")

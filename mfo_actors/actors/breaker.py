@@ -1,21 +1,20 @@
-"""The breaker actor: owns the upstream's circuit breaker and tells everyone when it changes.
+"""The breaker actor: owns the upstream's protections (its circuit breaker and the rate limit
+``client.rate_limit``) and publishes the breaker's state.
 
-Design (one path for outcomes, no lag): the :class:`CircuitBreaker` is a synchronous state
-machine shared by reference. Every upstream call goes through the one ``BaseClient`` built
-with ``breaker=actor.breaker``, and the client calls ``before_call()`` before and ``record()``
-after each attempt, in the caller's task. So the state is never behind the outcomes, and a
-library caller gets :class:`~mfo_actors.client.errors.CircuitBreakerError` at once while the
-breaker is open: nothing waits on a channel to find out.
+The state machine is the library's :class:`~mfo_actors.client.CircuitBreaker` (one
+implementation), held privately here. Around it:
 
-What the actor adds:
+* :attr:`BreakerActor.states` is a watch (latest value) of :class:`BreakerState`: the
+  daemon's gate, the forwarder, the scheduler and ``/readyz`` read it without awaiting, and
+  wait on it (its version also moves when only the in-flight window changed, so a sender
+  waiting for a slot wakes);
+* :attr:`BreakerActor.outcomes` takes one :class:`DeliveryOutcome` per attempt, sent by the
+  gate's admission when the attempt settles; the actor records them in arrival order.
 
-* it publishes every state change as a :class:`BreakerState` on :attr:`states` (a
-  ``Broadcast``: the breaker never waits for a slow subscriber; a subscriber that lags sees
-  the newest state). The forwarder and the scheduler subscribe, or read ``states.latest``.
-* :attr:`outcomes` takes :class:`DeliveryOutcome` messages for calls made *without* a client
-  that holds this breaker (a custom HTTP task, another process's report). Do not send the
-  outcome of a call that went through such a client: it was recorded already, and a second
-  record would count the failure twice.
+Admission (:meth:`BreakerActor.admit`) is the one synchronous call into the actor: taking a
+probe or in-flight slot has to be decided at once, so two senders cannot both take the last
+one. Only the gate calls it (``mfo_actors.actors.UpstreamGate``), and :meth:`pace` for the
+rate limit. A reload changes both (``client.circuit_breaker``, ``client.rate_limit``).
 """
 
 from __future__ import annotations
@@ -24,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._stop import cancel_on
-from mfo_actors.client._breaker import CircuitBreaker
-from mfo_actors.client._policy import breaker_from_config
+from mfo_actors.client import TokenBucket, breaker_from_config, rate_limiter_from_config
 from mfo_actors.messages import BreakerState, DeliveryOutcome
 from mfo_actors.observability import get_logger
-from mfo_actors.runtime import Broadcast, RestartPolicy, open_channel
+from mfo_actors.runtime import RestartPolicy, Watch, open_channel
 
 if TYPE_CHECKING:
     from mfo_actors.config import InstanceConfig
@@ -43,7 +42,7 @@ OUTCOMES_CHANNEL_SIZE = 256  # outcomes are tiny; a full buffer slows the report
 
 
 class BreakerActor:
-    """Owns the :class:`CircuitBreaker` of ``cfg.client.base_url``.
+    """Owns the circuit breaker of ``cfg.client.base_url``.
 
     Args:
       cfg: ``client.circuit_breaker`` (thresholds), ``client.base_url`` (the upstream name),
@@ -52,10 +51,8 @@ class BreakerActor:
       clock: Time source for the breaker (a ``FakeClock`` in tests).
 
     Attributes:
-      breaker: Give it to the client (``MFOClient.from_config(cfg, breaker=actor.breaker)``)
-        and to the forwarder.
-      states: ``Broadcast[BreakerState]``; ``states.latest`` is the current state.
-      outcomes: Sender of :class:`DeliveryOutcome` for calls the breaker did not see.
+      states: ``Watch[BreakerState]``: the current state.
+      outcomes: Sender of :class:`DeliveryOutcome`, one per attempt that got through.
     """
 
     name = "breaker"
@@ -64,46 +61,95 @@ class BreakerActor:
     def __init__(
         self, cfg: InstanceConfig, *, upstream: str | None = None, clock: Clock | None = None
     ) -> None:
-        self.states: Broadcast[BreakerState] = Broadcast(BreakerState)
-        self.breaker: CircuitBreaker = breaker_from_config(cfg, clock=clock, upstream=upstream,
-                                                           on_change=self._publish)
-        # The initial state, so a subscriber that reads `latest` before any change has one.
-        self.states.publish_nowait(self.breaker.snapshot())
+        self._breaker = breaker_from_config(cfg, clock=clock, upstream=upstream,
+                                            on_change=self._publish)
+        self._clock = clock
+        self._rate = cfg.client.rate_limit
+        self._limiter: TokenBucket | None = rate_limiter_from_config(cfg.client, clock=clock)
+        self.states: Watch[BreakerState] = Watch(BreakerState, self._breaker.snapshot())
         self.outcomes: ChannelSender[DeliveryOutcome]
         self.outcomes, self._inbox = open_channel(DeliveryOutcome, OUTCOMES_CHANNEL_SIZE)
         self._stop = anyio.Event()
 
+    @property
+    def upstream(self) -> str:
+        return self._breaker.upstream
+
+    # -- admission (the gate's synchronous calls) ----------------------------------------
+
+    def admit(self) -> None:
+        """Take a slot for one attempt.
+
+        Raises:
+          CircuitBreakerError: open, or every half-open probe slot is taken.
+        """
+        self._breaker.before_call()
+
+    def give_back(self) -> None:
+        """An admitted attempt ended without an outcome (cancelled): free its slot."""
+        self._breaker.release()
+        self.states.touch()
+
+    def allowance(self) -> int | None:
+        """Attempts that would be admitted now (None: no limit)."""
+        return self._breaker.allowance()
+
+    def retry_in(self) -> float:
+        """Seconds until an attempt may be admitted (0: now, or when a slot frees)."""
+        return self._breaker.retry_in()
+
+    async def pace(self) -> None:
+        """Wait for the rate limit (one request), if one is configured."""
+        limiter = self._limiter
+        if limiter is not None:
+            await limiter.acquire()
+
+    # -- the actor -----------------------------------------------------------------------
+
     def _publish(self, state: BreakerState) -> None:
-        try:
-            self.states.publish_nowait(state)
-        except anyio.ClosedResourceError:
-            pass  # shutting down: nobody is listening any more
+        self.states.publish(state)
 
     def health(self) -> dict[str, object]:
         """For ``/readyz``: the breaker's state (an open breaker does not make us unready)."""
-        snap = self.breaker.snapshot()
+        snap = self.states.value
         return {"ok": True, "upstream": snap.upstream, "state": snap.state,
-                "retry_in": round(self.breaker.retry_in(), 3)}
+                "retry_in": round(self._breaker.retry_in(), 3)}
+
+    def prepare_reload(self, update: ConfigUpdate) -> Apply:
+        """New thresholds (``client.circuit_breaker``), applied from the next outcome on (the
+        current state is kept), and a new rate limit (``client.rate_limit``) for the next
+        requests (callers already waiting on the old one finish there)."""
+        cfg = update.cfg.client.circuit_breaker
+        rate = update.cfg.client.rate_limit
+        limiter = (self._limiter if rate == self._rate
+                   else rate_limiter_from_config(update.cfg.client, clock=self._clock))
+
+        def apply() -> None:
+            self._breaker.reconfigure(cfg)
+            self._rate, self._limiter = rate, limiter
+            self.states.touch()
+
+        return apply
 
     async def run(self, ready: ReadySignal) -> None:
-        """Feed reported outcomes to the breaker until asked to stop."""
+        """Record reported outcomes until asked to stop."""
         ready.set()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(cancel_on, self._stop, tg.cancel_scope)
                 async for outcome in self._inbox:
-                    if outcome.upstream != self.breaker.upstream:
+                    if outcome.upstream != self._breaker.upstream:
                         log.warning("breaker.outcome_for_other_upstream",
                                     upstream=outcome.upstream)
                         continue
-                    self.breaker.record(ok=outcome.ok, failure=outcome.failure,
-                                        status=outcome.status)
+                    self._breaker.record(ok=outcome.ok, failure=outcome.failure,
+                                         status=outcome.status)
+                    self.states.touch()  # the in-flight window moved
                 tg.cancel_scope.cancel()  # every sender closed: nothing more will come
         finally:
             if self._stop.is_set():  # a graceful stop, not a crash to restart from
                 self.outcomes.close()
                 self._inbox.close()
-                self.states.close()
 
     def request_stop(self) -> None:
         """Stop consuming outcomes (recording them takes no time: nothing to drain)."""

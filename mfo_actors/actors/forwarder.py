@@ -39,22 +39,29 @@ acts; ``events list`` shows its ``last_error``, and the breaker keeps such retri
 probe per ``reset_timeout``.
 Error texts kept in the store (``last_error``) are redacted like log lines: a token the
 upstream echoes back is never stored.
-* :class:`CircuitBreakerError` (nothing was sent): the worker keeps the event and waits
-  for the breaker (``wait_until_callable``) while its lease allows (half of it), then tries
-  again; only if the breaker stays shut longer is the event rescheduled to the breaker's
-  probe time, without counting an attempt (nothing was sent), so however long an outage
-  lasts it never dead-letters an event. This case is also kept rare: the dispatcher does
-  not claim while the breaker is open, and in half-open claims no more
-  events than there are probe slots. Likewise it claims nothing while the auth refresher
-  has no token (``provider.wait_ready()``), so failing logins do not use up attempts.
+* The breaker refused (nothing was sent): the worker keeps the event and waits on the
+  gate (``wait_ready``) while its lease allows (half of it), then tries again; only if the
+  breaker stays shut longer is the event rescheduled to the breaker's probe time, without
+  counting an attempt (nothing was sent), so however long an outage lasts it never
+  dead-letters an event. This case is also kept rare: the dispatcher does not claim while
+  the breaker is open, and in half-open claims no more events than there are probe slots.
+  Likewise it claims nothing while the auth actor has no token, so failing logins do not use
+  up attempts.
 
-The breaker sees every attempt exactly once: the ``BaseClient`` calls ``before_call`` and
-``record`` when it was built with this breaker (the daemon's wiring); given a client without
-a breaker, the forwarder does it itself. While the breaker is open nothing is claimed or sent
-(the dispatcher sleeps until the probe time); while failures pile up in the closed state the
-workers keep fewer calls in flight than could still open it, so an outage costs about
-``failure_threshold`` requests, then ``half_open_max_calls`` per ``reset_timeout``.
-The rate limit is the client's (``rate_limiter=`` shared ``TokenBucket``), applied per request.
+One gate per delivery: the forwarder asks one object, the upstream's gate
+(:class:`~mfo_actors.client.Gate`; in the daemon the ``UpstreamGate`` over the breaker and
+auth actors), whether it may send now (breaker allowance, a token, the rate limit); the
+sender's admission reports the attempt's one outcome to the breaker. While the breaker is
+open nothing is claimed or sent (the dispatcher waits on the gate until the probe time);
+while failures pile up in the closed state the workers keep fewer calls in flight than could
+still open it, so an outage costs about ``failure_threshold`` requests, then
+``half_open_max_calls`` per ``reset_timeout``.
+
+Each delivery is two steps: *send once* (an :class:`~mfo_actors.actors._delivery.EventSender`
+returns a ``Sent`` outcome and never raises for what the upstream did) and *settle that
+outcome* (:meth:`ForwarderActor._settle`: delivered, rescheduled or dead-lettered, with its
+attempt history). The sender is pluggable (``senders=``): the default sends with the MFO
+``BaseClient``; another sender uses the same gate.
 
 Ordering guarantee under retries: with ``forwarder.ordering: source`` (the default) the store
 lets only the oldest undelivered event of a source be claimed, together with up to
@@ -80,7 +87,7 @@ from __future__ import annotations
 
 import base64
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -88,18 +95,15 @@ import anyio
 import httpx
 import msgspec
 
-from mfo_actors.actors._reload import Apply, ConfigUpdate
-from mfo_actors.client._retry import compute_backoff
-from mfo_actors.client._transport import ERROR_BODY_CAP
-from mfo_actors.client.errors import (
-    APIError,
-    AuthError,
-    CircuitBreakerError,
-    RetryableError,
-    ValidationError,
-    is_upstream_failure,
+from mfo_actors.actors._delivery import (
+    EVENTS_PATH,
+    EventSender,
+    SenderFactory,
+    Sent,
+    client_senders,
 )
-from mfo_actors.messages import DeliveryOutcome
+from mfo_actors.actors._reload import Apply, ConfigUpdate
+from mfo_actors.client import Gate, compute_backoff
 from mfo_actors.metrics import (
     EVENTS_DEAD,
     EVENTS_FORWARDED,
@@ -113,24 +117,21 @@ from mfo_actors.store import StoreError
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from mfo_actors.client._base import BaseClient
-    from mfo_actors.client._breaker import CircuitBreaker
+    from mfo_actors.client import BaseClient
     from mfo_actors.config import InstanceConfig
     from mfo_actors.messages import Event
-    from mfo_actors.runtime import ChannelSender, Clock, ReadySignal
+    from mfo_actors.runtime import Clock, ReadySignal
     from mfo_actors.store import EventStore, StoredEvent
 
 __all__ = ["EVENTS_PATH", "ForwarderActor", "WireEvent", "encode_event"]
 
 log = get_logger(__name__)
 
-EVENTS_PATH = "/api/events"
 LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
 # A send still unanswered at this fraction of the lease is abandoned and rescheduled, so the
 # claim is settled before the lease could hand the event to another worker (which would send
 # it a second time while the first request is still open).
 LEASE_SEND_FRACTION = 0.9
-ERROR_BODY_LIMIT = 2000  # characters of an error body kept in the dead-letter reason
 
 
 class WireEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -184,16 +185,14 @@ class ForwarderActor:
       cfg: ``forwarder`` (concurrency, ordering, batch_size, lease, poll_interval),
         ``client.retry`` (backoff and max_attempts), ``instance`` (metric label).
       store: Where events wait; the forwarder claims and settles them.
-      client: The ``BaseClient`` to send with; build it with the shared breaker and rate
-        limiter (``MFOClient.from_config(cfg, auth=..., breaker=..., rate_limiter=...).base``).
-      breaker: The upstream's breaker (the same object the client holds, if it holds one).
-      outcomes: Optional observer channel: one :class:`DeliveryOutcome` per attempt. Not
-        for the breaker actor's ``outcomes`` when *client* holds the breaker (it has
-        recorded the attempt already).
+      client: The ``BaseClient`` to send with; its gate (``client.gate``) is the one the
+        forwarder asks before each send (the daemon's: ``client.with_gate(UpstreamGate)``).
       clock: Time source (``now()`` for ``next_attempt_at``, ``monotonic()`` for waits).
       rng: Uniform [0, 1) source for the backoff jitter (tests pass a constant).
       http_factory: Makes one connection pool per worker (see ``BaseClient.with_http``);
         None: every worker shares *client*'s pool.
+      senders: Opens one :class:`EventSender` per worker instead of sending with *client*
+        (which then only supplies the gate).
 
     Attributes:
       delivered, retried, dead: Counts since start (tests and ``health()``).
@@ -207,32 +206,25 @@ class ForwarderActor:
         cfg: InstanceConfig,
         store: EventStore,
         client: BaseClient,
-        breaker: CircuitBreaker,
         *,
-        outcomes: ChannelSender[DeliveryOutcome] | None = None,
         clock: Clock | None = None,
         rng: Callable[[], float] = random.random,
         http_factory: Callable[[], httpx.AsyncClient] | None = None,
+        senders: SenderFactory | None = None,
     ) -> None:
         self._cfg = cfg
-        self._http_factory = http_factory
         self._fcfg = cfg.forwarder
         self._retry = cfg.client.retry
         self._store = store
-        self._client = client
-        self._breaker = breaker
-        self._outcomes = outcomes
         self._clock: Clock = clock if clock is not None else SystemClock()
+        self._gate: Gate = client.gate
+        self._senders = (senders if senders is not None
+                         else client_senders(client, self._clock, http_factory))
+        self._upstream = client.base_url
         self._rng = rng
         self._instance = cfg.instance
         self._concurrency = max(1, self._fcfg.concurrency)
         self._ordered = self._fcfg.ordering == "source"
-        # The client applies the breaker itself when it holds one; else we must.
-        self._gate_self = getattr(client, "breaker", None) is None
-        # The auth refresher's provider can say when a token is there (RefreshingAuth);
-        # other providers cannot, and are taken as always ready.
-        self._auth_ready: Callable[[], Awaitable[None]] | None = getattr(
-            getattr(client, "auth", None), "wait_ready", None)
         self._dispatch_scope: anyio.CancelScope | None = None
         self._idle = self._concurrency
         self._freed = anyio.Event()
@@ -268,7 +260,7 @@ class ForwarderActor:
             "delivered": self.delivered,
             "retried": self.retried,
             "dead": self.dead,
-            "breaker": self._breaker.state,
+            "allowance": self._gate.allowance(),
             "last_error": self._last_error,
         }
 
@@ -287,7 +279,7 @@ class ForwarderActor:
             async with send:
                 ready.set()
                 log.info("forwarder.started", concurrency=self._concurrency,
-                         ordering=self._fcfg.ordering, upstream=self._breaker.upstream)
+                         ordering=self._fcfg.ordering, upstream=self._upstream)
                 with anyio.CancelScope() as dispatch_scope:
                     self._dispatch_scope = dispatch_scope
                     if self._stopping:
@@ -316,12 +308,11 @@ class ForwarderActor:
                 if self._idle == 0:
                     await freed.wait()
                 continue
-            # Sleep while the breaker is open (until the probe time): nothing is claimed.
-            await self._breaker.wait_until_callable()
-            if self._auth_ready is not None:
-                await self._auth_ready()  # no token (logins failing): claim nothing either
+            # Wait while the breaker is open (until the probe time) or there is no token
+            # (logins failing): nothing is claimed.
+            await self._gate.wait_ready()
             workers = min(self._idle, batch)
-            allowance = self._breaker.allowance()
+            allowance = self._gate.allowance()
             if allowance is not None:
                 workers = min(workers, max(1, allowance))
             # Each idle worker gets a run: ordered, a source's next events; unordered, a
@@ -350,13 +341,10 @@ class ForwarderActor:
     # -- workers -------------------------------------------------------------------------
 
     async def _worker(self, receive: Any) -> None:
-        if self._http_factory is None:
-            await self._work(receive, self._client)
-            return
-        async with self._http_factory() as http:
-            await self._work(receive, self._client.with_http(http))
+        async with self._senders() as sender:
+            await self._work(receive, sender)
 
-    async def _work(self, receive: Any, client: BaseClient) -> None:
+    async def _work(self, receive: Any, sender: EventSender) -> None:
         async with receive:
             async for claimed_at, run in receive:
                 # One claim: a single event, or (ordering: source) consecutive events of one
@@ -373,7 +361,7 @@ class ForwarderActor:
                                          or self._clock.monotonic() > hold_until):
                                 break
                             sent += 1
-                            delivered = await self._deliver(stored, client, hold_until, settles)
+                            delivered = await self._deliver(stored, sender, hold_until, settles)
                             if not delivered and self._ordered:
                                 break  # rescheduled: the rest of its source waits behind it
                     if sent < len(run):
@@ -400,95 +388,67 @@ class ForwarderActor:
                 error="not sent yet: an earlier event of its source was not delivered",
                 count_attempt=False)
 
-    async def _deliver(self, stored: StoredEvent, client: BaseClient, hold_until: float,
+    async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
                        settles: TaskGroup) -> bool:
-        """Send one claimed event and settle it; True when settled for good (delivered or
-        dead), False when rescheduled (later events of its source must wait). A delivered
-        event's settle runs in *settles*."""
-        event = stored.event
-        token = stored.claim_token or ""
-        body = encode_event(event)
+        """Send one claimed event (once, or again while the breaker holds it and the lease
+        allows) and settle the outcome; True when settled for good (delivered or dead),
+        False when rescheduled (later events of its source must wait)."""
+        body = encode_event(stored.event)
         lease = float(self._fcfg.lease)
         send_by = hold_until + lease * (LEASE_SEND_FRACTION - LEASE_HOLD_FRACTION)
         while True:
             # Healthy: returns at once. Failing: keeps calls in flight under the threshold.
-            await self._wait_for_breaker(hold_until)
-            started = self._clock.monotonic()
-            send = _Send(at=self._clock.now(), started=started)
-
-            def answered(status: int | None, send: _Send = send) -> _Send:
-                return send.answered(status, self._clock.monotonic())
-
+            await self._gate.wait_ready(max(0.0, hold_until - self._clock.monotonic()))
             answers_before = self._answered
-            try:
-                if self._gate_self:
-                    self._breaker.before_call()
-                with anyio.fail_after(max(0.0, send_by - started)):
-                    await client.request(
-                        "POST", EVENTS_PATH, content=body, idempotency_key=event.id,
-                        retry=False, max_body=ERROR_BODY_CAP)
-            except CircuitBreakerError as exc:
-                # Nothing was sent. Keep the event while the lease allows, then give it back.
-                # (Only while our breaker agrees it is shut, so the wait above really waits.)
-                if (not self._stopping and self._breaker.allowance() == 0
-                        and self._clock.monotonic() + exc.retry_in < hold_until):
-                    continue
-                await self._reschedule(stored, token, delay=exc.retry_in,
-                                       error=f"circuit {exc.state}", count=False)
-                return False
-            except RetryableError as exc:
-                failure = is_upstream_failure(exc)
-                count = self._is_attempt(failure, answers_before)
-                await self._report(started, ok=False, failure=failure, status=exc.status,
-                                   error=str(exc))
-                return await self._failed(stored, token, str(exc), answered(exc.status),
-                                          retry_after=exc.retry_after, count=count)
-            except AuthError as exc:
-                # 401/403 after the one re-login, or no token (logins failing): not the
-                # event's fault, and not the upstream's (the breaker counts it as no failure).
-                sent = exc.code != "token_unavailable"
-                if sent:
-                    await self._report(started, ok=False, failure=False, status=exc.status,
-                                       error=str(exc))
-                elif self._gate_self:
-                    self._breaker.release()  # nothing was sent: no outcome, free the slot
-                return await self._failed(stored, token, f"auth: {exc}",
-                                          answered(exc.status), retry_after=None,
-                                          count=sent, sent=sent)
-            except APIError as exc:
-                await self._report(started, ok=False, failure=False, status=exc.status,
-                                   error=str(exc))
-                await self._dead(stored, token, _dead_reason(exc), answered(exc.status))
-                return True
-            except TimeoutError:
-                # Auth waits, the rate limit and the request together outlasted the claim.
-                if self._gate_self:
-                    self._breaker.release()
-                error = f"no answer within {LEASE_SEND_FRACTION:.0%} of the {lease:g}s lease"
-                count = self._is_attempt(True, answers_before)
-                await self._report(started, ok=False, failure=True, status=None, error=error)
-                return await self._failed(stored, token, error, answered(None),
-                                          retry_after=None, count=count)
-            except ValidationError as exc:
-                # A 2xx with a body we could not read: the server has the event.
-                log.warning("forwarder.unreadable_ack", event_id=event.id, error=str(exc))
-            except Exception as exc:
-                # A bug or an unexpected transport error: never lose the event over it.
-                if self._gate_self:
-                    self._breaker.record(ok=False, failure=True, status=None)
-                log.exception("forwarder.unexpected_error", event_id=event.id)
-                return await self._failed(stored, token, f"unexpected: {exc!r}",
-                                          answered(None), retry_after=None, count=True)
-            except BaseException:
-                if self._gate_self:
-                    self._breaker.release()  # cancelled mid-call: no outcome, free the slot
-                raise
-            await self._report(started, ok=True, failure=False, status=None, error=None)
-            settles.start_soon(self._settle_delivered, stored, token,
-                               answered(None))
-            return True
+            sent = await sender.send(stored.event, body, send_by=send_by)
+            if (sent.kind == "held" and not self._stopping and self._gate.allowance() == 0
+                    and self._clock.monotonic() + sent.retry_in < hold_until):
+                continue  # nothing was sent: keep the event while the lease allows
+            return await self._settle(stored, sent, answers_before, settles)
 
-    async def _settle_delivered(self, stored: StoredEvent, token: str, send: _Send) -> None:
+    async def _settle(self, stored: StoredEvent, sent: Sent, answers_before: int,
+                      settles: TaskGroup) -> bool:
+        """Settle one send's outcome in the store (see the module docstring); True when
+        settled for good. A delivered event's settle runs in *settles*."""
+        token = stored.claim_token or ""
+        kind = sent.kind
+        if kind == "delivered":
+            self._note(failure=False)
+            if sent.error is not None:
+                log.warning("forwarder.unreadable_ack", event_id=stored.event.id,
+                            error=sent.error)
+            settles.start_soon(self._settle_delivered, stored, token, sent)
+            return True
+        if kind == "held":
+            await self._reschedule(stored, token, delay=sent.retry_in,
+                                   error=sent.error or "circuit open", count=False)
+            return False
+        if kind == "refused":
+            self._note(failure=False)
+            await self._dead(stored, token, sent.error or f"{sent.status}", sent)
+            return True
+        if kind == "no_token":
+            return await self._failed(stored, token, sent.error or "auth: no token", sent,
+                                      retry_after=None, count=False, sent=False)
+        if kind == "auth":
+            # 401/403 after the one re-login: not the event's fault, and not the upstream's.
+            self._note(failure=False)
+            return await self._failed(stored, token, sent.error or "auth", sent,
+                                      retry_after=None, count=True)
+        if kind == "unexpected":
+            return await self._failed(stored, token, sent.error or "unexpected", sent,
+                                      retry_after=None, count=True)
+        # failed, late: the upstream did not take it
+        error = sent.error
+        if kind == "late":
+            lease = float(self._fcfg.lease)
+            error = f"no answer within {LEASE_SEND_FRACTION:.0%} of the {lease:g}s lease"
+        count = self._is_attempt(sent.failure, answers_before)
+        self._note(failure=sent.failure)
+        return await self._failed(stored, token, error or "failed", sent,
+                                  retry_after=sent.retry_after, count=count)
+
+    async def _settle_delivered(self, stored: StoredEvent, token: str, send: Sent) -> None:
         event = stored.event
         try:
             await self._store.mark_delivered(event.id, token, sent_at=send.at,
@@ -505,36 +465,20 @@ class ForwarderActor:
         log.debug("forwarder.delivered", event_id=event.id, source=event.source,
                   attempt=stored.attempts + 1, latency_ms=_ms(send.latency))
 
-    async def _wait_for_breaker(self, hold_until: float) -> None:
-        allowance = self._breaker.allowance()
-        if allowance is None or allowance > 0:
-            return
-        remaining = hold_until - self._clock.monotonic()
-        if remaining <= 0:
-            return  # before_call decides; a refusal is handled by the caller
-        with anyio.move_on_after(remaining):
-            await self._breaker.wait_until_callable()
-
     def _is_attempt(self, failure: bool, answered_before: int) -> bool:
         """Whether a send that ended this way counts as an attempt (see the module doc);
-        call before :meth:`_report` records it."""
+        call before :meth:`_note` counts it."""
         return not failure or not self._failing or self._answered > answered_before
 
-    async def _report(self, started: float, *, ok: bool, failure: bool, status: int | None,
-                      error: str | None) -> None:
+    def _note(self, *, failure: bool) -> None:
+        """Count an outcome of the upstream, for :meth:`_is_attempt`."""
         if failure:
             self._failing = True
         else:
             self._answered += 1
             self._failing = False
-        if self._gate_self:
-            self._breaker.record(ok=ok, failure=failure, status=status)
-        if self._outcomes is not None:
-            await self._outcomes.send(DeliveryOutcome(
-                upstream=self._breaker.upstream, ok=ok, failure=failure, status=status,
-                latency_s=max(0.0, self._clock.monotonic() - started), error=error))
 
-    async def _failed(self, stored: StoredEvent, token: str, error: str, send: _Send, *,
+    async def _failed(self, stored: StoredEvent, token: str, error: str, send: Sent, *,
                       retry_after: float | None, count: bool, sent: bool = True) -> bool:
         """Reschedule with backoff (False), or dead-letter once attempts run out (True).
 
@@ -555,7 +499,7 @@ class ForwarderActor:
         return False
 
     async def _reschedule(self, stored: StoredEvent, token: str, *, delay: float, error: str,
-                          count: bool, send: _Send | None = None,
+                          count: bool, send: Sent | None = None,
                           retried: bool | None = None) -> None:
         error = redact(error)  # an upstream may echo our token in its error body
         await self._store.reschedule(
@@ -571,7 +515,7 @@ class ForwarderActor:
                   reason=error, status=send.status if send else None,
                   latency_ms=_ms(send.latency) if send else None)
 
-    async def _dead(self, stored: StoredEvent, token: str, reason: str, send: _Send) -> None:
+    async def _dead(self, stored: StoredEvent, token: str, reason: str, send: Sent) -> None:
         reason = redact(reason)  # an upstream may echo our token in its error body
         await self._store.dead_letter(stored.event.id, token, reason=reason, sent_at=send.at,
                                       status=send.status, latency=send.latency)
@@ -582,37 +526,8 @@ class ForwarderActor:
                     source=stored.event.source, attempts=stored.attempts + 1, reason=reason)
 
 
-class _Send:
-    """One send of an event, for its attempt history and the per-event debug lines."""
-
-    __slots__ = ("at", "latency", "started", "status")
-
-    def __init__(self, *, at: float, started: float, status: int | None = None,
-                 latency: float | None = None) -> None:
-        self.at = at  # wall clock, when the request started
-        self.started = started  # monotonic, same moment
-        self.status = status  # the HTTP status of a refusal (None: no answer, or a 2xx)
-        self.latency = latency  # seconds to the answer, once there is one
-
-    def answered(self, status: int | None, now: float) -> _Send:
-        """This send with its outcome: *status*, and the latency up to *now* (monotonic)."""
-        return _Send(at=self.at, started=self.started, status=status,
-                     latency=max(0.0, now - self.started))
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
-
-
-def _dead_reason(exc: APIError) -> str:
-    """``<status> <code>: <message>`` plus the error details, bounded in size."""
-    text = f"{exc.status} {exc.code}: {exc.message}"
-    if exc.details:
-        try:
-            text += " " + msgspec.json.encode(exc.details).decode()
-        except (TypeError, msgspec.EncodeError):
-            text += f" {exc.details!r}"
-    return text[:ERROR_BODY_LIMIT]
 
 
 def _runs_by_source(claimed: list[StoredEvent]) -> list[list[StoredEvent]]:

@@ -68,7 +68,7 @@ from mfo_actors.config import (
 from mfo_actors.errors import ConfigError
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
 from mfo_actors.ids import new_id
-from mfo_actors.messages import Event, EventStored
+from mfo_actors.messages import Event
 from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED
 from mfo_actors.observability import get_logger
 from mfo_actors.store import (
@@ -285,9 +285,6 @@ class ListenerActor(ServerActor):
     Args:
       cfg: The instance config (routes, limits, ``retry_after``, ``shutdown_timeout``).
       store: Where events go; ``append`` returns only once the event is durable.
-      notify: Called with :class:`EventStored` after each successful append (e.g. a
-        non-blocking channel send that wakes the forwarder). Must not block; errors are
-        logged and do not change the answer (the event is already stored).
       match_runs: Flow runs to create with the event, in the same transaction.
     """
 
@@ -298,7 +295,6 @@ class ListenerActor(ServerActor):
         cfg: InstanceConfig,
         store: EventStore,
         *,
-        notify: Callable[[EventStored], None] | None = None,
         match_runs: Callable[[Event], Sequence[RunRequest]] | None = None,
     ) -> None:
         super().__init__(host=cfg.webhook_listener.host, port=int(cfg.webhook_listener.port),
@@ -307,7 +303,6 @@ class ListenerActor(ServerActor):
         self._cfg = cfg
         self._lcfg = cfg.webhook_listener
         self._store = store
-        self._notify = notify
         self._match_runs = match_runs
         instance = cfg.instance
         self._routes = {r.path: _Route(r, instance) for r in self._lcfg.effective_routes()}
@@ -454,11 +449,6 @@ class ListenerActor(ServerActor):
         route.received.inc()
         log.debug("listener.accepted", event_id=result.id, source=route.source, type=event.type,
                   size=len(body), runs=len(runs))
-        if self._notify is not None:
-            try:
-                self._notify(EventStored(id=result.id, source=route.source))
-            except Exception as exc:  # the event is stored: a failed wake-up must not fail it
-                log.warning("listener.notify_failed", error=repr(exc))
         return _json_response(202, {"id": result.id})
 
 

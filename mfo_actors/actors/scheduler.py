@@ -53,17 +53,10 @@ from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._runs import StoreRecorder
 from mfo_actors.config import InstanceConfig
 from mfo_actors.ids import new_id
-from mfo_actors.messages import BreakerState, Event, RunResult
+from mfo_actors.messages import BreakerState, Event
 from mfo_actors.metrics import FLOW_RUNS
 from mfo_actors.observability import get_logger
-from mfo_actors.runtime import (
-    Broadcast,
-    ChannelReceiver,
-    Clock,
-    ReadySignal,
-    RestartPolicy,
-    SystemClock,
-)
+from mfo_actors.runtime import Clock, ReadySignal, RestartPolicy, SystemClock, Watch
 from mfo_actors.store import EventStore, RunRecord, RunRequest, StoreError
 from mfo_actors.taskflow import (
     ChatSessions,
@@ -188,9 +181,8 @@ class SchedulerActor:
       client: The shared MFO client for ``mfo.*`` tasks (None: those tasks fail).
       sessions: Chat sessions for ``mfo.chat`` with ``session:`` (None: those tasks fail).
       clock: Time for cron/interval ticks (a ``FakeClock`` in tests).
-      breaker_states: The MFO breaker's state changes; kept for :meth:`health`.
-      results: Where each finished run's :class:`~mfo_actors.messages.RunResult` is
-        published (optional).
+      breaker_states: The breaker actor's state watch: read for :meth:`health`, changes
+        logged. (Tasks wait for the breaker in the client's gate, bounded by their timeout.)
     """
 
     def __init__(
@@ -202,8 +194,7 @@ class SchedulerActor:
         client: MFOClient | None,
         sessions: ChatSessions | None = None,
         clock: Clock | None = None,
-        breaker_states: ChannelReceiver[BreakerState] | None = None,
-        results: Broadcast[RunResult] | None = None,
+        breaker_states: Watch[BreakerState] | None = None,
     ) -> None:
         self.name = "scheduler"
         self.restart = RestartPolicy("permanent")
@@ -220,12 +211,10 @@ class SchedulerActor:
         self._executor = FlowExecutor(self._flows, client=client, sessions=sessions, logger=log)
         self._schedules_changed = anyio.Event()
         self._breaker_states = breaker_states
-        self._results = results
         self._in_flight = 0
         self._slot_freed = anyio.Event()
         self._stopping = False
         self._intake: anyio.CancelScope | None = None
-        self._breaker = "closed"
         self._last_error: str | None = None
         self.runs_done = 0
         self.runs_failed = 0
@@ -246,7 +235,9 @@ class SchedulerActor:
         """For ``/readyz``: the scheduler is ready while running."""
         return {
             "ok": True, "flows": len(self._flows), "running": self._in_flight,
-            "done": self.runs_done, "failed": self.runs_failed, "breaker": self._breaker,
+            "done": self.runs_done, "failed": self.runs_failed,
+            "breaker": (self._breaker_states.value.state if self._breaker_states is not None
+                        else None),
             "last_error": self._last_error,
         }  # fmt: skip
 
@@ -404,10 +395,6 @@ class SchedulerActor:
             self.runs_failed += 1
         log.info("scheduler.run_finished", run_id=record.run_id, flow=record.flow,
                  status=status, error=error)
-        if self._results is not None:
-            self._results.publish_nowait(RunResult(
-                run_id=record.run_id, flow=record.flow, status=status, error=error,
-                outputs=outputs or {}, interrupted=record.interrupted > 0))
 
     async def _orphans_loop(self, rerun: list[str]) -> None:
         """Rerun (or fail, by ``on_interrupt``) the active runs of nodes that died."""
@@ -518,8 +505,12 @@ class SchedulerActor:
         self._last_error = f"tick {tick} of {flow.name} not recorded"
 
     async def _watch_breaker(self) -> None:
-        assert self._breaker_states is not None
-        async for state in self._breaker_states:
-            if state.state != self._breaker:
+        states = self._breaker_states
+        assert states is not None
+        last = states.value.state
+        while not states.closed:
+            await states.wait_changed(states.version)
+            state = states.value
+            if state.state != last:
                 log.info("scheduler.breaker_state", upstream=state.upstream, state=state.state)
-            self._breaker = state.state
+                last = state.state

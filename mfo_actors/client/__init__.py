@@ -46,7 +46,7 @@ endpoint                        method  client call                        flow 
 ``/api/jobs/{id}/cancel``       POST    ``jobs.cancel(id)``                ``mfo.job.cancel``
 ``/api/notifications``          GET     ``notifications.list()``           -
 ``/api/notifications``          POST    ``notifications.send(title)``      -
-``{auth_base_url}/login``       POST    ``LoginAuth`` (auth refresher)     -
+``{auth_base_url}/login``       POST    ``login()`` (LoginAuth, auth actor) -
 ==============================  ======  =================================  ======================
 
 Not covered: SLOP's WebSocket variants (``/chat/ws``: section 6.3 makes them optional; SSE
@@ -63,16 +63,22 @@ from mfo_actors.client._api import PayAPI as PayAPI
 from mfo_actors.client._api import ResourcesAPI as ResourcesAPI
 from mfo_actors.client._api import ToolsAPI as ToolsAPI
 from mfo_actors.client._auth import AuthProvider as AuthProvider
+from mfo_actors.client._auth import Login as Login
 from mfo_actors.client._auth import LoginAuth as LoginAuth
 from mfo_actors.client._auth import NoAuth as NoAuth
 from mfo_actors.client._auth import StaticTokenAuth as StaticTokenAuth
 from mfo_actors.client._auth import jwt_expiry as jwt_expiry
+from mfo_actors.client._auth import login as login
 from mfo_actors.client._base import BaseClient as BaseClient
 from mfo_actors.client._breaker import CircuitBreaker as CircuitBreaker
 from mfo_actors.client._cache import ResponseCache as ResponseCache
 from mfo_actors.client._client import MFOClient as MFOClient
 from mfo_actors.client._client import auth_from_config as auth_from_config
 from mfo_actors.client._client import http_client_from_config as http_client_from_config
+from mfo_actors.client._gate import Admission as Admission
+from mfo_actors.client._gate import Gate as Gate
+from mfo_actors.client._gate import PolicyGate as PolicyGate
+from mfo_actors.client._gate import bare_token as bare_token
 from mfo_actors.client._hooks import Breaker as Breaker
 from mfo_actors.client._hooks import RateLimiter as RateLimiter
 from mfo_actors.client._observe import RequestMetrics as RequestMetrics
@@ -88,6 +94,8 @@ from mfo_actors.client._retry import is_idempotent as is_idempotent
 from mfo_actors.client._sse import SSEEvent as SSEEvent
 from mfo_actors.client._sse import SSEParser as SSEParser
 from mfo_actors.client._sse import iter_sse as iter_sse
+from mfo_actors.client._transport import ERROR_BODY_CAP as ERROR_BODY_CAP
+from mfo_actors.client._transport import exchange as exchange
 from mfo_actors.client.errors import APIError as APIError
 from mfo_actors.client.errors import AuthError as AuthError
 from mfo_actors.client.errors import CircuitBreakerError as CircuitBreakerError
@@ -96,10 +104,13 @@ from mfo_actors.client.errors import RetryableError as RetryableError
 from mfo_actors.client.errors import ValidationError as ValidationError
 from mfo_actors.client.errors import classify_response as classify_response
 from mfo_actors.client.errors import classify_transport_error as classify_transport_error
+from mfo_actors.client.errors import is_upstream_failure as is_upstream_failure
 from mfo_actors.client.errors import parse_retry_after as parse_retry_after
 
 __all__ = [
+    "ERROR_BODY_CAP",
     "APIError",
+    "Admission",
     "AuthError",
     "AuthProvider",
     "BaseClient",
@@ -110,13 +121,16 @@ __all__ = [
     "CircuitBreakerError",
     "ClientError",
     "EventsAPI",
+    "Gate",
     "JobsAPI",
+    "Login",
     "LoginAuth",
     "MFOClient",
     "MemoryAPI",
     "NoAuth",
     "NotificationsAPI",
     "PayAPI",
+    "PolicyGate",
     "RateLimiter",
     "RequestMetrics",
     "ResourcesAPI",
@@ -130,16 +144,20 @@ __all__ = [
     "ToolsAPI",
     "ValidationError",
     "auth_from_config",
+    "bare_token",
     "breaker_from_config",
     "cache_from_config",
     "classify_response",
     "classify_transport_error",
     "compute_backoff",
     "endpoint_label",
+    "exchange",
     "http_client_from_config",
     "is_idempotent",
+    "is_upstream_failure",
     "iter_sse",
     "jwt_expiry",
+    "login",
     "parse_retry_after",
     "rate_limiter_from_config",
     "retry_from_config",

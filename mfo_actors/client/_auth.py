@@ -14,6 +14,7 @@ import base64
 import binascii
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import anyio
@@ -22,6 +23,7 @@ import msgspec
 
 from mfo_actors.client._transport import exchange
 from mfo_actors.client.errors import (
+    APIError,
     AuthError,
     RetryableError,
     ValidationError,
@@ -30,7 +32,7 @@ from mfo_actors.client.errors import (
 from mfo_actors.client.models import LoginRequest, LoginResponse
 from mfo_actors.observability import get_logger, register_secret
 
-__all__ = ["AuthProvider", "LoginAuth", "NoAuth", "StaticTokenAuth", "jwt_expiry"]
+__all__ = ["AuthProvider", "Login", "LoginAuth", "NoAuth", "StaticTokenAuth", "jwt_expiry", "login"]
 
 log = get_logger(__name__)
 
@@ -102,6 +104,55 @@ def jwt_expiry(token: str) -> float | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A token from a successful login, and its lifetime in seconds (None: unknown)."""
+
+    token: str
+    lifetime: float | None
+
+    def __repr__(self) -> str:
+        return f"Login(token='***', lifetime={self.lifetime!r})"
+
+
+async def login(http: httpx.AsyncClient, url: str, email: str, password: str, *,
+                now: Callable[[], float] = time.time) -> Login:
+    """One ``POST {auth_base_url}/login``: the one login of the library and the daemon.
+
+    The lifetime is ``expires_in`` from the answer, else the JWT ``exp`` claim (by *now*,
+    wall-clock seconds); one that has already passed (clock skew, a bogus ``expires_in``)
+    is taken as unknown, so the token is kept until the server answers 401 instead of being
+    renewed in a loop. The token is registered with the log redactor.
+
+    Raises:
+      AuthError: the server refused the credentials (401/403).
+      APIError: another 4xx; RetryableError: no answer, a timeout, 5xx;
+      ValidationError: the answer is not a login answer.
+    """
+    body = msgspec.json.encode(LoginRequest(email=email, password=password))
+    response = await exchange(http, "POST", url, content=body,
+                              headers={"content-type": "application/json"},
+                              max_body=LOGIN_BODY_CAP)
+    error = classify_response(response.status_code, response.headers, response.content)
+    if error is not None:
+        raise error
+    try:
+        answer = _login_decoder.decode(response.content)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValidationError.from_msgspec(exc) from None
+    register_secret(answer.token)
+    lifetime = None if answer.expires_in is None else float(answer.expires_in)
+    if lifetime is None:
+        exp = jwt_expiry(answer.token)
+        if exp is not None:
+            lifetime = exp - now()
+    if lifetime is not None and lifetime <= 0:
+        log.warning("auth.token_expiry_in_past", url=url, lifetime=round(lifetime, 1),
+                    hint="clock skew with the MFO server? refreshing on 401 only")
+        lifetime = None
+    return Login(answer.token, lifetime)
+
+
 class LoginAuth:
     """Email/password login against ``POST {auth_base_url}/login``, token kept in memory.
 
@@ -167,38 +218,19 @@ class LoginAuth:
             self._refresh_deadline = None
 
     async def _login(self) -> None:
-        body = msgspec.json.encode(LoginRequest(email=self._email, password=self._password))
         try:
-            response = await exchange(self._http, "POST", self._url, content=body,
-                                      headers={"content-type": "application/json"},
-                                      max_body=LOGIN_BODY_CAP)
+            issued = await login(self._http, self._url, self._email, self._password)
         except RetryableError as exc:
             log.warning("auth.login_failed", url=self._url, error=str(exc))
             raise
-        error = classify_response(response.status_code, response.headers, response.content)
-        if error is not None:
-            log.warning("auth.login_failed", url=self._url, status=response.status_code)
-            if isinstance(error, AuthError):
-                raise AuthError(error.status, error.code, f"login rejected: {error.message}",
-                                error.details)
-            raise error
-        try:
-            login = _login_decoder.decode(response.content)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ValidationError.from_msgspec(exc) from None
-        register_secret(login.token)
-        lifetime = login.expires_in
-        if lifetime is None:
-            exp = jwt_expiry(login.token)
-            if exp is not None:
-                lifetime = exp - time.time()
-        if lifetime is not None and lifetime <= 0:
-            # Expired on arrival by our clock (clock skew, or a bogus expires_in): a refresh
-            # deadline of "now" would log in again on every call. Keep it until a 401.
-            log.warning("auth.token_expiry_in_past", url=self._url,
-                        hint="clock skew with the MFO server? refreshing on 401 only")
-            lifetime = None
-        self._token = login.token
+        except APIError as exc:
+            log.warning("auth.login_failed", url=self._url, status=exc.status)
+            if isinstance(exc, AuthError):
+                raise AuthError(exc.status, exc.code, f"login rejected: {exc.message}",
+                                exc.details) from None
+            raise
+        lifetime = issued.lifetime
+        self._token = issued.token
         self._refresh_deadline = (
             self._clock() + max(0.0, lifetime) * self._refresh_at
             if lifetime is not None and self._refresh_at is not None else None

@@ -1,12 +1,14 @@
-"""The base client: one HTTP exchange with auth, breaker, rate limit, typed decoding and retry.
+"""The base client: one HTTP exchange through a gate (auth, breaker, rate limit), typed
+decoding and retry.
 
 Every call goes through :meth:`BaseClient.request`. One *attempt* is:
 
-1. get the ``Authorization`` header from the auth provider (may log in);
-2. ask the breaker (raises :class:`CircuitBreakerError` while open) and the rate limiter;
-3. send; on 401, report the token to the auth provider and, if it then offers a different
-   one, send once more (the single re-login);
-4. classify the answer (:func:`classify_response`), tell the breaker, raise or decode.
+1. ask the gate (:class:`~mfo_actors.client._gate.Gate`): a token (may log in), the breaker
+   (raises :class:`CircuitBreakerError` while open), the rate limit;
+2. send; on 401, report the token through the admission and, if a different one comes,
+   send once more (the single re-login);
+3. classify the answer (:func:`classify_response`), settle the admission with the outcome
+   (the breaker's one record), raise or decode.
 
 Attempts are repeated by the :class:`RetryPolicy` when ``retry=True`` (the default) and the
 call may be repeated (idempotent method, or an ``Idempotency-Key``). The forwarder passes
@@ -26,6 +28,7 @@ import msgspec
 
 from mfo_actors.client._auth import AuthProvider
 from mfo_actors.client._cache import ResponseCache
+from mfo_actors.client._gate import Admission, Gate, PolicyGate
 from mfo_actors.client._hooks import Breaker, RateLimiter
 from mfo_actors.client._observe import RequestMetrics, endpoint_label
 from mfo_actors.client._retry import RetryPolicy
@@ -66,13 +69,6 @@ def _decoder(tp: Any) -> msgspec.json.Decoder[Any]:
     return dec
 
 
-def _bare_token(header: str | None) -> str | None:
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token if scheme.lower() == "bearer" and token else header
-
-
 class BaseClient:
     """HTTP calls to one MFO server (one ``httpx.AsyncClient``, i.e. one keep-alive pool).
 
@@ -83,6 +79,8 @@ class BaseClient:
       retry: The policy for ``retry=True`` calls; ``None`` means one attempt always.
       breaker: Optional circuit breaker consulted before and told after each attempt.
       rate_limiter: Optional limiter awaited before each request sent.
+      gate: Admits every attempt instead of a gate made of *auth*, *breaker* and
+        *rate_limiter* (the daemon's, fed by its actors); give one or the others.
       cache: Optional cache of GET answers (see :class:`ResponseCache`); None: no cache.
       metrics: Where exchanges, errors and tokens are counted (``mfo_upstream_*``); default
         a :class:`RequestMetrics` labelled ``instance="default"``.
@@ -92,35 +90,50 @@ class BaseClient:
         self,
         base_url: str,
         *,
-        auth: AuthProvider,
+        auth: AuthProvider | None = None,
         http: httpx.AsyncClient,
         retry: RetryPolicy | None = None,
         breaker: Breaker | None = None,
         rate_limiter: RateLimiter | None = None,
+        gate: Gate | None = None,
         cache: ResponseCache | None = None,
         metrics: RequestMetrics | None = None,
     ) -> None:
+        if gate is not None and (auth, breaker, rate_limiter) != (None, None, None):
+            raise TypeError("give BaseClient a gate, or auth/breaker/rate_limiter: not both")
         self.base_url = base_url.rstrip("/")
-        self.auth = auth
+        self.gate: Gate = gate if gate is not None else PolicyGate(auth, breaker, rate_limiter)
         self.http = http
         self.retry_policy = retry
-        self.breaker = breaker
-        self.rate_limiter = rate_limiter
         self.cache = cache
         self.metrics = metrics if metrics is not None else RequestMetrics()
 
     def __repr__(self) -> str:
         return f"BaseClient({self.base_url!r}, retry={self.retry_policy!r})"
 
+    @property
+    def breaker(self) -> Breaker | None:
+        """The library gate's breaker (None with another gate, or without one)."""
+        return self.gate.breaker if isinstance(self.gate, PolicyGate) else None
+
+    @property
+    def rate_limiter(self) -> RateLimiter | None:
+        """The library gate's rate limiter (None with another gate, or without one)."""
+        return self.gate.rate_limiter if isinstance(self.gate, PolicyGate) else None
+
     def with_http(self, http: httpx.AsyncClient) -> BaseClient:
-        """This client over another connection pool, sharing auth, breaker and rate limit.
+        """This client over another connection pool, sharing its gate.
 
         httpcore scans every pooled connection on each request (``has_expired`` is a
         ``select`` per connection), so N busy callers on one pool cost O(N) per request;
         the forwarder gives each worker its own one-connection pool instead.
         """
-        return BaseClient(self.base_url, auth=self.auth, http=http, retry=self.retry_policy,
-                          breaker=self.breaker, rate_limiter=self.rate_limiter,
+        return BaseClient(self.base_url, http=http, retry=self.retry_policy, gate=self.gate,
+                          cache=self.cache, metrics=self.metrics)
+
+    def with_gate(self, gate: Gate) -> BaseClient:
+        """This client (same pool) admitted by another gate."""
+        return BaseClient(self.base_url, http=self.http, retry=self.retry_policy, gate=gate,
                           cache=self.cache, metrics=self.metrics)
 
     def url(self, path: str) -> str:
@@ -269,19 +282,16 @@ class BaseClient:
         url = self.url(path)
         endpoint = endpoint_label(path)
         metrics = self.metrics
-        auth_header = await self.auth.header()
-        if self.breaker is not None:
-            try:
-                self.breaker.before_call()
-            except ClientError as exc:
-                metrics.error(endpoint, exc)
-                raise
+        try:
+            admission = await self.gate.admit()
+        except ClientError as exc:
+            metrics.error(endpoint, exc)
+            raise
+        auth_header = admission.header
         relogged = False
-        recorded = False  # an outcome reached the breaker; else its slot is given back
+        settled = False  # an outcome reached the gate; else its slot is given back
         try:
             while True:
-                if self.rate_limiter is not None:
-                    await self.rate_limiter.acquire()
                 request = self.http.build_request(
                     method, url, content=body,
                     headers=self._with_auth(send_headers, auth_header))
@@ -289,8 +299,8 @@ class BaseClient:
                 try:
                     response = await self.http.send(request, stream=True)
                 except httpx.TransportError as exc:
-                    recorded = True
-                    self._record(ok=False, failure=True, status=None)
+                    settled = True
+                    await admission.settle(ok=False, failure=True, status=None)
                     metrics.exchange(endpoint, None, time.perf_counter() - started)
                     lost = classify_transport_error(exc)
                     metrics.error(endpoint, lost)
@@ -299,8 +309,9 @@ class BaseClient:
                 try:
                     if response.status_code == 401 and not relogged:
                         await response.aread()
-                        new_header = await self._relogin(auth_header)
+                        new_header = await admission.reauth()
                         if new_header is not None:
+                            log.info("client.relogin", reason="401")
                             relogged, auth_header = True, new_header
                             continue
                     if not response.is_success:
@@ -308,25 +319,25 @@ class BaseClient:
                             with anyio.fail_after(total_timeout(self.http)):
                                 content, _ = await read_capped(response, ERROR_BODY_CAP)
                         except (httpx.TransportError, TimeoutError) as exc:
-                            recorded = True
-                            self._record(ok=False, failure=True, status=None)
+                            settled = True
+                            await admission.settle(ok=False, failure=True, status=None)
                             raise classify_transport_error(exc) from exc
                         error = classify_response(response.status_code, response.headers,
                                                   content)
-                        recorded = True
-                        self._record_error(error, response.status_code)
+                        settled = True
+                        await self._settle(admission, error, response.status_code)
                         if error is not None:
                             metrics.error(endpoint, error)
                             raise error
-                    recorded = True
-                    self._record(ok=True, failure=False, status=response.status_code)
+                    settled = True
+                    await admission.settle(ok=True, failure=False, status=response.status_code)
                     yield response
                     return
                 finally:
                     await response.aclose()
         except BaseException:
-            if not recorded:
-                self._release()  # cancelled, or a local error before any outcome
+            if not settled:
+                admission.abandon()  # cancelled, or a local error before any outcome
             raise
 
     # --- one attempt --------------------------------------------------------------------------
@@ -362,8 +373,6 @@ class BaseClient:
         params: Mapping[str, str] | None, auth_header: str | None, endpoint: str,
         max_body: int,
     ) -> httpx.Response:
-        if self.rate_limiter is not None:
-            await self.rate_limiter.acquire()
         started = time.perf_counter()
         try:
             response = await exchange(
@@ -380,61 +389,41 @@ class BaseClient:
                   elapsed_ms=round(elapsed * 1000, 1))
         return response
 
-    async def _relogin(self, rejected_header: str | None) -> str | None:
-        """After a 401: tell the auth provider; the new header if it has a different one."""
-        await self.auth.invalidate(_bare_token(rejected_header))
-        new_header = await self.auth.header()
-        if new_header is None or new_header == rejected_header:
-            return None
-        log.info("client.relogin", reason="401")
-        return new_header
-
     async def _attempt(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str],
         params: Mapping[str, str] | None, endpoint: str, max_body: int,
     ) -> httpx.Response:
-        auth_header = await self.auth.header()
-        if self.breaker is not None:
-            self.breaker.before_call()
+        admission = await self.gate.admit()
         try:
-            response = await self._send(method, url, body, headers, params, auth_header,
+            response = await self._send(method, url, body, headers, params, admission.header,
                                         endpoint, max_body)
             if response.status_code == 401:
-                new_header = await self._relogin(auth_header)
+                new_header = await admission.reauth()
                 if new_header is not None:
+                    log.info("client.relogin", reason="401")
                     response = await self._send(method, url, body, headers, params, new_header,
                                                 endpoint, max_body)
         except RetryableError as exc:
-            self._record(ok=False, failure=is_upstream_failure(exc), status=exc.status)
+            await admission.settle(ok=False, failure=is_upstream_failure(exc), status=exc.status)
             raise
         except APIError as exc:  # the re-login itself was refused
-            self._record(ok=False, failure=False, status=exc.status)
+            await admission.settle(ok=False, failure=False, status=exc.status)
             raise
         except BaseException:
-            self._release()  # cancelled, or a local error: no outcome, but free the slot
+            admission.abandon()  # cancelled, or a local error: no outcome, but free the slot
             raise
         error = classify_response(response.status_code, response.headers, response.content)
-        self._record_error(error, response.status_code)
+        await self._settle(admission, error, response.status_code)
         if error is not None:
             raise error
         return response
 
-    def _record(self, *, ok: bool, failure: bool, status: int | None) -> None:
-        if self.breaker is not None:
-            self.breaker.record(ok=ok, failure=failure, status=status)
-
-    def _release(self) -> None:
-        """The attempt ends without an outcome: give its breaker slot back (if the breaker
-        can; ``release`` is optional in the ``Breaker`` protocol)."""
-        release = getattr(self.breaker, "release", None)
-        if release is not None:
-            release()
-
-    def _record_error(self, error: Exception | None, status: int) -> None:
+    @staticmethod
+    async def _settle(admission: Admission, error: Exception | None, status: int) -> None:
         if error is None:
-            self._record(ok=True, failure=False, status=status)
+            await admission.settle(ok=True, failure=False, status=status)
         else:
-            self._record(ok=False, failure=is_upstream_failure(error), status=status)
+            await admission.settle(ok=False, failure=is_upstream_failure(error), status=status)
 
     @classmethod
     def _decode(cls, response: httpx.Response, response_type: type[T] | None,

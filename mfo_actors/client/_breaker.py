@@ -26,6 +26,7 @@ library callers are never refused while closed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ from mfo_actors.client.errors import CircuitBreakerError
 from mfo_actors.messages import BreakerState, BreakerStateName
 from mfo_actors.metrics import BREAKER_STATE, BREAKER_STATE_VALUES
 from mfo_actors.observability import get_logger
-from mfo_actors.runtime import SystemClock
+from mfo_actors.runtime import SystemClock, wait_any
 
 if TYPE_CHECKING:
     from mfo_actors.config import CircuitBreakerConfig
@@ -246,6 +247,24 @@ class CircuitBreaker:
                 tg.start_soon(_cancel_when_set, changed, tg.cancel_scope)
                 await self._clock.sleep(delay)
                 tg.cancel_scope.cancel()
+
+    async def wait_callable(self, timeout: float = math.inf) -> bool:  # noqa: ASYNC109
+        """:meth:`wait_until_callable` for at most *timeout* seconds (on the breaker's clock);
+        True when a call would be let through now."""
+        if timeout == math.inf:
+            await self.wait_until_callable()
+            return True
+        await wait_any(self._clock, timeout, self.wait_until_callable)
+        allowed = self.allowance()
+        return allowed is None or allowed > 0
+
+    def reconfigure(self, cfg: CircuitBreakerConfig) -> None:
+        """New thresholds (a reload of ``client.circuit_breaker``), from the next outcome on;
+        the state, and an open breaker's timeout already running, are kept."""
+        self._threshold = max(1, cfg.failure_threshold)
+        self._reset_timeout = float(cfg.reset_timeout)
+        self._max_probes = max(1, cfg.half_open_max_calls)
+        self._notify_waiters()
 
     # -- internals ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from mfo_actors.client._api import (
 )
 from mfo_actors.client._auth import AuthProvider, LoginAuth, NoAuth, StaticTokenAuth
 from mfo_actors.client._base import BaseClient
+from mfo_actors.client._gate import Gate
 from mfo_actors.client._hooks import Breaker, RateLimiter
 from mfo_actors.client._observe import RequestMetrics
 from mfo_actors.client._policy import (
@@ -113,6 +114,7 @@ class MFOClient:
         auth: AuthProvider | None = None,
         breaker: Breaker | None = None,
         rate_limiter: RateLimiter | None = None,
+        gate: Gate | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
     ) -> MFOClient:
@@ -121,14 +123,23 @@ class MFOClient:
         ``client.retry``, ``client.circuit_breaker``, ``client.rate_limit`` and
         ``client.cache`` are applied by the same functions the daemon uses
         (:mod:`mfo_actors.client._policy`); auth comes from ``cfg.auth``. Each given argument
-        replaces what the config would build (the daemon passes its breaker actor's breaker
-        and its auth refresher's provider, shared by every caller).
+        replaces what the config would build.
 
         Args:
+          gate: Admits every attempt instead of the auth, breaker and rate limit built here
+            (the daemon's gate over its breaker and auth actors, shared by every caller).
           transport: An httpx transport to use instead of the network (tests).
           clock: Time for the breaker, rate limit and cache (a ``FakeClock`` in tests).
         """
         http = http_client_from_config(cfg.client, transport=transport)
+        if gate is not None:
+            if (auth, breaker, rate_limiter) != (None, None, None):
+                raise TypeError("give from_config a gate, or auth/breaker/rate_limiter")
+            return cls(BaseClient(cfg.client.base_url, http=http, gate=gate,
+                                  retry=retry_from_config(cfg.client),
+                                  cache=cache_from_config(cfg.client, clock=clock),
+                                  metrics=RequestMetrics(cfg.instance)),
+                       owns_http=True)
         return cls(
             BaseClient(
                 cfg.client.base_url,

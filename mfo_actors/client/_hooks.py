@@ -6,6 +6,7 @@ and the token bucket live elsewhere); ``None`` means "no breaker" / "no limit".
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Breaker", "RateLimiter"]
@@ -28,6 +29,18 @@ class Breaker(Protocol):
             A 4xx other than 429 is the caller's fault: ``ok=False, failure=False``.
           status: The HTTP status, ``None`` when no answer arrived.
         """
+        ...
+
+    def release(self) -> None:
+        """Give back the slot of a call that ends without an outcome (cancelled)."""
+        ...
+
+    def allowance(self) -> int | None:
+        """Calls that would be let through now (None: no limit)."""
+        ...
+
+    async def wait_callable(self, timeout: float = math.inf) -> bool:  # noqa: ASYNC109
+        """Wait up to *timeout* seconds until a call would be let through."""
         ...
 
 

@@ -44,10 +44,11 @@ RELOAD_STATUS_FILE = "reload.json"
 
 # The keys a running daemon takes (each by the actor that owns it, see ``prepare_reload``), and
 # the exceptions inside them. Every other key was bound, opened or sized at start (listen
-# addresses, state dir, store, client pool, breaker...) and needs a restart: a key added later
+# addresses, state dir, store, client pool...) and needs a restart: a key added later
 # is safe by default, reported instead of silently ignored.
 LIVE_KEYS = (
-    "webhook_listener", "client.retry", "auth", "flows.dir", "flows.concurrency",
+    "webhook_listener", "client.retry", "client.rate_limit", "client.circuit_breaker",
+    "auth", "flows.dir", "flows.concurrency",
     "flows.timezone", "flows.catch_up", "logging.level",
 )
 NOT_LIVE_KEYS = (

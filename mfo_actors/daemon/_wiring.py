@@ -11,6 +11,19 @@ previous is ready) and stops it in reverse, so an actor comes after everything i
 On SIGTERM the listener stops first (new webhooks get 503 + Retry-After, in-flight ones finish
 their store commit), then the scheduler and forwarder drain, and the admin port answers
 until the end.
+
+The messages between them (``daemon/_graph.py`` declares each channel; ``mfo-actors check
+--graph`` prints them as Mermaid)::
+
+    listener --Event--> [store] --Event--> forwarder        (the durable mailbox)
+    listener, scheduler --RunRequest--> [store] --> scheduler
+    forwarder, scheduler --DeliveryOutcome--> breaker       (one per attempt, via the gate)
+    breaker ==BreakerState==> forwarder, scheduler          (watch: latest value)
+    auth ==TokenIssued==> forwarder, scheduler              (watch, read by the gate)
+    forwarder, scheduler --TokenRejected--> auth            (a 401, via the gate)
+
+Nothing else is shared: the forwarder and the flows' client reach the breaker and auth
+actors only through one :class:`~mfo_actors.actors.UpstreamGate`.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from typing import Any
 
 import anyio
 
+from mfo_actors.actors._gate import UpstreamGate
 from mfo_actors.actors.admin import AdminActor
 from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
@@ -36,6 +50,7 @@ from mfo_actors.actors.store_gauges import StoreGaugesActor
 from mfo_actors.actors.summary import SummaryActor
 from mfo_actors.client import MFOClient, http_client_from_config
 from mfo_actors.config import InstanceConfig
+from mfo_actors.daemon._graph import check_channels, declare_channels
 from mfo_actors.daemon._lock import StateDirLock
 from mfo_actors.daemon._notify import SystemdNotifier, watchdog_interval
 from mfo_actors.daemon._statedir import StateDirGuard
@@ -103,12 +118,14 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
 
         breaker = BreakerActor(cfg, clock=ctx.clock)
         auth = AuthRefresherActor(cfg, clock=ctx.clock)
-        # One client for the forwarder and the flows: one pool, one breaker, one rate limit
-        # (client.rate_limit, built by from_config as for any library caller).
+        check_channels(declare_channels(cfg), {
+            "outcomes": breaker.outcomes, "breaker_state": breaker.states,
+            "token": auth.tokens, "token_rejections": auth.rejections})
+        # One gate for every caller of the MFO server: the breaker and auth actors' state,
+        # the rate limit. Flow tasks wait at it for the breaker (bounded by their timeout).
+        gate = UpstreamGate(breaker, auth, clock=ctx.clock)
         client = await stack.enter_async_context(
-            MFOClient.from_config(cfg, auth=auth.provider, breaker=breaker.breaker,
-                                  clock=ctx.clock)
-        )
+            MFOClient.from_config(cfg, gate=gate.waiting(), clock=ctx.clock))
         matcher = RunMatcher(flows)
         listener = ListenerActor(cfg, store, match_runs=matcher if matcher else None)
 
@@ -132,7 +149,7 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
                    SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
             forwarder = ForwarderActor(
-                cfg, store, client.base, breaker.breaker, clock=ctx.clock,
+                cfg, store, client.base.with_gate(gate), clock=ctx.clock,
                 http_factory=functools.partial(http_client_from_config, cfg.client,
                                                max_connections=1),
             )
@@ -142,7 +159,7 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             scheduler = SchedulerActor(
                 cfg, store, flows, client=client, clock=ctx.clock,
                 sessions=StoreSessions(store, cfg.sessions, instance=cfg.instance),
-                breaker_states=breaker.states.subscribe())
+                breaker_states=breaker.states)
             health["scheduler"] = scheduler.health
             actors.append(scheduler)
         if cfg.webhook_listener.enabled:

@@ -1,4 +1,4 @@
-"""The actor runtime: typed channels, broadcast, actor protocol, supervisor, clock.
+"""The actor runtime: typed channels, broadcast, watch, actor protocol, supervisor, clock.
 
 Knows nothing of MFO or webhooks; everything above builds on these few names.
 """
@@ -17,6 +17,8 @@ from ._clock import SystemClock as SystemClock
 from ._debug import set_debug as set_debug
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorGaveUp as SupervisorGaveUp
+from ._watch import Watch as Watch
+from ._watch import wait_any as wait_any
 
 __all__ = [
     "Actor",
@@ -31,6 +33,8 @@ __all__ = [
     "Supervisor",
     "SupervisorGaveUp",
     "SystemClock",
+    "Watch",
     "open_channel",
     "set_debug",
+    "wait_any",
 ]

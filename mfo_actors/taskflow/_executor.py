@@ -37,7 +37,6 @@ import msgspec
 
 from mfo_actors._yaml import dec_hook
 from mfo_actors.ids import new_id
-from mfo_actors.messages import RunResult
 from mfo_actors.observability import get_logger
 from mfo_actors.taskflow._context import TaskContext, event_scope
 from mfo_actors.taskflow._errors import (
@@ -145,11 +144,6 @@ class RunOutcome:
     def states(self) -> dict[str, str]:
         """``{task_id: state}``, cheaper than :attr:`tasks`."""
         return {node.id: self._run.state[i] for i, node in enumerate(self._run.flow.nodes)}
-
-    def to_message(self, *, interrupted: bool = False) -> RunResult:
-        """As the :class:`~mfo_actors.messages.RunResult` message the scheduler broadcasts."""
-        return RunResult(run_id=self.run_id, flow=self.flow, status=self.status,
-                         error=self.error, outputs=self.outputs, interrupted=interrupted)
 
 
 def _describe(exc: BaseException) -> str:
