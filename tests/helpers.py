@@ -234,3 +234,26 @@ def running_daemon(config: Path, **kwargs: Any) -> Iterator[DaemonProcess]:
         yield daemon
     finally:
         daemon.terminate()
+
+
+class AuthView:
+    """The auth actor as a client sees it through the daemon's gate: ``header()``,
+    ``invalidate(token)`` (a 401), ``token`` (the watch's value)."""
+
+    def __init__(self, actor: Any) -> None:
+        from mfo_actors.actors._gate import UpstreamGate
+        from mfo_actors.actors.breaker import BreakerActor
+
+        self.actor = actor
+        self.gate = UpstreamGate(BreakerActor(actor._cfg), actor)
+
+    @property
+    def token(self) -> str | None:
+        issued = self.actor.tokens.value
+        return None if issued is None else str(issued.token)
+
+    async def header(self) -> str | None:
+        return await self.gate.header()
+
+    async def invalidate(self, token: str | None) -> None:
+        await self.gate.replace_token(f"Bearer {token}")

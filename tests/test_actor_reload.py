@@ -12,7 +12,7 @@ from mfo_actors.actors._reload import ConfigUpdate
 from mfo_actors.actors.scheduler import SchedulerActor
 from mfo_actors.mock_server import MockOptions
 from mfo_actors.runtime import FakeClock
-from tests.helpers import poll
+from tests.helpers import AuthView, poll
 from tests.mock_fixtures import EMAIL, PASSWORD, client_config, running_mock_server
 from tests.test_auth_refresher import failed_logins_reach, running_refresher
 from tests.test_scheduler import (
@@ -72,7 +72,7 @@ async def test_new_password_logs_in_at_once_even_while_backing_off() -> None:
             right = client_config(srv.base_url, password=PASSWORD)
             actor.prepare_reload(ConfigUpdate(cfg=right, flows={}))()
             with anyio.fail_after(5):
-                assert await actor.provider.header() is not None  # no clock advance needed
+                assert await AuthView(actor).header() is not None  # no clock advance needed
             assert actor.logins == 1 and srv.app.stats.failed_logins == 1
 
 
@@ -81,8 +81,8 @@ async def test_a_changed_static_token_is_used_from_the_next_request() -> None:
     async with running_refresher(cfg) as actor:
         new = client_config("http://127.0.0.1:9", auth="token", token="rotated-token-456")
         actor.prepare_reload(ConfigUpdate(cfg=new, flows={}))()
-        assert await actor.provider.header() == "Bearer rotated-token-456"
-        assert actor.tokens.latest is not None and actor.tokens.latest.token == "rotated-token-456"
+        assert await AuthView(actor).header() == "Bearer rotated-token-456"
+        assert actor.tokens.value is not None and actor.tokens.value.token == "rotated-token-456"
         # A mode change needs a restart: the running mode is kept.
         actor.prepare_reload(ConfigUpdate(cfg=client_config("http://127.0.0.1:9"), flows={}))()
-        assert await actor.provider.header() == "Bearer rotated-token-456"
+        assert await AuthView(actor).header() == "Bearer rotated-token-456"

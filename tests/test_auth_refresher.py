@@ -16,7 +16,7 @@ from mfo_actors.config import InstanceConfig
 from mfo_actors.metrics import TOKEN_REFRESH
 from mfo_actors.mock_server import MockOptions
 from mfo_actors.runtime import Clock, FakeClock, ReadySignal
-from tests.helpers import poll
+from tests.helpers import AuthView, poll
 from tests.mock_fixtures import (
     EMAIL,
     PASSWORD,
@@ -53,10 +53,10 @@ async def test_first_header_waits_for_login() -> None:
         cfg = client_config(srv.base_url)
         async with running_refresher(cfg) as actor:
             with anyio.fail_after(5):
-                header = await actor.provider.header()
+                header = await AuthView(actor).header()
             assert header is not None and header.startswith("Bearer ")
-            assert actor.tokens.latest is not None
-            assert header == f"Bearer {actor.tokens.latest.token}"
+            assert actor.tokens.value is not None
+            assert header == f"Bearer {actor.tokens.value.token}"
             assert srv.app.stats.logins == 1
             assert actor.health()["ok"] is True
 
@@ -70,17 +70,17 @@ async def test_refreshes_proactively_before_expiry() -> None:
         cfg = client_config(srv.base_url)
         async with running_refresher(cfg, clock=clock) as actor:
             with anyio.fail_after(5):
-                first = await actor.provider.header()
+                first = await AuthView(actor).header()
                 await clock.wait_for_sleepers(1)
                 assert clock.next_deadline == pytest.approx(8.0)
                 await clock.advance_to(7.9)
                 assert srv.app.stats.logins == 1
                 await clock.advance_to(8.0)
                 await poll(lambda: srv.app.stats.logins == 2)
-                await poll(lambda: actor.provider.token is not None
-                                 and f"Bearer {actor.provider.token}" != first)
-            assert actor.tokens.latest is not None
-            assert actor.tokens.latest.expires_at == pytest.approx(clock.now() + 10.0)
+                await poll(lambda: AuthView(actor).token is not None
+                                 and f"Bearer {AuthView(actor).token}" != first)
+            assert actor.tokens.value is not None
+            assert actor.tokens.value.expires_at == pytest.approx(clock.now() + 10.0)
 
 
 async def test_many_concurrent_401s_make_one_login() -> None:
@@ -88,7 +88,7 @@ async def test_many_concurrent_401s_make_one_login() -> None:
     async with running_mock_server(MockOptions(email=EMAIL, password=PASSWORD)) as srv:
         cfg = client_config(srv.base_url)
         async with running_refresher(cfg) as actor:
-            async with MFOClient.from_config(cfg, auth=actor.provider) as client:
+            async with MFOClient.from_config(cfg, gate=AuthView(actor).gate) as client:
                 await client.info()
                 assert srv.app.stats.logins == 1
                 srv.app.set_faults(expire_tokens=True)
@@ -112,13 +112,13 @@ async def test_stale_rejection_is_ignored() -> None:
         cfg = client_config(srv.base_url)
         async with running_refresher(cfg) as actor:
             with anyio.fail_after(5):
-                old = await actor.provider.header()
+                old = await AuthView(actor).header()
                 assert old is not None
-                await actor.provider.invalidate(old.split(" ", 1)[1])
-                new = await actor.provider.header()
+                await AuthView(actor).invalidate(old.split(" ", 1)[1])
+                new = await AuthView(actor).header()
                 assert new != old
-                await actor.provider.invalidate(old.split(" ", 1)[1])  # late report: ignored
-                assert await actor.provider.header() == new
+                await AuthView(actor).invalidate(old.split(" ", 1)[1])  # late report: ignored
+                assert await AuthView(actor).header() == new
                 await anyio.wait_all_tasks_blocked()
             assert srv.app.stats.logins == 2
 
@@ -160,7 +160,7 @@ async def test_header_times_out_without_a_token() -> None:
         cfg = client_config(srv.base_url, password="nope-nope")
         async with running_refresher(cfg, token_wait=0.2) as actor:
             with anyio.fail_after(5), pytest.raises(TokenUnavailableError) as info:
-                await actor.provider.header()
+                await AuthView(actor).header()
             assert "login rejected" in str(info.value)
 
 
@@ -168,13 +168,13 @@ async def test_token_and_none_modes() -> None:
     """Static tokens are published as they are; mode none sends no header."""
     cfg = client_config("http://127.0.0.1:9", auth="token", token="static-token-123")
     async with running_refresher(cfg) as actor:
-        assert await actor.provider.header() == "Bearer static-token-123"
-        await actor.provider.invalidate("static-token-123")  # logged, cannot be fixed
-        assert await actor.provider.header() == "Bearer static-token-123"
-        assert actor.tokens.latest is not None and actor.tokens.latest.expires_at is None
+        assert await AuthView(actor).header() == "Bearer static-token-123"
+        await AuthView(actor).invalidate("static-token-123")  # logged, cannot be fixed
+        assert await AuthView(actor).header() == "Bearer static-token-123"
+        assert actor.tokens.value is not None and actor.tokens.value.expires_at is None
     cfg = client_config("http://127.0.0.1:9", auth="none")
     async with running_refresher(cfg) as actor:
-        assert await actor.provider.header() is None
+        assert await AuthView(actor).header() is None
         assert actor.health()["ok"] is True
 
 
@@ -207,11 +207,11 @@ async def test_token_expired_by_our_clock_does_not_cause_a_login_storm() -> None
             tg.start_soon(actor.run, ready)
             await ready.wait()
             with anyio.fail_after(5):
-                await actor.provider.header()
+                await AuthView(actor).header()
             with anyio.move_on_after(0.3):  # the buggy refresher sleeps on the clock at once
                 await clock.wait_for_sleepers(1)
             for step in range(1, 21):
                 await clock.advance_to(step * 0.5)
             assert logins == 1
-            assert actor.provider.token is not None
+            assert AuthView(actor).token is not None
             actor.request_stop()

@@ -17,16 +17,16 @@ import anyio
 import msgspec
 import pytest
 
+from mfo_actors.actors._gate import UpstreamGate
 from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
 from mfo_actors.actors.forwarder import ForwarderActor, encode_event
-from mfo_actors.client._client import MFOClient
-from mfo_actors.client._ratelimit import TokenBucket
+from mfo_actors.client import MFOClient
 from mfo_actors.config import InstanceConfig, load_config_text
 from mfo_actors.ids import new_id
 from mfo_actors.messages import DeliveryOutcome, Event
 from mfo_actors.mock_server import MockOptions
-from mfo_actors.runtime import ChannelReceiver, ReadySignal, open_channel
+from mfo_actors.runtime import ChannelReceiver, ChannelSender, ReadySignal, open_channel
 from mfo_actors.store import EventStore, StoredEvent, open_store
 from tests.helpers import poll
 from tests.mock_fixtures import EMAIL, PASSWORD, MockServerHandle, running_mock_server
@@ -90,6 +90,10 @@ class Rig:
         for ev in events:
             await self.store.append(ev)
 
+    async def logged_in(self) -> None:
+        """Until the auth actor has a token."""
+        await poll(lambda: self.auth.tokens.value is not None)
+
     def server_ids(self) -> list[str]:
         return [e["id"] for e in self.srv.app.events]
 
@@ -114,6 +118,19 @@ class Rig:
         return found[0]
 
 
+class _Tee:
+    def __init__(self, inner: ChannelSender[DeliveryOutcome],
+                 copy: ChannelSender[DeliveryOutcome]) -> None:
+        self._inner, self._copy = inner, copy
+
+    async def send(self, outcome: DeliveryOutcome) -> None:
+        self._copy.send_nowait(outcome)
+        await self._inner.send(outcome)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 @asynccontextmanager
 async def rig(tmp_path: Path, options: MockOptions | None = None, *, outcomes: bool = False,
               token_wait: float | None = None, **cfg_kw: object) -> AsyncIterator[Rig]:
@@ -124,14 +141,12 @@ async def rig(tmp_path: Path, options: MockOptions | None = None, *, outcomes: b
         async with open_store(cfg) as store:
             breaker_actor = BreakerActor(cfg)
             auth = AuthRefresherActor(cfg, token_wait=token_wait)
-            rl = cfg.client.rate_limit
-            limiter = TokenBucket(rl.requests_per_second, rl.burst) if rl else None
-            async with MFOClient.from_config(cfg, auth=auth.provider,
-                                             breaker=breaker_actor.breaker,
-                                             rate_limiter=limiter) as client:
-                sink, sink_rx = open_channel(DeliveryOutcome, 100_000)
-                forwarder = ForwarderActor(cfg, store, client.base, breaker_actor.breaker,
-                                           outcomes=sink if outcomes else None)
+            sink, sink_rx = open_channel(DeliveryOutcome, 100_000)
+            if outcomes:  # see each outcome on its way to the breaker actor
+                breaker_actor.outcomes = _Tee(breaker_actor.outcomes, sink)  # type: ignore[assignment]
+            gate = UpstreamGate(breaker_actor, auth)
+            async with MFOClient.from_config(cfg, gate=gate) as client:
+                forwarder = ForwarderActor(cfg, store, client.base)
                 async with anyio.create_task_group() as tg:
                     for actor in (breaker_actor, auth, forwarder):
                         ready = ReadySignal()
@@ -206,7 +221,7 @@ async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
     """A request still open at 90% of the claim's lease is given up and rescheduled, so the
     lease never hands the event to a second worker while the first request is in flight."""
     async with rig(tmp_path, lease="1s") as r:
-        await r.auth.provider.wait_ready()  # the login must not be the slow call
+        await r.logged_in()  # the login must not be the slow call
         r.srv.app.set_faults(latency=3.0)
         ev = make_event()
         await r.append([ev])
@@ -283,7 +298,7 @@ async def test_outage_events_arrive_after_recovery_without_hammering(tmp_path: P
     reset = 0.3
     async with rig(tmp_path, threshold=3, reset="300ms", ordering="none") as r:
         with anyio.fail_after(5):
-            await r.auth.provider.header()  # logged in before the outage starts
+            await r.logged_in()  # logged in before the outage starts
         outage = 2.0
         r.srv.app.set_faults(outage_for=outage)
         started = time.monotonic()
@@ -300,24 +315,31 @@ async def test_outage_events_arrive_after_recovery_without_hammering(tmp_path: P
         assert sorted(ids) == sorted(e.id for e in events)
         assert len(set(ids)) == len(ids)
         assert r.srv.app.stats.duplicates == 0
-        assert r.breaker_actor.breaker.state == "closed"
+        assert r.breaker_actor.states.value.state == "closed"
         assert r.forwarder.dead == 0
 
 
-async def test_breaker_states_are_broadcast(tmp_path: Path) -> None:
-    """Subscribers hear open, half_open and closed, in that order, through an outage."""
+async def test_breaker_states_are_published(tmp_path: Path) -> None:
+    """The breaker's watch goes open, half_open and closed, in that order, through an
+    outage (a reader that follows it sees each state change)."""
     async with rig(tmp_path, threshold=2, reset="200ms", ordering="none") as r:
         with anyio.fail_after(5):
-            await r.auth.provider.header()  # logged in before the outage starts
-        sub = r.breaker_actor.states.subscribe()
-        r.srv.app.set_faults(outage_for=0.5)
-        await r.append([make_event(f"s{i}", n=i) for i in range(5)])
+            await r.logged_in()  # logged in before the outage starts
+        states = r.breaker_actor.states
         seen: list[str] = []
-        with anyio.fail_after(10), sub:
-            async for state in sub:
-                seen.append(state.state)
-                if state.state == "closed":
-                    break
+
+        async def follow() -> None:
+            while not seen or seen[-1] != "closed":
+                await states.wait_changed(states.version)
+                if states.value.state != (seen[-1] if seen else "closed"):
+                    seen.append(states.value.state)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follow)
+                await anyio.lowlevel.checkpoint()
+                r.srv.app.set_faults(outage_for=0.5)
+                await r.append([make_event(f"s{i}", n=i) for i in range(5)])
         assert seen[:2] == ["open", "half_open"]
         await r.wait_delivered(5)
 
@@ -327,7 +349,7 @@ async def test_rate_limit_holds(tmp_path: Path) -> None:
     async with rig(tmp_path, ordering="none",
                    rate_limit="rate_limit: {requests_per_second: 100, burst: 10}") as r:
         with anyio.fail_after(5):
-            await r.auth.provider.header()
+            await r.logged_in()
         start = time.monotonic()
         await r.append([make_event(f"s{i % 10}", n=i) for i in range(300)])
         await r.wait_delivered(300, deadline=30)
@@ -341,7 +363,7 @@ async def test_rate_limit_holds_at_50_per_second(tmp_path: Path) -> None:
     async with rig(tmp_path, ordering="none",
                    rate_limit="rate_limit: {requests_per_second: 50, burst: 50}") as r:
         with anyio.fail_after(5):
-            await r.auth.provider.header()
+            await r.logged_in()
         start = time.monotonic()
         await r.append([make_event(f"s{i % 10}", n=i) for i in range(500)])
         await r.wait_delivered(500, deadline=60)
@@ -377,7 +399,7 @@ async def test_stop_finishes_in_flight_and_leaves_the_rest(tmp_path: Path) -> No
     opts = MockOptions(email=EMAIL, password=PASSWORD, latency=0.3)
     async with rig(tmp_path, opts, concurrency=2, ordering="none") as r:
         with anyio.fail_after(5):
-            await r.auth.provider.header()
+            await r.logged_in()
         await r.append([make_event(f"s{i}", n=i) for i in range(20)])
         await poll(lambda: r.forwarder.health()["in_flight"] >= 2)
         r.forwarder.request_stop()
@@ -428,12 +450,9 @@ async def test_a_failed_reschedule_does_not_crash_the_forwarder(tmp_path: Path) 
 
 
 async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> None:
-    """With a client that holds no breaker the forwarder gates the calls itself; a call that
-    ends with ``token_unavailable`` (nothing sent) must give its slot back, or after
-    ``failure_threshold`` of them the dispatcher waits for the breaker for ever."""
+    """A call that ends with ``token_unavailable`` (nothing sent) must hold no breaker slot,
+    or after ``failure_threshold`` of them the dispatcher waits for the breaker for ever."""
     from mfo_actors.actors.auth import TokenUnavailableError
-    from mfo_actors.client._breaker import CircuitBreaker
-
     class NoToken:
         async def header(self) -> str | None:
             raise TokenUnavailableError("logins failing")
@@ -444,10 +463,8 @@ async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> No
     async with running_mock_server(MockOptions(email=EMAIL, password=PASSWORD)) as srv:
         cfg = make_config(srv.base_url, tmp_path, threshold=2, max_attempts=4)
         async with open_store(cfg) as store:
-            breaker = CircuitBreaker("up", cfg.client.circuit_breaker)
             async with MFOClient.from_config(cfg, auth=NoToken()) as client:
-                client.base.breaker = None  # from_config adds one; this client must hold none
-                forwarder = ForwarderActor(cfg, store, client.base, breaker)
+                forwarder = ForwarderActor(cfg, store, client.base)
                 async with anyio.create_task_group() as tg:
                     ready = ReadySignal()
                     tg.start_soon(forwarder.run, ready)
@@ -469,4 +486,4 @@ async def test_self_gated_breaker_slot_freed_when_no_token(tmp_path: Path) -> No
                     forwarder.request_stop()
                     stored = await store.get_event(ev.id)
                     assert stored is not None and stored.attempts == 0
-            assert breaker.allowance() == 2
+                assert client.base.gate.allowance() == 2

@@ -159,7 +159,6 @@ async def test_outputs_flow_between_tasks_with_types() -> None:
     assert rec.finished["b"]["output"] == {"count": 2, "text": 'Ada has 2 tags: ["x","y"]'}
     assert seen == [("a", "running"), ("a", "done"), ("b", "running"), ("b", "done"),
                     ("c", "running"), ("c", "done")]
-    assert outcome.to_message().status == "done"
 
 
 async def test_missing_template_value_fails_the_task_naming_it() -> None:

@@ -103,7 +103,7 @@ class UpstreamGate:
     # -- the Gate protocol ---------------------------------------------------------------
 
     async def admit(self) -> _Admission:
-        header = await self._header()
+        header = await self.header()
         while True:
             try:
                 self.breaker.admit()
@@ -147,7 +147,7 @@ class UpstreamGate:
     def _has_token(self) -> bool:
         return self.auth.mode != "login" or self.auth.tokens.value is not None
 
-    async def _header(self) -> str | None:
+    async def header(self) -> str | None:
         """``Bearer <token>``, waiting up to the auth actor's ``token_wait`` for one."""
         if self.auth.mode == "none":
             return None

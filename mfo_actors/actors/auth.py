@@ -109,7 +109,7 @@ class AuthRefresherActor:
         self.rejections, self._rejections_rx = open_channel(TokenRejected,
                                                             REJECTIONS_CHANNEL_SIZE)
         self.token_wait = float(cfg.client.timeout) if token_wait is None else token_wait
-        self.tokens: Watch[TokenIssued | None] = Watch(TokenIssued, None)
+        self.tokens: Watch[TokenIssued | None] = Watch(TokenIssued | None, None)
         self.logins = 0
         self._failures = 0
         self._last_error: str | None = None

@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print", action="store_true", dest="print_config",
                         help="print the effective config of each valid file (defaults and "
                         "MFO_<SECTION>__<KEY> environment overrides applied, secrets masked)")
+    parser.add_argument("--graph", action="store_true",
+                        help="print each valid instance's actors and message channels as a "
+                        "Mermaid flowchart (message types, bounds)")
     parser.set_defaults(func=run_check)
 
 
@@ -51,9 +54,14 @@ def run_check(args: argparse.Namespace) -> int:
     if problems:
         return 1
     for file in ok:
-        if args.print_config:
+        if args.print_config or (args.graph and args.flows is None):
             print(f"# {file}")
-            print(dump_config(load_config(file)), end="")
+            if args.print_config:
+                print(dump_config(load_config(file)), end="")
+            if args.graph:
+                from mfo_actors.daemon import graph_text  # the actors: only when asked
+
+                print(graph_text(load_config(file)), end="")
         else:
             print(f"ok: {file}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 from mfo_actors.config import InstanceConfig, load_config
-from mfo_actors.daemon import run_instance
+from mfo_actors.daemon import graph_text, run_instance
 from mfo_actors.observability import configure_logging, get_logger
 
 __all__ = ["configure"]
@@ -25,12 +25,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", required=True, metavar="FILE",
                         help="the instance config file")
+    parser.add_argument("--print-graph", action="store_true",
+                        help="print the instance's actors and message channels as a Mermaid "
+                        "flowchart (message types, bounds) and exit without running")
     parser.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     cfg = load_config(args.config, warnings=warnings)
+    if args.print_graph:
+        print(graph_text(cfg), end="")
+        return 0
     configure_logging(level=cfg.logging.level, fmt=cfg.logging.format, instance=cfg.instance)
     for warning in warnings:
         log.warning("config.warning", problem=warning)

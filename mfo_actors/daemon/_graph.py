@@ -18,6 +18,7 @@ declared message type and bound, so this page cannot drift from the running daem
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from mfo_actors.messages import BreakerState, DeliveryOutcome, Event, TokenIssue
 from mfo_actors.runtime import ChannelSender, Watch
 from mfo_actors.store import RunRequest
 
-__all__ = ["ChannelDecl", "check_channels", "declare_channels", "mermaid"]
+__all__ = ["ChannelDecl", "check_channels", "declare_channels", "graph_text", "mermaid"]
 
 ChannelKind = Literal["mailbox", "channel", "watch"]
 
@@ -51,7 +52,7 @@ class ChannelDecl:
         if self.kind == "watch":
             return "latest value"
         if self.kind == "mailbox":
-            return f"durable, {self.bound} pending"
+            return "durable" if self.bound is None else f"durable, {self.bound} pending"
         return f"bound {self.bound}"
 
 
@@ -97,10 +98,16 @@ def check_channels(declared: list[ChannelDecl], opened: Mapping[str, Any]) -> No
             bound = int(channel.statistics().max_buffer_size)
         else:
             raise RuntimeError(f"channel {name!r}: not a channel: {type(channel).__name__}")
-        actual = (kind, channel.message_type, bound)
+        actual = (kind, _named(channel.message_type), bound)
         expected = (decl.kind, decl.message, decl.bound)
         if actual != expected:
             raise RuntimeError(f"channel {name!r} is {actual}, declared {expected}")
+
+
+def _named(message_type: Any) -> Any:
+    """The message type of ``T | None`` (a watch that may hold no value yet) is ``T``."""
+    args = [a for a in typing.get_args(message_type) if a is not type(None)]
+    return args[0] if len(args) == 1 else message_type
 
 
 def mermaid(channels: list[ChannelDecl], actors: list[str]) -> str:
@@ -120,3 +127,14 @@ def mermaid(channels: list[ChannelDecl], actors: list[str]) -> str:
         for consumer in ch.consumers:
             lines.append(f"    ch_{ch.name} {arrow_out} {consumer}")
     return "\n".join(lines) + "\n"
+
+
+def graph_text(cfg: InstanceConfig) -> str:
+    """The Mermaid graph of the instance *cfg* describes (``check --graph``)."""
+    channels = declare_channels(cfg)
+    actors: list[str] = []
+    for ch in channels:
+        for name in (*ch.producers, *ch.consumers):
+            if name not in actors:
+                actors.append(name)
+    return mermaid(channels, actors)
