@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import anyio
 import msgspec
 
-from mfo_actors.config import Duration
+from mfo_actors._yaml import Duration
 from mfo_actors.taskflow._context import TaskContext
 from mfo_actors.taskflow._errors import (
     ClientUnavailableError,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from mfo_actors.config import Duration
+from mfo_actors._yaml import Duration
 
 __all__ = [
     "EventMatchSpec",
