@@ -136,9 +136,10 @@ class DaemonProcess:
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
+        with self.proc.stderr as stream:  # closed at EOF: an open pipe left to the GC warns
+            for line in stream:
+                with self._lock:
+                    self.lines.append(line.rstrip("\n"))
 
     @property
     def pid(self) -> int:
