@@ -56,6 +56,7 @@ def receive_until(sock: socket.socket, wanted: str, *, deadline: float = 20.0) -
             return seen
 
 
+@pytest.mark.slow
 class TestProcess:
     def test_sigterm_exits_zero_with_a_final_log_line(self, tmp_path: Path) -> None:
         config = write_config(tmp_path)

@@ -38,6 +38,7 @@ def demo(*args: str, **kwargs: object) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
 
 
+@pytest.mark.slow
 class TestDemoProcess:
     def test_demo_five_seconds_delivers_everything_exactly_once(self, tmp_path: Path) -> None:
         """The acceptance run: exit 0 and the verdict line, nothing left behind."""

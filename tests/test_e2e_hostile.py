@@ -120,6 +120,7 @@ def _rss_growth_while(instance: Instance, attack: Any, seconds: float) -> int:
     return peak - before
 
 
+@pytest.mark.slow
 def test_pipelining_without_reading_does_not_grow_the_daemon(instance: Instance) -> None:
     """Item 2: a client pipelining requests and never reading the answers grew the daemon
     by ~1 GB in 13 s; now TCP flow control holds it back."""

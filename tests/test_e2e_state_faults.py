@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import (
     DaemonProcess,
@@ -24,6 +25,8 @@ from tests.helpers import (
     wait_http_ok,
     write_config,
 )
+
+pytestmark = pytest.mark.slow  # real daemon processes
 
 
 def ports(config: Path) -> tuple[int, int]:

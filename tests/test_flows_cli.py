@@ -104,6 +104,7 @@ def test_flows_graph(config: Path) -> None:
     assert "unknown flow 'Nope'" in line and "Broken, Hello" in line
 
 
+@pytest.mark.slow
 def test_flows_run_records_runs_and_runs_cli_shows_them(config: Path) -> None:
     ok = cli("flows", "run", "Hello", "--config", str(config), "--input", '{"who": "bob"}',
              check_rc=0)

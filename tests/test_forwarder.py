@@ -233,6 +233,7 @@ async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
         await r.wait_delivered(1)
 
 
+@pytest.mark.slow
 async def test_429_retry_after_delays_next_attempt(tmp_path: Path) -> None:
     """A 429 with Retry-After: 2 puts the next attempt at least 2 s later."""
     async with rig(tmp_path, outcomes=True) as r:
@@ -292,6 +293,7 @@ async def test_attempts_are_recorded_and_a_replay_gets_a_fresh_budget(tmp_path: 
     assert [a.at for a in history] == sorted(a.at for a in history)
 
 
+@pytest.mark.slow
 async def test_outage_events_arrive_after_recovery_without_hammering(tmp_path: Path) -> None:
     """Events accepted during a 2 s outage all arrive once after it; during it, the
     upstream sees about failure_threshold requests, then one probe per reset period."""
@@ -344,6 +346,7 @@ async def test_breaker_states_are_published(tmp_path: Path) -> None:
         await r.wait_delivered(5)
 
 
+@pytest.mark.slow
 async def test_rate_limit_holds(tmp_path: Path) -> None:
     """rps 100 with burst 10: 300 events take at least 2.9 s to deliver."""
     async with rig(tmp_path, ordering="none",
@@ -370,6 +373,7 @@ async def test_rate_limit_holds_at_50_per_second(tmp_path: Path) -> None:
         assert time.monotonic() - start >= 9.0
 
 
+@pytest.mark.slow
 async def test_tokens_expiring_every_2s_lose_nothing(tmp_path: Path) -> None:
     """A stream while tokens live 2 s: nothing lost, logins about one per expiry."""
     duration = 5.0

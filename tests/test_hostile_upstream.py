@@ -113,6 +113,7 @@ class TestRedirects:
         assert all(url.startswith("http://upstream.test/") for url in sent) and len(sent) == 2
 
 
+@pytest.mark.slow
 class TestOutages:
     async def test_ten_minute_outage_dead_letters_nothing(self, tmp_path: Path) -> None:
         """Item 14: with the upstream refusing connections for 10 minutes (fake clock), no

@@ -30,6 +30,7 @@ def event() -> Event:
                  body=b"{}", is_json=True, content_type="application/json")
 
 
+@pytest.mark.slow
 async def test_store_refuses_writes_into_a_moved_file_and_recovers(tmp_path: Path) -> None:
     """A store whose file no longer sits at its path refuses writes (they would be acked into
     a file nobody can find) and says so in stats(); when the file is back, a probe write

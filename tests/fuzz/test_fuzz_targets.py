@@ -107,10 +107,10 @@ def flow_text(text: str) -> None:
     check_flow(text)
 
 
-test_config_loader_fails_only_with_config_errors = settings(
-    max_examples=EXAMPLES, deadline=2000)(given(**CONFIG_TEXT)(config_text))
-test_flow_loader_fails_only_with_config_errors = settings(
-    max_examples=EXAMPLES, deadline=2000)(given(**FLOW_TEXT)(flow_text))
+test_config_loader_fails_only_with_config_errors = pytest.mark.slow(settings(
+    max_examples=EXAMPLES, deadline=2000)(given(**CONFIG_TEXT)(config_text)))
+test_flow_loader_fails_only_with_config_errors = pytest.mark.slow(settings(
+    max_examples=EXAMPLES, deadline=2000)(given(**FLOW_TEXT)(flow_text)))
 
 
 def test_mutator_reaches_the_framing_code() -> None:
