@@ -62,7 +62,7 @@ async def forwarding(tmp_path: Path, handler: Handler, cfg: InstanceConfig, *,
         transport = httpx.MockTransport(handler)
         async with httpx.AsyncClient(transport=transport) as http:
             client = BaseClient(cfg.client.base_url, auth=NoAuth(), http=http, breaker=breaker)
-            forwarder = ForwarderActor(cfg, store, client, breaker, clock=clk,
+            forwarder = ForwarderActor(cfg, store, client, clock=clk,
                                        rng=lambda: 1.0)
             async with anyio.create_task_group() as tg:
                 ready = ReadySignal()
@@ -216,7 +216,7 @@ async def raw_upstream(respond: Callable[[anyio.abc.SocketStream], Awaitable[Non
 
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    async with anyio.create_task_group() as tg:
+    async with listener, anyio.create_task_group() as tg:  # the listener closed too
         tg.start_soon(listener.serve, serve)
         try:
             yield f"http://127.0.0.1:{port}"
