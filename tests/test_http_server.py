@@ -14,6 +14,7 @@ import h11
 import pytest
 
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response, serve_http
+from mfo_actors.http._parser import RequestParser
 from tests.helpers import poll
 
 pytestmark = pytest.mark.anyio
@@ -431,14 +432,14 @@ class TestCancellation:
         """While a response streams, the server watches the socket for the client leaving;
         a client sending data meanwhile must not grow the server's buffer without bound."""
         fed = 0
-        original = h11.Connection.receive_data
+        original = RequestParser.feed
 
-        def counting(self: h11.Connection, data: bytes) -> None:
+        def counting(self: RequestParser, data: bytes) -> None:
             nonlocal fed
             fed += len(data)
             original(self, data)
 
-        monkeypatch.setattr(h11.Connection, "receive_data", counting)
+        monkeypatch.setattr(RequestParser, "feed", counting)
         started = anyio.Event()
 
         async def forever(request: Request) -> Response:

@@ -1,8 +1,9 @@
-"""A small HTTP/1.1 server core on h11 over anyio sockets (no MFO knowledge)."""
+"""A small HTTP/1.1 server core: httptools' parser over anyio sockets (no MFO knowledge)."""
 
-from mfo_actors.http._server import HttpLimits as HttpLimits
+from mfo_actors.http._limits import HttpError as HttpError
+from mfo_actors.http._limits import HttpLimits as HttpLimits
+from mfo_actors.http._limits import error_response as error_response
 from mfo_actors.http._server import HttpServer as HttpServer
-from mfo_actors.http._server import error_response as error_response
 from mfo_actors.http._server import serve_http as serve_http
 from mfo_actors.http._types import Handler as Handler
 from mfo_actors.http._types import HeadCheck as HeadCheck
@@ -13,6 +14,7 @@ from mfo_actors.http._types import Response as Response
 __all__ = [
     "Handler",
     "HeadCheck",
+    "HttpError",
     "HttpLimits",
     "HttpServer",
     "Request",

@@ -12,6 +12,12 @@ Two things the anyio stream does not do for us, and why they matter:
   pauses the transport after every read, so the kernel's socket buffers, and TCP flow
   control behind them, hold the client back while we are busy answering. trio's streams
   read only inside ``receive_some`` and need nothing.
+* **Writing without a round trip through the loop.** anyio's ``send`` yields to the event
+  loop twice per call (a checkpoint, then waiting for a write buffer that is already empty).
+  On asyncio :meth:`ConnectionStream.send` hands the bytes to the transport itself and
+  returns at once when the kernel took them all (the usual case for an answer); only when
+  some are left does it wait, through anyio, for the buffer to drain. Trio's ``send_all``
+  is left as it is.
 * **Closing a connection the peer already reset.** uvloop raises ``RuntimeError`` ("the
   handler is closed") from ``write_eof`` on a transport a reset has closed; anyio lets it
   through. :meth:`ConnectionStream.send_eof` and :meth:`ConnectionStream.aclose` treat any
@@ -50,8 +56,7 @@ def _transport_of(stream: Any) -> Any:
     return transport
 
 
-def _pauser(stream: anyio.abc.ByteStream) -> Callable[[], None]:
-    transport = _transport_of(stream)
+def _pauser(transport: Any) -> Callable[[], None]:
     if transport is None:
         return _nothing
 
@@ -76,12 +81,15 @@ class ConnectionStream:
       stream: The accepted connection (``SocketStream``, or a TLS stream over one).
     """
 
-    __slots__ = ("_pause", "stream")
+    __slots__ = ("_pause", "_writer", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
-        self._pause = _pauser(stream)
+        transport = _transport_of(stream)
+        self._pause = _pauser(transport)
         self._pause()  # asyncio starts a new transport reading before anyone asked
+        # Writing to the transport directly is only right when nothing (TLS) sits between.
+        self._writer = None if hasattr(stream, "transport_stream") else transport
 
     def extra(self, attribute: Any, *default: Any) -> Any:
         """The wrapped stream's typed attribute (``SocketAttribute.remote_address`` ...)."""
@@ -103,8 +111,20 @@ class ConnectionStream:
 
     async def send(self, data: bytes) -> None:
         """Write *data*; returns once the kernel has taken all of it (anyio's asyncio
-        transport has no write buffer of its own: its high-water mark is 0)."""
+        transport has no write buffer of its own: its high-water mark is 0).
+
+        Raises:
+          anyio.BrokenResourceError: the connection is gone.
+        """
+        transport = self._writer
         try:
+            if transport is not None:
+                if transport.is_closing():
+                    raise anyio.BrokenResourceError
+                transport.write(data)
+                if not transport.get_write_buffer_size():
+                    return  # the kernel took it all: no need to visit the loop
+                data = b""  # wait below until the transport's buffer is drained
             await self.stream.send(data)
         except RuntimeError as exc:
             raise anyio.BrokenResourceError from exc

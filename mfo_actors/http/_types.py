@@ -1,4 +1,4 @@
-"""Request and response objects of the HTTP/1.1 server core (h11 over anyio sockets).
+"""Request and response objects of the HTTP/1.1 server core.
 
 The core knows nothing of webhooks or MFO: the listener, the admin port and the reference
 MFO server are handlers ``async (Request) -> Response`` on top of it.
