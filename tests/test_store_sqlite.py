@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mfo_actors.store import (
     sqlite_path,
 )
 from mfo_actors.store._schema import MIGRATIONS, SCHEMA_VERSION, migrate
+from tests.helpers import poll
 
 pytestmark = pytest.mark.anyio
 
@@ -286,17 +288,16 @@ async def test_writes_queued_when_the_writer_is_cancelled_fail_cleanly(
 
     monkeypatch.setattr(engine_module, "CLOSE_TIMEOUT", 0.2)
     outcomes: list[str] = []
-    blocker = anyio.CapacityLimiter(1)
-    token = object()
-    blocker.acquire_on_behalf_of_nowait(token)
+    stuck = threading.Event()
     with anyio.fail_after(10):
         async with anyio.create_task_group() as outer:
             async with open_sqlite_store(tmp_path / "s.db", group_commit_max=2) as store:
-                store._write_limiter = blocker  # the writer cannot start its next batch
+                # The writer thread cannot run its batch (it is stuck until told to stop).
+                store._apply_batch = lambda batch: stuck.wait(10)  # type: ignore[method-assign]
 
-                async def release_when_writer_done() -> None:
-                    await store._writer_done.wait()
-                    blocker.release_on_behalf_of(token)
+                async def release_when_writer_stopping() -> None:
+                    await poll(lambda: store._stop_now)
+                    stuck.set()
 
                 async def one() -> None:
                     try:
@@ -305,7 +306,7 @@ async def test_writes_queued_when_the_writer_is_cancelled_fail_cleanly(
                     except StoreError as exc:
                         outcomes.append(type(exc).__name__)
 
-                outer.start_soon(release_when_writer_done)
+                outer.start_soon(release_when_writer_stopping)
                 for _ in range(5):
                     outer.start_soon(one)
                 await anyio.wait_all_tasks_blocked()

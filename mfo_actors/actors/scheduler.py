@@ -107,6 +107,9 @@ def _glob(pattern: str) -> Callable[[str], object] | None:
     return re.compile(fnmatch.translate(pattern)).match
 
 
+_DECODE: Any = object()  # RunMatcher's payload: not decoded yet
+
+
 class RunMatcher:
     """``match_runs`` for the listener: the runs an event starts, to store with the event.
 
@@ -115,19 +118,32 @@ class RunMatcher:
     trigger that got that far has a ``when:`` expression, and at most once per event.
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_payload_sources")
 
     def __init__(self, flows: Mapping[str, Flow]) -> None:
         self._entries: list[tuple[str, list[tuple[Any, Any, EventTrigger]]]] = [
             (name, [(_glob(t.source), _glob(t.type), t) for t in flow.event_triggers])
             for name, flow in flows.items() if flow.event_triggers
         ]
+        self._payload_sources: dict[str, bool] = {}
+
+    def needs_payload(self, source: str) -> bool:
+        """Whether events of *source* may need their decoded body (a ``when:`` trigger that
+        matches the source), so the listener decodes it fully once and passes it on."""
+        known = self._payload_sources.get(source)
+        if known is None:
+            known = any(t.when is not None and (match is None or match(source))
+                        for _, triggers in self._entries for match, _, t in triggers)
+            if len(self._payload_sources) < 4096:  # sources are the config's routes
+                self._payload_sources[source] = known
+        return known
 
     def __bool__(self) -> bool:
         """False when no flow has an event trigger (the listener may skip the call)."""
         return bool(self._entries)
 
-    def __call__(self, event: Event) -> list[RunRequest]:
+    def __call__(self, event: Event, *, payload: Any = _DECODE) -> list[RunRequest]:
+        """The runs *event* starts; *payload*: its body already decoded, if it was."""
         runs: list[RunRequest] = []
         if not self._entries:
             return runs
@@ -141,7 +157,8 @@ class RunMatcher:
                     continue
                 if trigger.when is not None:
                     if scope is None:
-                        scope = event_scope(event)
+                        scope = (event_scope(event) if payload is _DECODE
+                                 else event_scope(event, payload=payload))
                     if scope is None or not trigger.matches(scope):
                         continue
                 runs.append(RunRequest(run_id=new_id(), flow=name, trigger="event",

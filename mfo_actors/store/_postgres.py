@@ -260,7 +260,7 @@ class PostgresStore(GroupCommitStore):
         return PostgresStoreStatistics(
             node=self._node, batches=self._batches, ops=self._ops, appends=self._appends,
             max_batch=self._max_batch, failed_batches=self._failed_batches,
-            queued=self._send.statistics().current_buffer_used,
+            queued=self._queued(),
         )
 
     # -- the writer (in the write thread) ------------------------------------------------------

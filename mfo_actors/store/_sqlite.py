@@ -2,8 +2,10 @@
 
 Writes go through the group-commit writer of ``_engine.py``: every write call (append, claim,
 settle, replay, runs) is queued, and the writer runs each batch in ONE ``BEGIN IMMEDIATE``
-transaction on the write connection (one fsync for the whole batch), each op inside a
-SAVEPOINT.
+transaction on the write connection (one fsync for the whole batch). Appends without dedupe
+key or runs go in with one ``executemany`` per run of them; no op gets a SAVEPOINT unless one
+fails: then the batch is rolled back and run again with a SAVEPOINT per op, so only the
+failing op's caller gets the error.
 
 Reads use a second, ``query_only`` connection in a worker thread. WAL lets it read while the
 writer writes, and lets another process (the CLI, while the daemon runs) read and write the
@@ -208,6 +210,27 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(value)
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
+    "is_json, dedupe_key, size, status, next_attempt_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+)
+
+
+def _event_row(event: Event, size: int, now: float) -> tuple[Any, ...]:
+    return (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
+            event.body, event.content_type, int(event.is_json), event.dedupe_key, size, now)
+
+
+def _insert_events(conn: sqlite3.Connection, ops: list[Op[Any]], now: float) -> None:
+    """Appends marked ``row`` (no dedupe key, no runs), in one ``executemany``."""
+    rows: list[tuple[Event, int]] = [op.row for op in ops]  # type: ignore[misc]
+    conn.executemany(_INSERT_EVENT, [_event_row(event, size, now) for event, size in rows])
+    for op, (event, size) in zip(ops, rows, strict=True):
+        op.result = AppendResult(event.id)
+        op.delta = Delta(pending=1, bytes=size, wake_events=True)
+
+
 def _insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float,
                  *, node: str | None = None) -> list[str]:
     """Insert *runs* as ``new``, or ``active`` and owned by *node* when one is given."""
@@ -388,19 +411,16 @@ class SQLiteStore(GroupCommitStore):
             self._fail_all(batch, exc)
             return
         try:
-            version = _data_version(conn)
-            if version != self._data_version:
-                # Another process (the CLI) committed since our last batch: recount.
-                self._resync = _count(conn)
-                self._data_version = version
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op.result, op.delta = op.fn(conn, now)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    self._op_failed(op, exc)
-                conn.execute("RELEASE op")
+            self._check_version(conn)
+            try:
+                self._run_ops(conn, batch, now, isolate=False)
+            except Exception as exc:
+                # Some op failed: again, each op in a savepoint, so it fails alone.
+                log.debug("store.batch_retried", ops=len(batch), error=repr(exc))
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                self._check_version(conn)
+                self._run_ops(conn, batch, now, isolate=True)
             conn.execute("COMMIT")
         except BaseException as exc:
             try:
@@ -414,6 +434,40 @@ class SQLiteStore(GroupCommitStore):
                 raise
             return
         self._committed(batch)
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        """In a write transaction: recount if another process (the CLI) committed since."""
+        version = _data_version(conn)
+        if version != self._data_version:
+            self._resync = _count(conn)
+            self._data_version = version
+
+    def _run_ops(self, conn: sqlite3.Connection, batch: list[Op[Any]], now: float, *,
+                 isolate: bool) -> None:
+        """Run *batch*'s ops in order: each in a savepoint (*isolate*), or plain with runs of
+        bulk appends in one ``executemany`` (an exception then fails the whole attempt)."""
+        if isolate:
+            for op in batch:
+                op.error, op.delta = None, NO_CHANGE
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result, op.delta = op.fn(conn, now)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    self._op_failed(op, exc)
+                conn.execute("RELEASE op")
+            return
+        bulk: list[Op[Any]] = []
+        for op in batch:
+            if op.row is not None:
+                bulk.append(op)
+                continue
+            if bulk:
+                _insert_events(conn, bulk, now)
+                bulk = []
+            op.result, op.delta = op.fn(conn, now)
+        if bulk:
+            _insert_events(conn, bulk, now)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._rconn
@@ -430,7 +484,10 @@ class SQLiteStore(GroupCommitStore):
         """Store *event* (and *runs*) in the next group commit; return once it is on disk."""
         size = len(event.body)
         self._reserve(size)
-        op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size)
+        # Without a dedupe key or runs, nothing can make the insert differ from a plain one:
+        # the writer may insert it together with its neighbours (``row``).
+        op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size,
+                row=None if runs or event.dedupe_key is not None else (event, size))
         return await self._submit(op)
 
     def _tx_append(
@@ -445,13 +502,7 @@ class SQLiteStore(GroupCommitStore):
             ).fetchone()
             if row is not None:
                 return AppendResult(row[0], duplicate=True), NO_CHANGE
-        conn.execute(
-            "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
-            "is_json, dedupe_key, size, status, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-            (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
-             event.body, event.content_type, int(event.is_json), event.dedupe_key, size, now),
-        )
+        conn.execute(_INSERT_EVENT, _event_row(event, size, now))
         created = _insert_runs(conn, runs, now) if runs else []
         return AppendResult(event.id), Delta(
             pending=1, bytes=size, wake_events=True, wake_runs=bool(created)
@@ -707,7 +758,7 @@ class SQLiteStore(GroupCommitStore):
             batches=self._batches, ops=self._ops, appends=self._appends,
             max_batch=self._max_batch, failed_batches=self._failed_batches,
             external_resyncs=self._external_resyncs,
-            queued=self._send.statistics().current_buffer_used,
+            queued=self._queued(),
         )
 
     # -- runs --------------------------------------------------------------------------------

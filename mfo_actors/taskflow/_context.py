@@ -104,11 +104,15 @@ class TaskContext:
         return await self._run.run_subflow(name, dict(input or {}))
 
 
-def event_scope(event: Any) -> dict[str, Any] | None:
+_DECODE: Any = object()  # event_scope's payload: decode the body
+
+
+def event_scope(event: Any, *, payload: Any = _DECODE) -> dict[str, Any] | None:
     """The ``${event.…}`` view of an event: a dict, a msgspec Struct or ``messages.Event``.
 
     For a stored :class:`~mfo_actors.messages.Event` the JSON body becomes ``payload`` (a raw
-    body becomes text), as the forwarder sends it.
+    body becomes text), as the forwarder sends it. *payload*: the body already decoded
+    (the listener decodes it once for the event type and the flow triggers).
     """
     if event is None:
         return None
@@ -116,8 +120,9 @@ def event_scope(event: Any) -> dict[str, Any] | None:
         return dict(event)
     body = getattr(event, "body", None)
     if isinstance(body, bytes | bytearray) and hasattr(event, "source"):
-        payload: Any
-        if getattr(event, "is_json", True):
+        if payload is not _DECODE:
+            pass
+        elif getattr(event, "is_json", True):
             try:
                 payload = msgspec.json.decode(body) if body else None
             except msgspec.DecodeError:
