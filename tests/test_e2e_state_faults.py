@@ -9,6 +9,7 @@ import json
 import resource
 import shutil
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,14 @@ def post(port: int, body: bytes = b'{"type":"t"}') -> int:
     return reply.status_code
 
 
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def readyz(admin: int) -> tuple[int, dict[str, Any]]:
     reply = httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=10)
     return reply.status_code, reply.json()
@@ -64,6 +73,7 @@ def test_outbox_depth_moves_while_logins_fail(tmp_path: Path) -> None:
     port, admin = ports(config)
     with running_daemon(config):
         wait_http_ok(f"http://127.0.0.1:{admin}/healthz")  # not /readyz: it sets the gauge too
+        wait_for(lambda: _listening(port), what="the listener")  # it may start after admin
         for _ in range(3):
             assert post(port) == 202
         wait_for(lambda: metric(admin, "mfo_outbox_depth") == 3.0,
