@@ -1,31 +1,35 @@
-"""Ingest benchmark: accepted webhooks/s and p50/p99 latency with fsync'd durability.
+"""Ingest benchmark: accepted webhooks/s, p50/p99 latency and CPU per request, fsync'd.
 
 Measures, in one run and on one machine:
 
-* **ours**: the listener actor (h11 on anyio, asyncio backend) with the SQLite store
-  (WAL, ``synchronous=FULL``, group commit), in a subprocess, as the daemon runs them; and,
-  when uvloop is installed, **ours_uvloop**: the same on uvloop (as the peer runs);
-* **peer**: what a user would write by hand: a FastAPI app on uvicorn (``uvicorn[standard]``:
-  httptools + uvloop when installed) whose sync endpoint parses the JSON body and does one
+* **ours**: the listener actor (httptools on anyio) with the SQLite store (WAL,
+  ``synchronous=FULL``, group commit), in a subprocess, as the daemon runs them: on
+  asyncio + uvloop (the daemon's default, ``ours_uvloop``) and on trio (``ours_trio``), each on
+  an unsigned route (``/webhook``) and a signed one (``_signed``: GitHub's HMAC-SHA256 over
+  the body, checked on every request);
+* **peer**: what a user would write by hand: a Starlette app on uvicorn
+  (``uvicorn[standard]``: httptools + uvloop) whose endpoint parses the JSON body and does one
   ``INSERT`` + ``COMMIT`` per request on SQLite with WAL and ``synchronous=FULL`` (one
-  connection per worker thread), also in a subprocess.
+  connection per worker thread, in Starlette's thread pool); and **fastapi**, the same
+  endpoint as a FastAPI sync route, for reference.
 
-Both answer 202 only after the commit. The load generator runs in its own process: ``wrk``
+All answer 202 only after the commit. The load generator runs in its own process: ``wrk``
 (C, one thread, a Lua script for the POST) when it is installed, else a Python raw-socket
 generator (asyncio, one process); the report says which. Each level (1, 16, 64 concurrent
 keep-alive connections) runs for ``--duration`` seconds after a short warm-up, POSTing the
-same ~1 KiB JSON document. Both servers run during the whole benchmark (each idle while the
-other is measured); each cell runs ``--rounds`` times, alternating which side goes first, and
-the best round counts (on a shared machine, other load only ever slows a run down). At the
-end it checks that every accepted request is a row on disk. Results: a table on stdout and
-``benchmarks/results/ingest.json`` (every round, the best, the ratio, the row check).
+same ~1 KiB JSON document. Every server runs during the whole benchmark (each idle while the
+others are measured); each cell runs ``--rounds`` times (alternating the order of the
+servers), and the report gives min / median / max of the rounds. CPU per request is the
+server process's user + system time over the run (``/proc/PID/stat``) divided by the
+requests answered. At the end it checks that every accepted request is a row on disk.
+Results: a table on stdout and ``benchmarks/results/ingest.json`` (every round).
 
 Usage (``apt-get install wrk`` for the C load generator; ``pip install -e '.[bench]'``)::
 
-    .venv/bin/python benchmarks/ingest.py [--duration 10] [--rounds 2] [--connections 1,16,64]
-                                          [--loadgen auto|wrk|python] [--no-uvloop]
+    .venv/bin/python benchmarks/ingest.py [--duration 5] [--rounds 3] [--connections 1,16,64]
+                                          [--loadgen auto|wrk|python] [--only KIND,KIND]
 
-Not a test: it is outside pytest's testpaths and takes about four minutes with the defaults.
+Not a test: it is outside pytest's testpaths and takes about eight minutes with the defaults.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ PAYLOAD = json.dumps({
 # Servers (each runs in its own subprocess: `ingest.py --serve ours|peer ...`)
 
 
+SECRET = "bench-signing-secret-0123456789"  # GitHub scheme: an HMAC over the body alone
+
+
 def serve_ours(state_dir: Path, port_file: Path) -> None:
     import anyio
 
@@ -78,7 +85,12 @@ def serve_ours(state_dir: Path, port_file: Path) -> None:
     cfg = load_config_text(f"""
 instance: bench
 state_dir: {state_dir}
-webhook_listener: {{host: 127.0.0.1, port: 0, path: /webhook}}
+webhook_listener:
+  host: 127.0.0.1
+  port: 0
+  routes:
+    - {{path: /webhook, source: plain}}
+    - {{path: /signed, source: signed, verify: {{scheme: github, secret: "{SECRET}"}}}}
 store: {{max_pending: 100000000, max_bytes: 1000GiB}}
 """)
 
@@ -95,20 +107,20 @@ store: {{max_pending: 100000000, max_bytes: 1000GiB}}
                         actor.request_stop()
                         break
 
+    loop = os.environ.get("INGEST_OURS_LOOP", "uvloop")
+    if loop == "trio":
+        anyio.run(main, backend="trio")
+        return
     options: dict[str, Any] = {}
-    if os.environ.get("INGEST_OURS_LOOP", "asyncio") == "uvloop":
+    if loop == "uvloop":
         import uvloop  # noqa: F401  (fails loudly when asked for and missing)
 
         options = {"use_uvloop": True}
     anyio.run(main, backend="asyncio", backend_options=options)
 
 
-def serve_peer(state_dir: Path, port_file: Path) -> None:
-    import uuid
-
-    import uvicorn
-    from fastapi import Body, FastAPI
-
+def _peer_db(state_dir: Path) -> Any:
+    """The peers' storage: one SQLite connection per thread, WAL, synchronous=FULL."""
     db_path = state_dir / "peer.sqlite3"
     setup = sqlite3.connect(db_path)
     setup.execute("PRAGMA journal_mode=WAL")
@@ -118,25 +130,60 @@ def serve_peer(state_dir: Path, port_file: Path) -> None:
     setup.close()
     local = threading.local()
 
-    def db() -> sqlite3.Connection:
+    def insert(event_id: str, payload: Any) -> None:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(db_path, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             local.conn = conn
-        return conn
+        conn.execute("INSERT INTO events VALUES (?, ?, ?)",
+                     (event_id, time.time(), json.dumps(payload)))
+        conn.commit()
 
+    return insert
+
+
+def serve_peer(state_dir: Path, port_file: Path) -> None:
+    """Starlette, the toolkit under FastAPI, written the way its docs show."""
+    import uuid
+
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    insert = _peer_db(state_dir)
+
+    async def webhook(request: Request) -> JSONResponse:
+        payload = await request.json()
+        event_id = str(uuid.uuid4())
+        await run_in_threadpool(insert, event_id, payload)
+        return JSONResponse({"id": event_id}, status_code=202)
+
+    _run_uvicorn(Starlette(routes=[Route("/webhook", webhook, methods=["POST"])]), port_file)
+
+
+def serve_fastapi(state_dir: Path, port_file: Path) -> None:
+    import uuid
+
+    from fastapi import Body, FastAPI
+
+    insert = _peer_db(state_dir)
     app = FastAPI()
 
     @app.post("/webhook", status_code=202)
     def webhook(payload: dict[str, Any] = Body(...)) -> dict[str, str]:
         event_id = str(uuid.uuid4())
-        conn = db()
-        conn.execute("INSERT INTO events VALUES (?, ?, ?)",
-                     (event_id, time.time(), json.dumps(payload)))
-        conn.commit()
+        insert(event_id, payload)
         return {"id": event_id}
+
+    _run_uvicorn(app, port_file)
+
+
+def _run_uvicorn(app: Any, port_file: Path) -> None:
+    import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -153,6 +200,7 @@ def serve_peer(state_dir: Path, port_file: Path) -> None:
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Hub-Signature-256"] = "%s"
 wrk.body = [==[%s]==]
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -165,10 +213,11 @@ end
 """
 
 
-def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[str, Any]:
+def run_wrk(port: int, path: str, connections: int, duration: float, script: Path
+            ) -> dict[str, Any]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-         "-s", str(script), f"http://127.0.0.1:{port}/webhook"],
+         "-s", str(script), f"http://127.0.0.1:{port}{path}"],
         check=True, capture_output=True, text=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
@@ -183,10 +232,13 @@ def run_wrk(port: int, connections: int, duration: float, script: Path) -> dict[
     }
 
 
-def _python_loadgen(port: int, connections: int, duration: float) -> dict[str, Any]:
+def _python_loadgen(port: int, path: str, connections: int, duration: float
+                    ) -> dict[str, Any]:
     """Raw-socket keep-alive clients on asyncio; runs in its own process (see run_python)."""
-    request = (b"POST /webhook HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-               b"Content-Length: " + str(len(PAYLOAD)).encode() + b"\r\n\r\n" + PAYLOAD)
+    request = (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\n"
+               b"Content-Type: application/json\r\nX-Hub-Signature-256: "
+               + _signature().encode() + b"\r\nContent-Length: "
+               + str(len(PAYLOAD)).encode() + b"\r\n\r\n" + PAYLOAD)
     latencies: list[float] = []
     counts = {"ok": 0, "bad": 0}
 
@@ -224,9 +276,10 @@ def _python_loadgen(port: int, connections: int, duration: float) -> dict[str, A
             "max_ms": latencies[-1] * 1000}
 
 
-def run_python(port: int, connections: int, duration: float) -> dict[str, Any]:
+def run_python(port: int, path: str, connections: int, duration: float) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, "--loadgen-child", str(port), str(connections), str(duration)],
+        [sys.executable, __file__, "--loadgen-child", str(port), path, str(connections),
+         str(duration)],
         check=True, capture_output=True, text=True,
     ).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
@@ -235,20 +288,38 @@ def run_python(port: int, connections: int, duration: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Orchestration
 
+# Cell kind -> (server, path). Our two routes on one server per loop.
+KINDS: dict[str, tuple[str, str]] = {
+    "ours_uvloop": ("ours_uvloop", "/webhook"),
+    "ours_uvloop_signed": ("ours_uvloop", "/signed"),
+    "ours_trio": ("ours_trio", "/webhook"),
+    "ours_trio_signed": ("ours_trio", "/signed"),
+    "peer": ("peer", "/webhook"),
+    "fastapi": ("fastapi", "/webhook"),
+}
+RATIO_PEER = "peer"
 
-def start_server(kind: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+
+def _signature() -> str:
+    import hashlib
+    import hmac
+
+    return "sha256=" + hmac.new(SECRET.encode(), PAYLOAD, hashlib.sha256).hexdigest()
+
+
+def start_server(server: str, state_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port_file = state_dir / "port"
-    serve, _, loop = kind.partition("_")
+    serve, _, loop = server.partition("_")
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", serve, "--state-dir", str(state_dir),
          "--port-file", str(port_file)], cwd=ROOT,
-        env={**os.environ, "INGEST_OURS_LOOP": loop or "asyncio"},
+        env={**os.environ, "INGEST_OURS_LOOP": loop or "uvloop"},
     )
     deadline = time.monotonic() + 30
     while not (port_file.exists() and port_file.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"{kind} server did not start")
+            raise RuntimeError(f"{server} server did not start")
         time.sleep(0.05)
     return proc, int(port_file.read_text())
 
@@ -262,47 +333,56 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process *pid* (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """min / median / max of the rounds' rates; latency and CPU of the median round."""
+    ordered = sorted(rounds, key=lambda r: r["accepted_per_s"])
+    median = ordered[len(ordered) // 2]
+    return {"min": ordered[0]["accepted_per_s"], "median": median["accepted_per_s"],
+            "max": ordered[-1]["accepted_per_s"], "p50_ms": median["p50_ms"],
+            "p99_ms": median["p99_ms"], "cpu_us": median.get("cpu_us_per_request")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--no-uvloop", action="store_true",
-                        help="skip ours_uvloop (our listener on uvloop)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per cell; the best counts")
-    parser.add_argument("--only", choices=["ours", "ours_uvloop", "peer"], default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per cell (min/median/max)")
+    parser.add_argument("--only", default=None, help="comma-separated kinds: " + ", ".join(KINDS))
     parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--serve", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["ours", "peer", "fastapi"], help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--loadgen-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--loadgen-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.serve:
-        (serve_ours if args.serve == "ours" else serve_peer)(args.state_dir, args.port_file)
+        serve = {"ours": serve_ours, "peer": serve_peer, "fastapi": serve_fastapi}[args.serve]
+        serve(args.state_dir, args.port_file)
         return
     if args.loadgen_child:
-        port, conns, duration = args.loadgen_child
-        print(json.dumps(_python_loadgen(int(port), int(conns), float(duration))))
+        port, path, conns, duration = args.loadgen_child
+        print(json.dumps(_python_loadgen(int(port), path, int(conns), float(duration))))
         return
 
     loadgen = args.loadgen
     if loadgen == "auto":
         loadgen = "wrk" if shutil.which("wrk") else "python"
     levels = [int(x) for x in args.connections.split(",")]
-    try:
-        import uvloop  # noqa: F401
-
-        has_uvloop = not args.no_uvloop
-    except ImportError:
-        has_uvloop = False
-    kinds = [args.only] if args.only else [
-        "ours", *(["ours_uvloop"] if has_uvloop else []), "peer"]
+    kinds = args.only.split(",") if args.only else list(KINDS)
+    servers_needed = sorted({KINDS[k][0] for k in kinds})
     results: dict[str, Any] = {
         "benchmark": "ingest",
         "loadgen": "wrk -t1 (Lua POST script)" if loadgen == "wrk"
         else "python asyncio raw sockets (separate process)",
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "payload_bytes": len(PAYLOAD),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
@@ -311,33 +391,42 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
         script = Path(tmp) / "post.lua"
-        script.write_text(WRK_SCRIPT % PAYLOAD.decode())
+        script.write_text(WRK_SCRIPT % (_signature(), PAYLOAD.decode()))
         servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        warmups: dict[str, int] = {}
         try:
-            for kind in kinds:
-                state_dir = Path(tmp) / kind
+            for server in servers_needed:
+                state_dir = Path(tmp) / server
                 state_dir.mkdir()
-                servers[kind] = start_server(kind, state_dir)
+                servers[server] = start_server(server, state_dir)
 
             def run(kind: str, conns: int, seconds: float) -> dict[str, Any]:
-                port = servers[kind][1]
+                server, path = KINDS[kind]
+                proc, port = servers[server]
+                cpu = cpu_seconds(proc.pid)
                 if loadgen == "wrk":
-                    return run_wrk(port, conns, seconds, script)
-                return run_python(port, conns, seconds)
+                    res = run_wrk(port, path, conns, seconds, script)
+                else:
+                    res = run_python(port, path, conns, seconds)
+                used = cpu_seconds(proc.pid) - cpu
+                res["cpu_us_per_request"] = round(used / max(res["requests"], 1) * 1e6, 1)
+                return res
 
-            warmups: dict[str, int] = {}
             for kind in kinds:  # warm-up: caches, WAL growth, lazy imports
                 res = run(kind, min(levels[-1], 16), WARMUP_S)
-                warmups[kind] = round(res["accepted_per_s"] * res["seconds"])
+                server = KINDS[kind][0]
+                warmups[server] = warmups.get(server, 0) + round(
+                    res["accepted_per_s"] * res["seconds"])
             for conns in levels:
                 for round_no in range(args.rounds):
-                    # Alternate the order so neither side always runs right after the other.
+                    # Alternate the order so no side always runs right after the same other.
                     order = kinds if round_no % 2 == 0 else kinds[::-1]
                     for kind in order:
                         res = run(kind, conns, args.duration)
-                        print(f"{kind:5} c={conns:3} round {round_no + 1}: "
+                        print(f"{kind:18} c={conns:3} round {round_no + 1}: "
                               f"{res['accepted_per_s']:9.0f}/s  p50 {res['p50_ms']:7.2f} ms  "
-                              f"p99 {res['p99_ms']:7.2f} ms  errors {res['errors']}", flush=True)
+                              f"p99 {res['p99_ms']:7.2f} ms  cpu {res['cpu_us_per_request']:6.1f}"
+                              f" us/req  errors {res['errors']}", flush=True)
                         rounds = results["runs"].setdefault(kind, {}).setdefault(str(conns), [])
                         rounds.append(res)
         finally:
@@ -345,44 +434,42 @@ def main() -> None:
                 stop_server(proc)
         # Every accepted request must be a row on disk (rows >= accepted: wrk stops with
         # requests in flight that may still commit). Warm-up requests count too.
-        for kind in servers:
-            db = Path(tmp) / kind / ("peer.sqlite3" if kind == "peer" else "store.sqlite3")
+        for server in servers:
+            db = Path(tmp) / server / ("store.sqlite3" if server.startswith("ours")
+                                       else "peer.sqlite3")
             with sqlite3.connect(db) as conn:
                 (rows,) = conn.execute("SELECT count(*) FROM events").fetchone()
-            accepted = sum(
+            accepted = warmups.get(server, 0) + sum(
                 round(r["accepted_per_s"] * r["seconds"])
-                for rs in results["runs"][kind].values() for r in rs) + warmups[kind]
-            results.setdefault("stored_rows", {})[kind] = {"rows": rows, "accepted": accepted}
+                for kind, by_level in results["runs"].items() if KINDS[kind][0] == server
+                for rs in by_level.values() for r in rs)
+            results.setdefault("stored_rows", {})[server] = {"rows": rows, "accepted": accepted}
             status = "ok" if rows >= accepted else "MISSING ROWS"
-            print(f"{kind}: {rows} rows stored, {accepted} accepted: {status}")
-    # The best round per cell: other load on a shared machine only ever slows a run down.
-    results["best"] = {
-        kind: {c: max(rs, key=lambda r: r["accepted_per_s"]) for c, rs in by_level.items()}
+            print(f"{server}: {rows} rows stored, {accepted} accepted: {status}")
+    results["summary"] = {
+        kind: {c: summarise(rs) for c, rs in by_level.items()}
         for kind, by_level in results["runs"].items()
     }
 
     print()
-    print(f"load generator: {results['loadgen']}; {args.duration:g}s per run, best of "
-          f"{args.rounds}; {len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs; "
+    print(f"load generator: {results['loadgen']}; {args.duration:g}s per run, {args.rounds} "
+          f"rounds; {len(PAYLOAD)} B JSON; {os.cpu_count()} CPUs; "
           f"load average before: {results['loadavg_before']}")
-    best = results["best"]
-    ours_kinds = [k for k in kinds if k != "peer"]
-    print("| connections | " + " | ".join(
-        f"{k} accepted/s | {k} p50 ms | {k} p99 ms" for k in kinds)
-        + "".join(f" | {k} / peer" for k in ours_kinds if "peer" in kinds) + " |")
-    print("|---:" * (1 + 3 * len(kinds) + (len(ours_kinds) if "peer" in kinds else 0)) + "|")
+    summary = results["summary"]
+    print("| kind | conns | accepted/s min / median / max | p50 ms | p99 ms | CPU µs/req "
+          "| median / peer |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for conns in levels:
-        cells = [str(conns)]
+        peer = summary.get(RATIO_PEER, {}).get(str(conns))
         for kind in kinds:
-            r = best[kind][str(conns)]
-            cells += [f"{r['accepted_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
-        if "peer" in kinds:
-            peer_rate = best["peer"][str(conns)]["accepted_per_s"]
-            for kind in ours_kinds:
-                ratio = best[kind][str(conns)]["accepted_per_s"] / max(peer_rate, 1e-9)
-                results.setdefault("ratio", {}).setdefault(kind, {})[str(conns)] = round(ratio, 2)
-                cells.append(f"{ratio:.1f}x")
-        print("| " + " | ".join(cells) + " |")
+            r = summary[kind][str(conns)]
+            ratio = "" if peer is None else f"{r['median'] / max(peer['median'], 1e-9):.1f}x"
+            if peer is not None:
+                results.setdefault("ratio", {}).setdefault(kind, {})[str(conns)] = round(
+                    r["median"] / max(peer["median"], 1e-9), 2)
+            print(f"| {kind} | {conns} | {r['min']:,.0f} / {r['median']:,.0f} / "
+                  f"{r['max']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{r['cpu_us'] or 0:.0f} | {ratio} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.output}")
