@@ -304,6 +304,6 @@ def _split_target(target: bytes) -> tuple[bytes, bytes]:
 
 def _parse_error(exc: httptools.HttpParserError) -> HttpError:
     reason = str(exc)
-    if "HTTP version" in reason or "PRI" in reason:  # HTTP/1.2, 2.0's preface, 3.0 ...
+    if "HTTP version" in reason or "PRI" in reason or "HTTP/2" in reason:  # 1.2, 3.0, h2
         return HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
     return HttpError(400, f"malformed request: {reason}")

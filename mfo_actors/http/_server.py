@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from time import monotonic
 
 import anyio
 import anyio.abc
@@ -236,7 +237,7 @@ class HttpServer:
                 shortest = min(limits.header_timeout, limits.body_timeout,
                                limits.keepalive_timeout)
                 await anyio.sleep(min(SWEEP_MAX, max(SWEEP_MIN, shortest / 10)))
-                now = anyio.current_time()
+                now = monotonic()
                 for conn in self._conns:
                     if conn.deadline <= now and conn.phase not in NO_DEADLINE:
                         conn.expire()

@@ -1,7 +1,7 @@
 """The reference MFO server: SLOP endpoints with in-memory state, login, and fault injection.
 
-A real HTTP server (on the shared h11 core) for local development, the demo, the tests and
-the benchmarks. It is one handler ``MockMFOServer.handle(Request) -> Response``.
+A real HTTP server (on the shared HTTP core, httptools) for local development, the demo, the
+tests and the benchmarks. It is one handler ``MockMFOServer.handle(Request) -> Response``.
 
 Routes (all JSON; errors are SLOP's ``{"error": {"code", "message", "status"}}``):
 
