@@ -1,0 +1,75 @@
+"""What the Postgres store's table modules share: the store they are a part of, a batch's
+transaction as its ops see it, and row locking.
+
+:class:`~mfo_actors.store.PostgresStore` is put together from one class per table
+(``_pg_events.py``, ``_pg_attempts.py``, ``_pg_runs.py``, ``_pg_sessions.py``); each writes
+through the group-commit queue (``_submit``, from ``_engine.py``) with ops that take a
+:class:`Tx`, and reads through ``_read``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+
+from mfo_actors.store._engine import GroupCommitStore
+
+__all__ = ["Conn", "PostgresTables", "Tx", "locked"]
+
+T = TypeVar("T")
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+class Tx:
+    """One batch's transaction as an op sees it: the connection, and the sources to wake."""
+
+    __slots__ = ("conn", "cursors", "ready")
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.ready: dict[str, float] = {}
+        self.cursors: dict[str, int] = {}
+
+    def touch(self, source: str, ready_at: float, cursor: int | None = None) -> None:
+        """Have claimers look at *source* from *ready_at* on (and from *cursor*, if lower)."""
+        self.ready[source] = min(self.ready.get(source, math.inf), ready_at)
+        if cursor is not None:
+            self.cursors[source] = min(self.cursors.get(source, cursor), cursor)
+
+    def flush(self) -> None:
+        """Write the batch's wake-ups to ``sources`` (one statement)."""
+        if not self.ready:
+            return
+        names = sorted(self.ready)
+        self.conn.execute(
+            "UPDATE sources SET ready_at = LEAST(sources.ready_at, u.r), "
+            "cursor = LEAST(sources.cursor, COALESCE(u.c, sources.cursor)) "
+            "FROM unnest(%s::text[], %s::float8[], %s::int8[]) AS u(s, r, c) "
+            "WHERE sources.source = u.s",
+            (names, [self.ready[n] for n in names], [self.cursors.get(n) for n in names]),
+        )
+
+
+def locked(conn: Conn, query: str, params: tuple[Any, ...]) -> list[int]:
+    """The seqs a ``SELECT seq ... FOR UPDATE [SKIP LOCKED]`` locked, for a separate UPDATE.
+
+    Never ``UPDATE ... WHERE seq IN (SELECT ... LIMIT n FOR UPDATE)``: when the planner
+    rescans that subquery, its row locks skip the rows the UPDATE already changed, and the
+    LIMIT then lets further rows through (seen here: two sessions evicted instead of one).
+    """
+    return [int(r[0]) for r in conn.execute(query.encode(), params)]
+
+
+class PostgresTables(GroupCommitStore):
+    """The state every table of the Postgres store uses; :class:`PostgresStore` sets it."""
+
+    _node: str  # this node's id, recorded on claims and runs
+    _dedupe_window: float  # seconds within which a (source, dedupe_key) is a provider retry
+    _node_lease: float  # seconds a node's active runs stay its own without renewal
+
+    async def _read(self, fn: Callable[[Conn], T]) -> T:  # pragma: no cover (abstract)
+        """``fn(connection)`` in a worker thread (:class:`PostgresStore` implements it)."""
+        raise NotImplementedError

@@ -1,0 +1,368 @@
+"""The Postgres ``events`` table: the durable mailbox between listeners and forwarders of all
+nodes.
+
+An event is appended ``pending``, claimed (``claimed``, with a token, a lease and this node's
+id) by a forwarder, and settled with that token: ``delivered``, ``pending`` again with a later
+due time (``reschedule``), or ``dead``. The ``sources`` table keeps each source's order across
+nodes: an ordered claim locks ready sources (``FOR UPDATE SKIP LOCKED``), reads each one's
+head events from its cursor and claims the due ones; appends and settles say when to look at a
+source again (:meth:`Tx.touch`). Each settle records the attempt (``_pg_attempts.py``) in the
+same transaction; dedupe keys live in ``dedupe``, so two nodes agree on the first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import anyio.lowlevel
+
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.observability import get_logger
+from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, newest_first, stored_event
+from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._pg_attempts import forget_attempts, record_attempt
+from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
+from mfo_actors.store._pg_runs import insert_runs
+from mfo_actors.store._protocol import AppendResult, EventStatus, RunRequest, StoredEvent
+from mfo_actors.store._tables import (
+    PRUNE_CHUNK,
+    in_seq_order,
+    prune_in_chunks,
+    stale_settle,
+)
+
+__all__ = ["PostgresEvents"]
+
+log = get_logger("mfo_actors.store.postgres")
+
+_CLAIMED_MEMORY = 100_000  # event id -> source of this node's claims, for settles' lock order
+
+
+def _claimable(status: str, due: float, lease_until: float | None, now: float) -> bool:
+    """A pending event that is due, or a claim whose lease ran out."""
+    if status == "pending":
+        return due <= now
+    return lease_until is not None and lease_until <= now
+
+
+class PostgresEvents(PostgresTables):
+    """Appending, claiming, settling, replaying and pruning events."""
+
+    _claimed: dict[str, str]  # event id -> source, for events this node claimed
+
+    async def append(self, event: Event, *, runs: Sequence[RunRequest] = ()) -> AppendResult:
+        """Store *event* (and *runs*) in the next group commit; return once it is on disk."""
+        size = len(event.body)
+        self._reserve(size)
+        op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size,
+                source=event.source)
+        return await self._submit(op)
+
+    def _tx_append(
+        self, event: Event, runs: Sequence[RunRequest], size: int, tx: Tx, now: float
+    ) -> tuple[AppendResult, Delta]:
+        conn = tx.conn
+        if event.dedupe_key is not None:
+            # Whoever inserts (or replaces an expired) key first stores the event; a concurrent
+            # insert of the same key waits for that commit, then finds it here.
+            won = conn.execute(
+                "INSERT INTO dedupe AS d (source, dedupe_key, event_id, received_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (source, dedupe_key) DO UPDATE "
+                "SET event_id = EXCLUDED.event_id, received_at = EXCLUDED.received_at "
+                "WHERE d.received_at < EXCLUDED.received_at - %s RETURNING event_id",
+                (event.source, event.dedupe_key, event.id, event.received_at,
+                 self._dedupe_window),
+            ).fetchone()
+            if won is None:
+                first = conn.execute(
+                    "SELECT event_id FROM dedupe WHERE source = %s AND dedupe_key = %s",
+                    (event.source, event.dedupe_key)).fetchone()
+                assert first is not None
+                return AppendResult(first[0], duplicate=True), NO_CHANGE
+        conn.execute(
+            "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
+            "is_json, dedupe_key, size, status, next_attempt_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s)",
+            (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
+             event.body, event.content_type, event.is_json, event.dedupe_key, size, now),
+        )
+        tx.touch(event.source, now)
+        created = insert_runs(conn, runs, now) if runs else []
+        return AppendResult(event.id), Delta(
+            pending=1, bytes=size, wake_events=True, wake_runs=bool(created))
+
+    async def claim_due(
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
+    ) -> list[StoredEvent]:
+        """Claim up to *limit* due events (see the protocol), each call with a new token."""
+        if limit <= 0:
+            await anyio.lowlevel.checkpoint()
+            return []
+        fn = (partial(self._tx_claim_ordered, limit, lease, max(1, per_source))
+              if ordered_by_source else partial(self._tx_claim_unordered, limit, lease))
+        return await self._submit(Op(fn))
+
+    def _tx_claim_ordered(
+        self, limit: int, lease: float, per_source: int, tx: Tx, now: float
+    ) -> tuple[list[StoredEvent], Delta]:
+        conn = tx.conn
+        ready = conn.execute(
+            "SELECT source, cursor FROM sources WHERE ready_at <= %s "
+            "ORDER BY ready_at, source LIMIT %s FOR UPDATE SKIP LOCKED", (now, limit),
+        ).fetchall()
+        if not ready:
+            return [], NO_CHANGE
+        names = [r[0] for r in ready]
+        heads: dict[str, list[tuple[int, str, float, float | None]]] = {n: [] for n in names}
+        for source, seq, status, due, lease_until in conn.execute(
+            "SELECT s.source, e.seq, e.status, e.next_attempt_at, e.lease_until "
+            "FROM unnest(%s::text[], %s::int8[]) AS s(source, cursor) CROSS JOIN LATERAL ("
+            "  SELECT seq, status, next_attempt_at, lease_until FROM events "
+            "  WHERE events.source = s.source AND events.seq > s.cursor "
+            "    AND events.status IN ('pending', 'claimed') "
+            "  ORDER BY events.seq LIMIT %s) AS e",
+            (names, [r[1] for r in ready], per_source),
+        ):
+            heads[source].append((seq, status, due, lease_until))
+        seqs: list[int] = []
+        cursors: list[int | None] = []
+        next_look: list[float] = []
+        for source in names:
+            rows = sorted(heads[source])
+            if not rows:  # nothing pending: look again when an append says so
+                cursors.append(None)
+                next_look.append(math.inf)
+                continue
+            cursors.append(rows[0][0] - 1)
+            taken = 0
+            for seq, status, due, lease_until in rows:
+                if not _claimable(status, due, lease_until, now):
+                    break
+                seqs.append(seq)
+                taken += 1
+            _, status, due, lease_until = rows[0]
+            if taken:
+                next_look.append(now + lease)
+            elif status == "claimed":
+                next_look.append(lease_until if lease_until is not None else now + lease)
+            else:
+                next_look.append(due)
+        conn.execute(
+            "UPDATE sources SET cursor = COALESCE(u.c, sources.cursor), ready_at = u.r "
+            "FROM unnest(%s::text[], %s::int8[], %s::float8[]) AS u(s, c, r) "
+            "WHERE sources.source = u.s", (names, cursors, next_look))
+        return self._take(conn, seqs, lease, now), NO_CHANGE
+
+    def _tx_claim_unordered(
+        self, limit: int, lease: float, tx: Tx, now: float
+    ) -> tuple[list[StoredEvent], Delta]:
+        conn = tx.conn
+        expired = locked(conn, "SELECT seq FROM events WHERE status = 'claimed' "
+                          "AND lease_until <= %s FOR UPDATE SKIP LOCKED", (now,))
+        if expired:
+            conn.execute(
+                "UPDATE events SET status = 'pending', claim_token = NULL, claimed_by = NULL, "
+                "lease_until = NULL, next_attempt_at = %s WHERE seq = ANY(%s)", (now, expired))
+        if expired:
+            log.warning("store.leases_expired", count=len(expired))
+        seqs = [r[0] for r in conn.execute(
+            "SELECT seq FROM events WHERE status = 'pending' AND next_attempt_at <= %s "
+            "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED", (now, limit))]
+        return self._take(conn, seqs, lease, now), NO_CHANGE
+
+    def _take(self, conn: Conn, seqs: list[int], lease: float, now: float) -> list[StoredEvent]:
+        """Claim the events *seqs* for this node under one new token."""
+        if not seqs:
+            return []
+        rows = conn.execute(
+            f"UPDATE events SET status = 'claimed', claim_token = %s, claimed_by = %s, "
+            f"lease_until = %s WHERE seq = ANY(%s) RETURNING seq, {EVENT_COLS}",
+            (new_id(), self._node, now + lease, seqs),
+        ).fetchall()
+        claimed = in_seq_order(rows, stored_event)
+        if len(self._claimed) > _CLAIMED_MEMORY:  # settles that never came (leases ran out)
+            self._claimed.clear()
+        for c in claimed:
+            self._claimed[c.event.id] = c.event.source
+        return claimed
+
+    def _settle_op(self, fn: Callable[..., tuple[None, Delta]], event_id: str,
+                   *args: Any) -> Op[None]:
+        return Op(partial(fn, event_id, *args), source=self._claimed.pop(event_id, None))
+
+    def _settle(
+        self, tx: Tx, event_id: str, token: str, action: str, set_sql: str,
+        params: tuple[Any, ...], next_look: float, now: float, send: Send | None,
+        error: str | None,
+    ) -> int | None:
+        """Update a claimed event by id and token, record the attempt (*send*, as
+        *action*), and wake its source at *next_look*; the event's size, or None (stale)."""
+        row = tx.conn.execute(
+            f"UPDATE events SET {set_sql}, claim_token = NULL, claimed_by = NULL, "
+            f"lease_until = NULL WHERE id = %s AND status = 'claimed' AND claim_token = %s "
+            f"RETURNING size, source, attempts",
+            (*params, event_id, token),
+        ).fetchone()
+        if row is None:
+            stale_settle(event_id, action)
+            return None
+        tx.touch(row[1], next_look)
+        if send is not None:
+            record_attempt(tx.conn, send, event_id, row[2], now, action, error)
+        return int(row[0])
+
+    async def mark_delivered(
+        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
+        await self._submit(self._settle_op(self._tx_delivered, event_id, claim_token,
+                                           Send(sent_at, None, latency)))
+
+    def _tx_delivered(self, event_id: str, token: str, send: Send, tx: Tx, now: float
+                      ) -> tuple[None, Delta]:
+        size = self._settle(
+            tx, event_id, token, "delivered",
+            "status = 'delivered', delivered_at = %s, attempts = attempts + 1, last_error = NULL",
+            (now,), now, now, send, None)
+        if size is None:
+            return None, NO_CHANGE
+        return None, Delta(pending=-1, bytes=-size, delivered=1, wake_events=True)
+
+    async def reschedule(
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
+        count_attempt: bool = True, sent_at: float | None = None, status: int | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as pending, due at *next_attempt_at* (see the protocol)."""
+        await self._submit(self._settle_op(
+            self._tx_reschedule, event_id, claim_token, next_attempt_at, error,
+            Send(sent_at, status, latency) if count_attempt else None))
+
+    def _tx_reschedule(
+        self, event_id: str, token: str, next_at: float, error: str, send: Send | None,
+        tx: Tx, now: float,
+    ) -> tuple[None, Delta]:
+        size = self._settle(
+            tx, event_id, token, "retry",
+            "status = 'pending', next_attempt_at = %s, last_error = %s, attempts = attempts + %s",
+            (next_at, error, int(send is not None)), max(next_at, now), now, send, error)
+        return None, Delta(wake_events=size is not None and next_at <= now)
+
+    async def dead_letter(
+        self, event_id: str, claim_token: str, *, reason: str, sent_at: float | None = None,
+        status: int | None = None, latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as dead with *reason*; counts an attempt."""
+        await self._submit(self._settle_op(self._tx_dead, event_id, claim_token, reason,
+                                           Send(sent_at, status, latency)))
+
+    def _tx_dead(self, event_id: str, token: str, reason: str, send: Send, tx: Tx,
+                 now: float) -> tuple[None, Delta]:
+        size = self._settle(tx, event_id, token, "dead",
+                            "status = 'dead', last_error = %s, attempts = attempts + 1",
+                            (reason,), now, now, send, reason)
+        if size is None:
+            return None, NO_CHANGE
+        # Wakes the forwarder: the next event of this source may now be claimable.
+        return None, Delta(pending=-1, bytes=-size, dead=1, wake_events=True)
+
+    async def oldest_pending_at(self) -> float | None:
+        """``received_at`` of the cluster's oldest pending or claimed event (index probes)."""
+
+        def read(conn: Conn) -> float | None:
+            row = conn.execute(
+                "SELECT min(received_at) FROM (SELECT received_at FROM events "
+                "WHERE status = 'pending' ORDER BY seq LIMIT 1) AS p"
+            ).fetchone()
+            claimed = conn.execute(
+                "SELECT min(received_at) FROM events WHERE status = 'claimed'").fetchone()
+            times = [r[0] for r in (row, claimed) if r is not None and r[0] is not None]
+            return float(min(times)) if times else None
+
+        return await self._read(read)
+
+    async def recover_claims(self) -> int:
+        """Make THIS node's claimed events pending and due now (start-up after a crash);
+        other nodes' claims are theirs until their lease runs out."""
+        return await self._submit(Op(self._tx_recover_claims))
+
+    def _tx_recover_claims(self, tx: Tx, now: float) -> tuple[int, Delta]:
+        rows = tx.conn.execute(
+            "UPDATE events SET status = 'pending', next_attempt_at = %s, claim_token = NULL, "
+            "claimed_by = NULL, lease_until = NULL "
+            "WHERE status = 'claimed' AND claimed_by = %s RETURNING source",
+            (now, self._node)).fetchall()
+        for (source,) in rows:
+            tx.touch(source, now)
+        if rows:
+            log.info("store.claims_recovered", count=len(rows), node=self._node)
+        return len(rows), Delta(wake_events=bool(rows))
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        """One event with its state, or None."""
+
+        def read(conn: Conn) -> StoredEvent | None:
+            row = conn.execute(f"SELECT {EVENT_COLS} FROM events WHERE id = %s",
+                               (event_id,)).fetchone()
+            return None if row is None else stored_event(row)
+
+        return await self._read(read)
+
+    async def list_events(
+        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
+    ) -> list[StoredEvent]:
+        """Events, newest first (acceptance order), filtered by status and source."""
+        query, params = newest_first(EVENT_COLS, "events", limit, "%s", status=status,
+                                     source=source)
+
+        def read(conn: Conn) -> list[StoredEvent]:
+            return [stored_event(r) for r in conn.execute(query.encode(), params)]
+
+        return await self._read(read)
+
+    async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Move dead events back to pending, due now, attempts reset; return how many moved."""
+        ids = list(event_ids)
+        if not ids and not all_dead:
+            await anyio.lowlevel.checkpoint()
+            return 0
+        return await self._submit(Op(partial(self._tx_replay, ids, all_dead)))
+
+    def _tx_replay(self, ids: list[str], all_dead: bool, tx: Tx, now: float
+                   ) -> tuple[int, Delta]:
+        rows = tx.conn.execute(
+            "UPDATE events SET status = 'pending', attempt_base = attempts, "
+            "next_attempt_at = %s, claim_token = NULL, claimed_by = NULL, lease_until = NULL "
+            "WHERE status = 'dead' AND (%s OR id = ANY(%s)) RETURNING size, source, seq",
+            (now, all_dead, ids)).fetchall()
+        for _, source, seq in rows:
+            tx.touch(source, now, cursor=seq - 1)  # a replayed event may sit below the cursor
+        n = len(rows)
+        if n:
+            log.info("store.replayed", count=n)
+        return n, Delta(pending=n, bytes=sum(r[0] for r in rows), dead=-n, wake_events=n > 0)
+
+    async def prune(self, *, delivered_older_than: float) -> int:
+        """Delete delivered events delivered over *delivered_older_than* seconds ago (in
+        chunks), keeping those within the dedupe window; expired dedupe keys go too."""
+        return await prune_in_chunks(
+            lambda: self._submit(Op(partial(self._tx_prune, delivered_older_than))))
+
+    def _tx_prune(self, age: float, tx: Tx, now: float) -> tuple[int, Delta]:
+        horizon = now - self._dedupe_window
+        ids = [r[0] for r in tx.conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
+            "AND delivered_at < %s AND (dedupe_key IS NULL OR received_at < %s) "
+            "ORDER BY seq LIMIT %s) RETURNING id",
+            (now - age, horizon, PRUNE_CHUNK)).fetchall()]
+        n = len(ids)
+        forget_attempts(tx.conn, ids)  # their attempt histories go with them
+        tx.conn.execute(
+            "DELETE FROM dedupe WHERE ctid IN (SELECT ctid FROM dedupe WHERE received_at < %s "
+            "LIMIT %s)", (horizon, PRUNE_CHUNK))
+        return n, Delta(delivered=-n)

@@ -1,0 +1,342 @@
+"""The SQLite ``events`` table: the durable mailbox between the listener and the forwarder.
+
+An event is appended ``pending``, claimed (``claimed``, with a token and a lease) by the
+forwarder, and settled with that token: ``delivered``, ``pending`` again with a later due
+time (``reschedule``), or ``dead``. Claims keep each source's order: only a source's oldest
+unsettled event (its head) and the due ones right behind it are claimed. Each settle records
+the attempt (``_sqlite_attempts.py``) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import anyio.lowlevel
+
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.observability import get_logger
+from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, newest_first, stored_event
+from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._protocol import AppendResult, EventStatus, RunRequest, StoredEvent
+from mfo_actors.store._sqlite_attempts import forget_attempts, record_attempt
+from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
+from mfo_actors.store._sqlite_runs import insert_runs
+from mfo_actors.store._tables import (
+    PRUNE_CHUNK,
+    in_seq_order,
+    prune_in_chunks,
+    stale_settle,
+)
+
+__all__ = ["SQLiteEvents", "insert_events"]
+
+log = get_logger("mfo_actors.store.sqlite")
+
+# Each source's head (its oldest pending-or-claimed event), found with a loose index scan over
+# events_outbox: one index probe per distinct source, whatever the outbox depth. INDEXED BY is
+# needed because the planner otherwise prefers events_status and scans every pending row.
+_HEADS_SQL = """
+WITH RECURSIVE src(s) AS (
+    SELECT (SELECT source FROM events INDEXED BY events_outbox
+            WHERE status IN ('pending', 'claimed') ORDER BY source LIMIT 1)
+    UNION ALL
+    SELECT (SELECT source FROM events INDEXED BY events_outbox
+            WHERE status IN ('pending', 'claimed') AND source > src.s ORDER BY source LIMIT 1)
+    FROM src WHERE src.s IS NOT NULL
+),
+heads(seq) AS (
+    SELECT (SELECT seq FROM events INDEXED BY events_outbox
+            WHERE status IN ('pending', 'claimed') AND source = src.s ORDER BY seq LIMIT 1)
+    FROM src WHERE src.s IS NOT NULL
+)
+SELECT e.seq, e.source FROM heads JOIN events e ON e.seq = heads.seq
+WHERE e.status = 'pending' AND e.next_attempt_at <= ?
+ORDER BY e.seq LIMIT ?
+"""
+# The events of one source right after its head, in acceptance order.
+_FOLLOWERS_SQL = """
+SELECT seq, status, next_attempt_at FROM events INDEXED BY events_outbox
+WHERE source = ? AND seq > ? AND status IN ('pending', 'claimed') ORDER BY seq LIMIT ?
+"""
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
+    "is_json, dedupe_key, size, status, next_attempt_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+)
+
+
+def _event_row(event: Event, size: int, now: float) -> tuple[Any, ...]:
+    return (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
+            event.body, event.content_type, int(event.is_json), event.dedupe_key, size, now)
+
+
+def insert_events(conn: sqlite3.Connection, ops: list[Op[Any]], now: float) -> None:
+    """Appends marked ``row`` (no dedupe key, no runs), in one ``executemany`` (the writer
+    calls it for each run of them in a batch)."""
+    rows: list[tuple[Event, int]] = [op.row for op in ops]  # type: ignore[misc]
+    conn.executemany(_INSERT_EVENT, [_event_row(event, size, now) for event, size in rows])
+    for op, (event, size) in zip(ops, rows, strict=True):
+        op.result = AppendResult(event.id)
+        op.delta = Delta(pending=1, bytes=size, wake_events=True)
+
+
+class SQLiteEvents(SQLiteTables):
+    """Appending, claiming, settling, replaying and pruning events."""
+
+    async def append(self, event: Event, *, runs: Sequence[RunRequest] = ()) -> AppendResult:
+        """Store *event* (and *runs*) in the next group commit; return once it is on disk."""
+        size = len(event.body)
+        self._reserve(size)
+        # Without a dedupe key or runs, nothing can make the insert differ from a plain one:
+        # the writer may insert it together with its neighbours (``row``).
+        op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size,
+                row=None if runs or event.dedupe_key is not None else (event, size))
+        return await self._submit(op)
+
+    def _tx_append(
+        self, event: Event, runs: Sequence[RunRequest], size: int,
+        conn: sqlite3.Connection, now: float,
+    ) -> tuple[AppendResult, Delta]:
+        if event.dedupe_key is not None:
+            row = conn.execute(
+                "SELECT id FROM events WHERE source = ? AND dedupe_key = ? AND received_at >= ? "
+                "ORDER BY seq LIMIT 1",
+                (event.source, event.dedupe_key, event.received_at - self._dedupe_window),
+            ).fetchone()
+            if row is not None:
+                return AppendResult(row[0], duplicate=True), NO_CHANGE
+        conn.execute(_INSERT_EVENT, _event_row(event, size, now))
+        created = insert_runs(conn, runs, now) if runs else []
+        return AppendResult(event.id), Delta(
+            pending=1, bytes=size, wake_events=True, wake_runs=bool(created)
+        )
+
+    async def claim_due(
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
+    ) -> list[StoredEvent]:
+        """Claim up to *limit* due events (see the protocol), each batch with a new token."""
+        if limit <= 0:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(
+            self._tx_claim, limit, lease, ordered_by_source, max(1, per_source))))
+
+    def _tx_claim(
+        self, limit: int, lease: float, ordered: bool, per_source: int,
+        conn: sqlite3.Connection, now: float,
+    ) -> tuple[list[StoredEvent], Delta]:
+        expired = conn.execute(
+            "UPDATE events SET status = 'pending', claim_token = NULL, lease_until = NULL, "
+            "next_attempt_at = ? WHERE status = 'claimed' AND lease_until <= ?",
+            (now, now),
+        ).rowcount
+        if expired:
+            log.warning("store.leases_expired", count=expired)
+        if ordered:
+            seqs = []
+            for head, source in conn.execute(_HEADS_SQL, (now, limit)).fetchall():
+                seqs.append(head)
+                if per_source > 1:
+                    # The head's followers, while they are due (a rescheduled one stops the run).
+                    for seq, status, due in conn.execute(_FOLLOWERS_SQL,
+                                                         (source, head, per_source - 1)):
+                        if status != "pending" or due > now:
+                            break
+                        seqs.append(seq)
+        else:
+            seqs = [r[0] for r in conn.execute(
+                "SELECT seq FROM events WHERE status = 'pending' AND next_attempt_at <= ? "
+                "ORDER BY seq LIMIT ?", (now, limit))]
+        if not seqs:
+            return [], NO_CHANGE
+        token = new_id()
+        rows = conn.execute(
+            f"UPDATE events SET status = 'claimed', claim_token = ?, claimed_by = ?, "
+            f"lease_until = ? WHERE seq IN ({marks(len(seqs))}) RETURNING seq, {EVENT_COLS}",
+            (token, self._node, now + lease, *seqs),
+        ).fetchall()
+        return in_seq_order(rows, stored_event), NO_CHANGE
+
+    def _settle(
+        self, conn: sqlite3.Connection, event_id: str, token: str, outcome: str, set_sql: str,
+        params: tuple[Any, ...], now: float, send: Send | None, error: str | None,
+    ) -> int | None:
+        """Update a claimed event by id and token (``SET`` *set_sql*) and record the attempt
+        (*send*, as *outcome*); the event's size, or None when the token is stale."""
+        row = conn.execute(
+            f"UPDATE events SET {set_sql}, claim_token = NULL, lease_until = NULL "
+            f"WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size, attempts",
+            (*params, event_id, token),
+        ).fetchone()
+        if row is None:
+            stale_settle(event_id, outcome)
+            return None
+        if send is not None:
+            record_attempt(conn, send, event_id, row[1], now, outcome, error)
+        return int(row[0])
+
+    async def mark_delivered(
+        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
+        await self._submit(Op(partial(
+            self._tx_delivered, event_id, claim_token, Send(sent_at, None, latency))))
+
+    def _tx_delivered(
+        self, event_id: str, token: str, send: Send, conn: sqlite3.Connection, now: float
+    ) -> tuple[None, Delta]:
+        size = self._settle(
+            conn, event_id, token, "delivered",
+            "status = 'delivered', delivered_at = ?, attempts = attempts + 1, last_error = NULL",
+            (now,), now, send, None)
+        if size is None:
+            return None, NO_CHANGE
+        return None, Delta(pending=-1, bytes=-size, delivered=1, wake_events=True)
+
+    async def reschedule(
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
+        count_attempt: bool = True, sent_at: float | None = None, status: int | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as pending, due at *next_attempt_at* (see the protocol)."""
+        await self._submit(Op(partial(
+            self._tx_reschedule, event_id, claim_token, next_attempt_at, error,
+            Send(sent_at, status, latency) if count_attempt else None)))
+
+    def _tx_reschedule(
+        self, event_id: str, token: str, next_at: float, error: str, send: Send | None,
+        conn: sqlite3.Connection, now: float,
+    ) -> tuple[None, Delta]:
+        size = self._settle(
+            conn, event_id, token, "retry",
+            "status = 'pending', next_attempt_at = ?, last_error = ?, attempts = attempts + ?",
+            (next_at, error, int(send is not None)), now, send, error)
+        return None, Delta(wake_events=size is not None and next_at <= now)
+
+    async def dead_letter(
+        self, event_id: str, claim_token: str, *, reason: str, sent_at: float | None = None,
+        status: int | None = None, latency: float | None = None,
+    ) -> None:
+        """Settle a claimed event as dead with *reason*; counts an attempt."""
+        await self._submit(Op(partial(
+            self._tx_dead, event_id, claim_token, reason, Send(sent_at, status, latency))))
+
+    def _tx_dead(
+        self, event_id: str, token: str, reason: str, send: Send, conn: sqlite3.Connection,
+        now: float,
+    ) -> tuple[None, Delta]:
+        size = self._settle(conn, event_id, token, "dead",
+                            "status = 'dead', last_error = ?, attempts = attempts + 1",
+                            (reason,), now, send, reason)
+        if size is None:
+            return None, NO_CHANGE
+        # Wakes the forwarder: the next event of this source may now be claimable.
+        return None, Delta(pending=-1, bytes=-size, dead=1, wake_events=True)
+
+    async def oldest_pending_at(self) -> float | None:
+        """``received_at`` of the oldest pending or claimed event (two index probes)."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            found = [conn.execute(
+                "SELECT received_at FROM events WHERE status = ? ORDER BY seq LIMIT 1",
+                (status,)).fetchone() for status in ("pending", "claimed")]
+            times = [r[0] for r in found if r is not None]
+            return min(times) if times else None
+
+        return await self._read(read)
+
+    async def recover_claims(self) -> int:
+        """Make this node's claimed events pending and due now (start-up after a crash).
+
+        One file has one node, but claims written before node ids existed (no owner) are
+        taken back too."""
+        return await self._submit(Op(self._tx_recover_claims))
+
+    def _tx_recover_claims(self, conn: sqlite3.Connection, now: float) -> tuple[int, Delta]:
+        n = conn.execute(
+            "UPDATE events SET status = 'pending', next_attempt_at = ?, claim_token = NULL, "
+            "lease_until = NULL, claimed_by = NULL "
+            "WHERE status = 'claimed' AND (claimed_by = ? OR claimed_by IS NULL)",
+            (now, self._node),
+        ).rowcount
+        if n:
+            log.info("store.claims_recovered", count=n)
+        return n, Delta(wake_events=n > 0)
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        """One event with its state, or None."""
+
+        def read(conn: sqlite3.Connection) -> StoredEvent | None:
+            row = conn.execute(
+                f"SELECT {EVENT_COLS} FROM events WHERE id = ?", (event_id,)
+            ).fetchone()
+            return None if row is None else stored_event(row)
+
+        return await self._read(read)
+
+    async def list_events(
+        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
+    ) -> list[StoredEvent]:
+        """Events, newest first (acceptance order), filtered by status and source."""
+        sql, params = newest_first(EVENT_COLS, "events", limit, status=status, source=source)
+
+        def read(conn: sqlite3.Connection) -> list[StoredEvent]:
+            return [stored_event(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
+        """Move dead events back to pending, due now, with a fresh retry budget; return how
+        many moved.
+
+        Attempts go on counting (``attempt_base`` marks where the new budget starts). Ids
+        that are unknown or not dead are skipped. ``last_error`` is kept until delivered.
+        """
+        ids = list(event_ids)
+        if not ids and not all_dead:
+            await anyio.lowlevel.checkpoint()
+            return 0
+        return await self._submit(Op(partial(self._tx_replay, ids, all_dead)))
+
+    def _tx_replay(
+        self, ids: list[str], all_dead: bool, conn: sqlite3.Connection, now: float
+    ) -> tuple[int, Delta]:
+        sql = ("UPDATE events SET status = 'pending', attempt_base = attempts, "
+               "next_attempt_at = ?, claim_token = NULL, lease_until = NULL "
+               "WHERE status = 'dead'")
+        sizes: list[int] = []
+        if all_dead:
+            sizes += [r[0] for r in conn.execute(sql + " RETURNING size", (now,))]
+        for chunk in chunks(ids):
+            sizes += [r[0] for r in conn.execute(
+                sql + f" AND id IN ({marks(len(chunk))}) RETURNING size", (now, *chunk))]
+        n = len(sizes)
+        if n:
+            log.info("store.replayed", count=n)
+        return n, Delta(pending=n, bytes=sum(sizes), dead=-n, wake_events=n > 0)
+
+    async def prune(self, *, delivered_older_than: float) -> int:
+        """Delete delivered events delivered over *delivered_older_than* seconds ago.
+
+        Events with a dedupe key received within the dedupe window are kept, so provider
+        retries are still recognised. Deletes in chunks, so appends go on meanwhile.
+        """
+        return await prune_in_chunks(
+            lambda: self._submit(Op(partial(self._tx_prune, delivered_older_than))))
+
+    def _tx_prune(self, age: float, conn: sqlite3.Connection, now: float) -> tuple[int, Delta]:
+        ids = [r[0] for r in conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
+            "AND delivered_at < ? AND (dedupe_key IS NULL OR received_at < ?) "
+            "ORDER BY seq LIMIT ?) RETURNING id",
+            (now - age, now - self._dedupe_window, PRUNE_CHUNK),
+        )]
+        forget_attempts(conn, ids)
+        return len(ids), Delta(delivered=-len(ids))

@@ -1,0 +1,205 @@
+"""The SQLite ``runs`` and ``task_runs`` tables: the scheduler's durable mailbox and history.
+
+A run is created ``new`` (by an append that triggers flows, or by a schedule), claimed
+``active`` by the scheduler, and settled ``done`` or ``error``; its tasks' records are
+upserted as they go. One file has one node, so start-up recovery takes back every run left
+``active``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+import anyio.lowlevel
+
+from mfo_actors.messages import RunStatus
+from mfo_actors.observability import get_logger
+from mfo_actors.store._codec import (
+    RUN_COLS,
+    TASK_COLS,
+    TASK_UPSERT,
+    capped_json,
+    json_bytes,
+    newest_first,
+    run_record,
+    task_params,
+    task_record,
+)
+from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
+from mfo_actors.store._sqlite_base import SQLiteTables
+from mfo_actors.store._tables import in_seq_order
+
+__all__ = ["SQLiteRuns", "insert_runs"]
+
+log = get_logger("mfo_actors.store.sqlite")
+
+
+def insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float,
+                *, node: str | None = None) -> list[str]:
+    """Insert *runs* as ``new``, or ``active`` and owned by *node* when one is given."""
+    created = []
+    status, started_at = ("active", now) if node else ("new", None)
+    for run in runs:
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO runs (run_id, flow, status, trigger, event_id, input, "
+            "schedule_key, tick, created_at, started_at, node) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run.run_id, run.flow, status, run.trigger, run.event_id, json_bytes(run.input),
+             run.schedule_key, run.tick, now, started_at, node),
+        )
+        if cur.rowcount == 1:
+            created.append(run.run_id)
+    return created
+
+
+class SQLiteRuns(SQLiteTables):
+    """Runs and their tasks' records."""
+
+    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
+        """Create ``new`` runs (``active`` with *claim*); a (flow, schedule_key, tick) or run id
+        seen before is skipped."""
+        items = tuple(runs)
+        if not items:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(self._tx_create_runs, items, claim)))
+
+    def _tx_create_runs(
+        self, runs: Sequence[RunRequest], claim: bool, conn: sqlite3.Connection, now: float
+    ) -> tuple[list[str], Delta]:
+        created = insert_runs(conn, runs, now, node=self._node if claim else None)
+        return created, Delta(wake_runs=bool(created) and not claim)
+
+    async def claim_runs(self, *, limit: int) -> list[RunRecord]:
+        """Mark up to *limit* ``new`` runs ``active``, oldest first, and return them."""
+        if limit <= 0:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(self._tx_claim_runs, limit)))
+
+    def _tx_claim_runs(
+        self, limit: int, conn: sqlite3.Connection, now: float
+    ) -> tuple[list[RunRecord], Delta]:
+        rows = conn.execute(
+            f"UPDATE runs SET status = 'active', started_at = ?, node = ? WHERE seq IN "
+            f"(SELECT seq FROM runs WHERE status = 'new' ORDER BY seq LIMIT ?) "
+            f"RETURNING seq, {RUN_COLS}",
+            (now, self._node, limit),
+        ).fetchall()
+        return in_seq_order(rows, run_record), NO_CHANGE
+
+    async def record_task(self, record: TaskRunRecord) -> None:
+        """Insert or replace one task's record; outputs over 64 KiB become a marker."""
+        await self._submit(Op(partial(self._tx_record_task, record)))
+
+    def _tx_record_task(
+        self, r: TaskRunRecord, conn: sqlite3.Connection, now: float
+    ) -> tuple[None, Delta]:
+        conn.execute(TASK_UPSERT, task_params(r))
+        return None, NO_CHANGE
+
+    async def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: Literal["done", "error"],
+        error: str | None = None,
+        outputs: dict[str, Any] | None = None,
+    ) -> None:
+        """Settle a new or active run (outputs size-capped); a settled one is left alone."""
+        await self._submit(Op(partial(self._tx_finish_run, run_id, status, error, outputs)))
+
+    def _tx_finish_run(
+        self, run_id: str, status: str, error: str | None, outputs: dict[str, Any] | None,
+        conn: sqlite3.Connection, now: float,
+    ) -> tuple[None, Delta]:
+        n = conn.execute(
+            "UPDATE runs SET status = ?, finished_at = ?, error = ?, outputs = ?, "
+            "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND status IN ('new', 'active')",
+            (status, now, error, capped_json(outputs), now, run_id),
+        ).rowcount
+        if not n:
+            log.warning("store.finish_run_ignored", run_id=run_id, status=status)
+        return None, NO_CHANGE
+
+    async def recover_runs(
+        self, *, rerun_flows: Sequence[str], orphaned: bool = False
+    ) -> list[RunRecord]:
+        """This node's runs left ``active`` by a crash: ``interrupted += 1``, then ``new`` again
+        (flows in *rerun_flows*) or ``error`` "interrupted" with their unfinished tasks
+        ``cancelled``. A file has one node, so there are never *orphaned* runs of others."""
+        if orphaned:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(self._tx_recover_runs, frozenset(rerun_flows))))
+
+    def _tx_recover_runs(
+        self, rerun: frozenset[str], conn: sqlite3.Connection, now: float
+    ) -> tuple[list[RunRecord], Delta]:
+        found = conn.execute(
+            "SELECT run_id, flow FROM runs WHERE status = 'active' "
+            "AND (node = ? OR node IS NULL) ORDER BY seq", (self._node,)
+        ).fetchall()
+        out: list[RunRecord] = []
+        for run_id, flow in found:
+            if flow in rerun:
+                conn.execute(
+                    "UPDATE runs SET status = 'new', started_at = NULL, node = NULL, "
+                    "interrupted = interrupted + 1 WHERE run_id = ?", (run_id,))
+            else:
+                conn.execute(
+                    "UPDATE runs SET status = 'error', error = 'interrupted', finished_at = ?, "
+                    "interrupted = interrupted + 1 WHERE run_id = ?", (now, run_id))
+                conn.execute(
+                    "UPDATE task_runs SET state = 'cancelled', error = 'interrupted', "
+                    "finished_at = ? WHERE run_id = ? AND state IN ('pending', 'running')",
+                    (now, run_id))
+            row = conn.execute(f"SELECT {RUN_COLS} FROM runs WHERE run_id = ?",
+                               (run_id,)).fetchone()
+            out.append(run_record(row))
+        if out:
+            log.info("store.runs_recovered", count=len(out),
+                     rerun=sum(1 for r in out if r.status == "new"))
+        return out, Delta(wake_runs=any(r.status == "new" for r in out))
+
+    async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
+        """One run and its task records (in the order they were first recorded), or None."""
+
+        def read(conn: sqlite3.Connection) -> tuple[RunRecord, list[TaskRunRecord]] | None:
+            row = conn.execute(f"SELECT {RUN_COLS} FROM runs WHERE run_id = ?",
+                               (run_id,)).fetchone()
+            if row is None:
+                return None
+            tasks = conn.execute(
+                f"SELECT {TASK_COLS} FROM task_runs WHERE run_id = ? ORDER BY rowid", (run_id,)
+            ).fetchall()
+            return run_record(row), [task_record(t) for t in tasks]
+
+        return await self._read(read)
+
+    async def list_runs(
+        self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+        sql, params = newest_first(RUN_COLS, "runs", limit, flow=flow, status=status)
+
+        def read(conn: sqlite3.Connection) -> list[RunRecord]:
+            return [run_record(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def last_tick(self, flow: str, schedule_key: str) -> float | None:
+        """The latest tick recorded for (flow, schedule_key), or None."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            (tick,) = conn.execute(
+                "SELECT MAX(tick) FROM runs WHERE flow = ? AND schedule_key = ?",
+                (flow, schedule_key),
+            ).fetchone()
+            return None if tick is None else float(tick)
+
+        return await self._read(read)

@@ -1,0 +1,155 @@
+"""The SQLite ``sessions`` table: chat conversations, one active session per key.
+
+A session is opened for a key (the active one is continued unless idle past its ttl), counts
+its turns and keeps the last messages as context, and is closed by its owner, by expiry, or
+evicted (the idlest first) when too many are active.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from mfo_actors.ids import new_id
+from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
+from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
+from mfo_actors.store._sqlite_base import SQLiteTables
+from mfo_actors.store._tables import in_seq_order, turn_update
+
+__all__ = ["SQLiteSessions"]
+
+
+def _close_sessions(conn: sqlite3.Connection, where: str, params: tuple[Any, ...],
+                    reason: str, now: float) -> list[SessionRecord]:
+    """Close the active sessions matching *where*; returns them as closed."""
+    rows = conn.execute(
+        f"UPDATE sessions SET status = 'closed', closed_at = ?, close_reason = ? "
+        f"WHERE status = 'active' AND {where} RETURNING seq, {SESSION_COLS}",
+        (now, reason, *params),
+    ).fetchall()
+    return in_seq_order(rows, session_record)
+
+
+class SQLiteSessions(SQLiteTables):
+    """Chat sessions."""
+
+    async def open_session(
+        self, key: str, *, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionOpen:
+        """The active session of *key* (closed first if idle past *ttl*), or a new one."""
+        return await self._submit(Op(partial(
+            self._tx_open_session, key, thread_id, ttl, max(1, max_active), metadata or {})))
+
+    def _tx_open_session(
+        self, key: str, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any], conn: sqlite3.Connection, now: float,
+    ) -> tuple[SessionOpen, Delta]:
+        row = conn.execute(
+            f"SELECT {SESSION_COLS} FROM sessions WHERE key = ? AND status = 'active'", (key,)
+        ).fetchone()
+        closed: list[SessionRecord] = []
+        if row is not None:
+            current = session_record(row)
+            if current.last_activity + ttl > now:
+                return SessionOpen(session=current, created=False), NO_CHANGE
+            closed += _close_sessions(conn, "session_id = ?", (current.session_id,),
+                                      "expired", now)
+        (active,) = conn.execute(
+            "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
+        if active >= max_active:
+            closed += _close_sessions(
+                conn, "seq IN (SELECT seq FROM sessions WHERE status = 'active' "
+                "ORDER BY last_activity, seq LIMIT ?)", (active - max_active + 1,),
+                "evicted", now)
+        row = conn.execute(
+            f"INSERT INTO sessions (session_id, key, thread_id, status, turns, created_at, "
+            f"last_activity, context, metadata) VALUES (?, ?, ?, 'active', 0, ?, ?, ?, ?) "
+            f"RETURNING {SESSION_COLS}",
+            (new_id(), key, thread_id, now, now, b"[]", json_bytes(metadata)),
+        ).fetchone()
+        return SessionOpen(session=session_record(row), created=True, closed=closed), NO_CHANGE
+
+    async def record_turn(
+        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
+        context_limit: int = 20, metadata: dict[str, Any] | None = None,
+    ) -> SessionRecord | None:
+        """Count one exchange of the session and keep its messages in the context."""
+        return await self._submit(Op(partial(
+            self._tx_record_turn, session_id, thread_id, tuple(messages), context_limit,
+            metadata)))
+
+    def _tx_record_turn(
+        self, session_id: str, thread_id: str, messages: Sequence[dict[str, Any]],
+        limit: int, metadata: dict[str, Any] | None, conn: sqlite3.Connection, now: float,
+    ) -> tuple[SessionRecord | None, Delta]:
+        row = conn.execute("SELECT context, metadata FROM sessions WHERE session_id = ?",
+                           (session_id,)).fetchone()
+        if row is None:
+            return None, NO_CHANGE
+        context, merged = turn_update(row[0], row[1], messages, limit, metadata)
+        updated = conn.execute(
+            f"UPDATE sessions SET turns = turns + 1, last_activity = MAX(last_activity, ?), "
+            f"thread_id = ?, context = ?, metadata = ? WHERE session_id = ? "
+            f"RETURNING {SESSION_COLS}",
+            (now, thread_id, context, merged, session_id),
+        ).fetchone()
+        return session_record(updated), NO_CHANGE
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        """The active session of *key*, else its latest closed one."""
+
+        def read(conn: sqlite3.Connection) -> SessionRecord | None:
+            row = conn.execute(
+                f"SELECT {SESSION_COLS} FROM sessions WHERE key = ? "
+                f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1", (key,)).fetchone()
+            return None if row is None else session_record(row)
+
+        return await self._read(read)
+
+    async def list_sessions(
+        self, *, status: SessionStatus | None = None, limit: int = 100
+    ) -> list[SessionRecord]:
+        """Sessions, most recently active first."""
+        sql = f"SELECT {SESSION_COLS} FROM sessions"
+        params: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            params = (status,)
+        sql += " ORDER BY last_activity DESC, seq DESC LIMIT ?"
+
+        def read(conn: sqlite3.Connection) -> list[SessionRecord]:
+            return [session_record(r) for r in conn.execute(sql, (*params, max(0, limit)))]
+
+        return await self._read(read)
+
+    async def close_session(self, key: str, *, reason: str = "closed") -> SessionRecord | None:
+        """Close the active session of *key* (None if it had none)."""
+
+        def tx(conn: sqlite3.Connection, now: float) -> tuple[SessionRecord | None, Delta]:
+            closed = _close_sessions(conn, "key = ?", (key,), reason, now)
+            return (closed[0] if closed else None), NO_CHANGE
+
+        return await self._submit(Op(tx))
+
+    async def expire_sessions(self, *, ttl: float) -> list[SessionRecord]:
+        """Close every active session idle for *ttl* seconds or more."""
+
+        def tx(conn: sqlite3.Connection, now: float) -> tuple[list[SessionRecord], Delta]:
+            return _close_sessions(conn, "last_activity <= ?", (now - ttl,), "expired",
+                                   now), NO_CHANGE
+
+        return await self._submit(Op(tx))
+
+    async def count_sessions(self) -> int:
+        """Active sessions."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
+            return int(n)
+
+        return await self._read(read)
