@@ -162,7 +162,7 @@ class PostgresEvents(PostgresTables):
     ) -> tuple[list[StoredEvent], Delta]:
         conn = tx.conn
         expired = locked(conn, "SELECT seq FROM events WHERE status = 'claimed' "
-                          "AND lease_until <= %s FOR UPDATE SKIP LOCKED", (now,))
+                         "AND lease_until <= %s FOR UPDATE SKIP LOCKED", (now,))
         if expired:
             conn.execute(
                 "UPDATE events SET status = 'pending', claim_token = NULL, claimed_by = NULL, "

@@ -90,7 +90,7 @@ class PostgresRuns(PostgresTables):
 
     def _tx_claim_runs(self, limit: int, tx: Tx, now: float) -> tuple[list[RunRecord], Delta]:
         seqs = locked(tx.conn, "SELECT seq FROM runs WHERE status = 'new' ORDER BY seq "
-                       "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+                      "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
         rows = tx.conn.execute(
             f"UPDATE runs SET status = 'active', started_at = %s, node = %s, lease_until = %s "
             f"WHERE seq = ANY(%s) RETURNING seq, {RUN_COLS}",
@@ -143,10 +143,10 @@ class PostgresRuns(PostgresTables):
         conn = tx.conn
         if orphaned:
             seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node <> %s "
-                           "AND lease_until < %s FOR UPDATE SKIP LOCKED", (self._node, now))
+                          "AND lease_until < %s FOR UPDATE SKIP LOCKED", (self._node, now))
         else:
             seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node = %s "
-                           "FOR UPDATE", (self._node,))
+                          "FOR UPDATE", (self._node,))
         if not seqs:
             return [], NO_CHANGE
         rows = conn.execute(

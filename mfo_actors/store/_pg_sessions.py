@@ -65,8 +65,8 @@ class PostgresSessions(PostgresTables):
         active = int(found[0]) if found is not None else 0
         if active >= max_active:
             idlest = locked(conn, "SELECT seq FROM sessions WHERE status = 'active' "
-                             "ORDER BY last_activity, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-                             (active - max_active + 1,))
+                            "ORDER BY last_activity, seq LIMIT %s FOR UPDATE SKIP LOCKED",
+                            (active - max_active + 1,))
             closed += _close_sessions(conn, "seq = ANY(%s)", (idlest,), "evicted", now)
         row = conn.execute(
             f"INSERT INTO sessions (session_id, key, thread_id, status, turns, created_at, "
