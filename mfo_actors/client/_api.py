@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,7 @@ import msgspec
 
 from mfo_actors.client._base import BaseClient
 from mfo_actors.client._sse import iter_sse
+from mfo_actors.client._transport import body_chunks
 from mfo_actors.client.errors import APIError
 from mfo_actors.client.models import (
     Chat,
@@ -104,8 +106,9 @@ class ChatStream:
 
     async def _run(self, request: ChatRequest) -> AsyncIterator[str]:
         base = self._base
-        async with base.stream("POST", "/api/chat/stream", json=request) as response:
-            async for event in iter_sse(response.aiter_bytes()):
+        async with base.stream("POST", "/api/chat/stream", json=request) as response, \
+                body_chunks(response) as body, aclosing(iter_sse(body)) as events:
+            async for event in events:
                 data = event.data
                 if data.strip() == DONE:
                     return

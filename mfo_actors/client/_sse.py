@@ -9,7 +9,7 @@ We never reconnect: a chat stream is one request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
 from dataclasses import dataclass
 
 __all__ = ["SSEEvent", "SSEParser", "iter_sse"]
@@ -136,8 +136,11 @@ class SSEParser:
                         retry=self._retry)
 
 
-async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[SSEEvent]:
-    """Events from a byte stream, the last pending one included at EOF."""
+async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncGenerator[SSEEvent, None]:
+    """Events from a byte stream, the last pending one included at EOF.
+
+    Close it (``contextlib.aclosing``) when you stop before the end; it does not close
+    *chunks*, which belong to the caller."""
     parser = SSEParser()
     async for chunk in chunks:
         for event in parser.feed(chunk):

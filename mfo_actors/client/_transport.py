@@ -15,7 +15,8 @@ one place every call to the upstream goes through (the base client, both logins)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import anyio
 import httpx
@@ -25,6 +26,7 @@ from mfo_actors.client.errors import RetryableError, classify_transport_error
 __all__ = [
     "DEFAULT_MAX_BODY",
     "ERROR_BODY_CAP",
+    "body_chunks",
     "exchange",
     "read_capped",
     "total_timeout",
@@ -47,17 +49,30 @@ def total_timeout(http: httpx.AsyncClient) -> float | None:
     return max(parts) if parts else None
 
 
+@asynccontextmanager
+async def body_chunks(response: httpx.Response) -> AsyncGenerator[AsyncIterator[bytes], None]:
+    """*response*'s (decoded) body chunks, for ``async with``: the iterator is closed when the
+    block ends, also when it stops before the end (an async generator left suspended is a
+    leak: trio warns when the garbage collector finds it)."""
+    chunks = response.aiter_bytes()
+    try:
+        yield chunks
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
+
+
 async def read_capped(response: httpx.Response, cap: int) -> tuple[bytes, bool]:
     """Up to *cap* bytes of *response*'s (decoded) body, and whether more was left unread."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
-        room = cap - size
-        if len(chunk) > room:
-            chunks.append(chunk[:room])
-            return b"".join(chunks), True
-        chunks.append(chunk)
-        size += len(chunk)
+    async with body_chunks(response) as body:
+        async for chunk in body:
+            room = cap - size
+            if len(chunk) > room:
+                chunks.append(chunk[:room])
+                return b"".join(chunks), True
+            chunks.append(chunk)
+            size += len(chunk)
     return b"".join(chunks), False
 
 
