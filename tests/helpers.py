@@ -246,7 +246,9 @@ class AuthView:
         from mfo_actors.actors.breaker import BreakerActor
 
         self.actor = actor
-        self.gate = UpstreamGate(BreakerActor(actor._cfg), actor)
+        breaker = BreakerActor(actor._cfg)
+        breaker.close()  # never run: a view asks for tokens and reports no outcomes
+        self.gate = UpstreamGate(breaker, actor)
 
     @property
     def token(self) -> str | None:

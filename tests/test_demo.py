@@ -66,31 +66,32 @@ class TestDemoProcess:
             assert proc.stdout is not None
             lines.extend(line.rstrip("\n") for line in proc.stdout)
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            wait_for(lambda: any(line.startswith("curl -s http") and "_mock/stats" in line
-                                 for line in lines), deadline=90, what="the curl commands")
-            text = "\n".join(lines)
-            assert VERDICT_OK.search(text), text
-            blocks = text.split("\n# ")[1:]
-            signup, github, inspect = blocks[0], blocks[1], blocks[2]
-            for block in (signup, github):
-                script = "\n".join(block.splitlines()[1:])
-                result = subprocess.run(["bash", "-c", script], capture_output=True,
-                                        text=True, timeout=30, check=False)
-                assert result.returncode == 0, result.stderr
-                answer = json.loads(result.stdout)
-                assert set(answer) == {"id"}, answer
-            listing = next(ln for ln in inspect.splitlines() if " events list " in ln)
-            result = subprocess.run(listing, shell=True, capture_output=True, text=True,
-                                    timeout=30, check=False)
-            assert result.returncode == 0 and answer["id"] in result.stdout, result.stderr
-        finally:
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=60)
-            reader.join(timeout=5)
-        assert code == 0, "\n".join(lines) + (proc.stderr.read() if proc.stderr else "")
+        with proc:  # its pipes are closed however the test ends
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            try:
+                wait_for(lambda: any(line.startswith("curl -s http") and "_mock/stats" in line
+                                     for line in lines), deadline=90, what="the curl commands")
+                text = "\n".join(lines)
+                assert VERDICT_OK.search(text), text
+                blocks = text.split("\n# ")[1:]
+                signup, github, inspect = blocks[0], blocks[1], blocks[2]
+                for block in (signup, github):
+                    script = "\n".join(block.splitlines()[1:])
+                    result = subprocess.run(["bash", "-c", script], capture_output=True,
+                                            text=True, timeout=30, check=False)
+                    assert result.returncode == 0, result.stderr
+                    answer = json.loads(result.stdout)
+                    assert set(answer) == {"id"}, answer
+                listing = next(ln for ln in inspect.splitlines() if " events list " in ln)
+                result = subprocess.run(listing, shell=True, capture_output=True, text=True,
+                                        timeout=30, check=False)
+                assert result.returncode == 0 and answer["id"] in result.stdout, result.stderr
+            finally:
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(timeout=60)
+                reader.join(timeout=5)
+            assert code == 0, "\n".join(lines) + (proc.stderr.read() if proc.stderr else "")
         assert (tmp_path / "state" / "demo.yaml").exists()  # --state-dir is kept
 
 

@@ -251,7 +251,8 @@ class TestRestarts:
                 await req_send.send(Job(n))
                 return (await rep_recv.receive()).n
 
-        with capture_logs(processors=[merge_contextvars]) as logs:
+        with capture_logs(processors=[merge_contextvars]) as logs, \
+                req_send, req_recv, rep_send, rep_recv:
             async with running(sup):
                 assert await ask(1) == 10
                 crasher.crash()

@@ -171,8 +171,7 @@ class AuthRefresherActor:
             await self._serve()
         finally:
             if self._stop.is_set():  # a graceful stop, not a crash to restart from
-                self.rejections.close()
-                self._rejections_rx.close()
+                self.close()
 
     async def _serve(self) -> None:
         if self._auth.mode != "login":
@@ -226,6 +225,12 @@ class AuthRefresherActor:
     def request_stop(self) -> None:
         """Stop refreshing (nothing in flight worth finishing: a login can be redone)."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Close the rejections channel, both ends: for the owner, once the actor will not
+        run again (a graceful stop closes it too; a crash keeps it for the restart)."""
+        self.rejections.close()
+        self._rejections_rx.close()
 
     async def _refresh_loop(self, http: httpx.AsyncClient) -> None:
         while True:

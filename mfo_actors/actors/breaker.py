@@ -148,9 +148,14 @@ class BreakerActor:
                 tg.cancel_scope.cancel()  # every sender closed: nothing more will come
         finally:
             if self._stop.is_set():  # a graceful stop, not a crash to restart from
-                self.outcomes.close()
-                self._inbox.close()
+                self.close()
 
     def request_stop(self) -> None:
         """Stop consuming outcomes (recording them takes no time: nothing to drain)."""
         self._stop.set()
+
+    def close(self) -> None:
+        """Close the outcomes channel, both ends: for the owner, once the actor will not run
+        again (a graceful stop closes it too; a crash keeps it for the restart)."""
+        self.outcomes.close()
+        self._inbox.close()

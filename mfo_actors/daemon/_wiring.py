@@ -117,7 +117,9 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
             log.info("daemon.claims_recovered", events=recovered)
 
         breaker = BreakerActor(cfg, clock=ctx.clock)
+        stack.callback(breaker.close)  # its inbox, however the instance ends
         auth = AuthRefresherActor(cfg, clock=ctx.clock)
+        stack.callback(auth.close)
         check_channels(declare_channels(cfg), {
             "outcomes": breaker.outcomes, "breaker_state": breaker.states,
             "token": auth.tokens, "token_rejections": auth.rejections})
