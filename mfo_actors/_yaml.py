@@ -146,6 +146,10 @@ class LineMap:
             for i, item in enumerate(node.value):
                 self.record(item, (*path, i))
 
+    def written(self, path: KeyPath) -> bool:
+        """Whether the file itself has the key at *path*."""
+        return path in self._lines
+
     def line(self, path: KeyPath) -> int | None:
         while path:
             if path in self._lines:

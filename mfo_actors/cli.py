@@ -7,7 +7,8 @@ command being run is imported: ``--version``, ``--help`` and a usage error impor
 and no daemon code, so they answer about as fast as Python starts (benchmarks/cli_startup.py).
 
 Every :class:`~mfo_actors.errors.UserError` (a config error included) is printed as one line
-on stderr, ``mfo-actors: <message>``, with exit code 1: never a traceback.
+on stderr, ``mfo-actors: <message>``, with exit code 1 (``run``: 78, EX_CONFIG, so that
+systemd does not restart a daemon that cannot start as configured): never a traceback.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return the process exit code.
 
     Returns:
-      The command's exit code; 1 for a user error (one line on stderr), 130 on Ctrl-C,
-      2 for a usage error (argparse's convention).
+      The command's exit code; 1 for a user error (one line on stderr; ``run``: 78), 130 on
+      Ctrl-C, 2 for a usage error (argparse's convention).
     """
     args_list = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(args_list)
@@ -115,10 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    # A command may exit with its own code for a user error (run: 78, EX_CONFIG).
+    code: int = getattr(args, "user_error_exit", EXIT_USER_ERROR)
     try:
         return int(func(args))
     except UserError as exc:
-        return _report_user_error(exc)
+        return _report_user_error(exc, code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -126,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A user error raised inside a task group arrives wrapped; show it like any other.
         user_errors, rest = group.split(UserError)
         if rest is None and user_errors is not None:
-            return _report_user_error(_first_leaf(user_errors))
+            return _report_user_error(_first_leaf(user_errors), code)
         raise
 
 
@@ -135,7 +138,7 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def _report_user_error(exc: BaseException) -> int:
+def _report_user_error(exc: BaseException, code: int) -> int:
     message = " ".join(str(exc).splitlines())  # one line, whatever the message holds
     print(f"{PROG}: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return code

@@ -4,15 +4,17 @@ One file configures one instance (ARCHITECTURE.md, "Instance config"). Loading d
 
 1. parse YAML with PyYAML's SafeLoader, keeping the line of every key;
 2. resolve secret references ``${env:NAME}``, ``${file:PATH}``, ``${credential:NAME}``
-   (systemd's ``$CREDENTIALS_DIRECTORY``; without it, ``credentials/`` beside the config
-   file), registering every resolved value for log redaction;
+   (systemd's ``$CREDENTIALS_DIRECTORY``, else ``credentials/<instance>/`` or
+   ``credentials/`` beside the config file: :func:`_read_credential`), registering every
+   resolved value for log redaction (a password inside ``store.dsn`` too);
 3. convert to :class:`InstanceConfig` with msgspec (unknown keys and wrong types are errors);
 4. check what a type cannot say (a login without a password, two routes on one path).
 
 Before step 2, environment variables ``MFO_<SECTION>__<KEY>`` (``__`` between levels, e.g.
-``MFO_CLIENT__RETRY__MAX_ATTEMPTS=3``, ``MFO_WEBHOOK_LISTENER__ROUTES__0__VERIFY__SECRET``)
-override the file's values (:func:`apply_env_overrides`); a value is read as a YAML scalar or
-flow collection, and a problem in it names the variable instead of a file line.
+``MFO_CLIENT__RETRY__MAX_ATTEMPTS=3``, ``MFO_WEBHOOK_LISTENER__ROUTES__0__VERIFY__SECRET``;
+``MFO__<KEY>`` for a top-level key) override the file's values (:func:`apply_env_overrides`):
+text for a text key, a YAML scalar for a typed one, a YAML flow collection when it starts
+with ``{`` or ``[``; a problem in one names the variable instead of a file line.
 
 Every problem is a :class:`~mfo_actors.errors.ConfigError` naming the file, the dotted key
 path and the YAML line. A value that came from a secret reference is never echoed in one:
@@ -24,7 +26,9 @@ signing secrets, passwords and tokens are errors; a signing secret shorter than
 Durations read ``500ms 30s 1m 1h 1d`` (or a number of seconds),
 sizes ``512KiB 1MiB 1GB`` (or a number of bytes), and ports the seed's Go style ``":8080"``.
 Relative paths (``state_dir``, ``flows.dir``) are relative to the working directory, as
-under systemd's ``WorkingDirectory=``.
+under systemd's ``WorkingDirectory=``. Commands that only read the store load the config
+with ``need_secrets=False``: a secret they cannot resolve (one only the unit's environment
+has) is no problem for them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import re
 import ssl
 import types
 import typing
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from functools import lru_cache, partial
 from pathlib import Path
@@ -58,7 +63,7 @@ from mfo_actors._yaml import (
     parse_yaml,
 )
 from mfo_actors.errors import ConfigError
-from mfo_actors.observability import is_sensitive_key, redact, register_secret
+from mfo_actors.observability import REDACTED, is_sensitive_key, redact, register_secret
 
 __all__ = [
     "MIN_SECRET_BYTES",
@@ -86,8 +91,10 @@ __all__ = [
     "check_config",
     "check_config_text",
     "dump_config",
+    "flows_dir_problem",
     "load_config",
     "load_config_text",
+    "mask_dsn",
     "parse_duration",
     "parse_size",
     "signing_key",
@@ -202,9 +209,15 @@ class TlsConfig(_Base, frozen=True):
         """A server context with the certificate loaded (TLS 1.2 or later).
 
         Raises:
-          OSError: a file cannot be read.
+          OSError: a file cannot be read (the message says which: certificate or key).
           ssl.SSLError: the files are not PEM, or the key does not match the certificate.
         """
+        for what, path in (("certificate", self.cert), ("key", self.key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:  # load_cert_chain would not say which file it was
+                raise OSError(f"cannot read the {what} {path}: {exc.strerror}") from None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert, self.key)
@@ -330,13 +343,17 @@ class InstanceConfig(_Base, frozen=True):
 
     @property
     def effective_state_dir(self) -> Path:
-        """``state_dir``, else ``$STATE_DIRECTORY`` (systemd), else ``./var/<instance>``."""
+        """``state_dir``, else ``$STATE_DIRECTORY`` (systemd), else for a config in
+        ``/etc/mfo-actors/`` the unit's ``/var/lib/mfo-actors/<instance>`` (so commands run
+        by hand find the instance the unit runs), else ``./var/<instance>``."""
         if self.state_dir:
             return Path(self.state_dir)
         env = os.environ.get("STATE_DIRECTORY")
         if env:
             # systemd may pass several colon-separated dirs; the first is ours.
             return Path(env.split(":")[0])
+        if self.source_file and Path(self.source_file).absolute().parent == SYSTEMD_CONFIG_DIR:
+            return SYSTEMD_STATE_ROOT / self.instance
         return Path("var") / self.instance
 
 
@@ -344,8 +361,13 @@ class InstanceConfig(_Base, frozen=True):
 # Loading
 
 
-# ${credential:NAME} without systemd ($CREDENTIALS_DIRECTORY unset): <config dir>/credentials/NAME
+# ${credential:NAME} not in $CREDENTIALS_DIRECTORY (or without systemd's LoadCredential=):
+# <config dir>/credentials/<instance>/NAME, else <config dir>/credentials/NAME.
 LOCAL_CREDENTIALS_DIR = "credentials"
+# The systemd unit's layout (config/mfo-actors@.service): /etc/mfo-actors/<instance>.yaml keeps
+# its state in StateDirectory=mfo-actors/<instance>.
+SYSTEMD_CONFIG_DIR = Path("/etc/mfo-actors")
+SYSTEMD_STATE_ROOT = Path("/var/lib/mfo-actors")
 _SECRET_REF = re.compile(r"\$\{(env|file|credential):([^}]*)\}")
 _WHSEC_PREFIX = "whsec_"
 # Values that become metric labels and log fields: a secret there would be published.
@@ -465,22 +487,59 @@ class _Where:
 
     def error(self, message: str, path: KeyPath) -> ConfigError:
         for prefix, variable in self.overrides.items():
-            if path[: len(prefix)] == prefix:
+            # The key the variable set, something inside it, or a section it created (an
+            # unknown ``MFO_NOPE__X`` is the variable's problem, not the file's first line).
+            if path[: len(prefix)] == prefix or (
+                    prefix[: len(path)] == path and not self.lines.written(path)):
                 return ConfigError(message, file=f"environment {variable}",
                                    key=dotted(path) or None)
         return ConfigError(message, file=self.file, key=dotted(path) or None,
                            line=self.lines.line(path))
 
 
-def _env_value(text: str) -> Any:
-    """An override's value read as YAML (``8081`` is a number, ``{a: 1}`` a mapping); text
-    that is not valid YAML is taken as it is."""
-    if text == "":
-        return ""
+def _env_value(text: str, target: Any) -> Any:
+    """An override's value: a flow collection (``{a: 1}``, ``[1, 2]``) is read as YAML; text
+    for a key that takes text (a password, a path, a level) stays exactly as written, so
+    ``0123``, ``yes`` or ``#hunter2`` are not turned into numbers, booleans or nothing; for
+    other keys (numbers, booleans, durations...) the text is read as a YAML scalar, so
+    ``3`` is a number and ``true`` a boolean."""
+    if text == "" or (not text.startswith(("{", "[")) and _takes_text(target)):
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type *tp* takes a string (``str``, ``str | None``, a Literal of
+    strings); an unknown key (*tp* None) is read as text too."""
+    if tp is None or tp is str:
+        return True
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_takes_text(arg) for arg in typing.get_args(tp) if arg is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(arg, str) for arg in typing.get_args(tp))
+    return False
+
+
+def _type_at(path: KeyPath) -> Any:
+    """The declared type of the config key at *path* (None when there is no such key)."""
+    tp: Any = InstanceConfig
+    for part in path:
+        if isinstance(part, int):
+            args = typing.get_args(tp) if typing.get_origin(tp) is list else ()
+            if not args:
+                return None
+            tp = args[0]
+            continue
+        struct = _struct_of(tp)
+        if struct is None:
+            return None
+        tp = _field_types(struct).get(part)
+        if tp is None:
+            return None
+    return tp
 
 
 def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[KeyPath, str]:
@@ -488,7 +547,9 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
 
     Names are matched case-insensitively (keys are snake_case, ``WEBHOOK_LISTENER`` is
     ``webhook_listener``); a number addresses a list item (``ROUTES__0__SOURCE``). Only names
-    with ``__`` are overrides, so ``MFO_EMAIL`` stays an ordinary variable for ``${env:...}``.
+    with ``__`` are overrides, so ``MFO_EMAIL`` stays an ordinary variable for ``${env:...}``;
+    a top-level key is written with ``__`` right after the prefix: ``MFO__STATE_DIR``,
+    ``MFO__SHUTDOWN_TIMEOUT``. How a value is read: :func:`_env_value`.
 
     Returns:
       The key path each variable set, for error messages.
@@ -500,7 +561,10 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
     for variable in sorted(environ):
         if not variable.startswith(ENV_PREFIX) or ENV_SEPARATOR not in variable:
             continue
-        parts = variable[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        name = variable[len(ENV_PREFIX):]
+        if variable.startswith(ENV_PREFIX + "_"):  # MFO__STATE_DIR: a top-level key
+            name = variable[len(ENV_PREFIX) + 1:]
+        parts = name.lower().split(ENV_SEPARATOR)
         path: KeyPath = tuple(int(p) if p.isdigit() else p for p in parts)
         if not all(isinstance(p, int) or p for p in path) or isinstance(path[0], int):
             raise ConfigError(f"cannot read {variable} as MFO_<SECTION>__<KEY>",
@@ -518,7 +582,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
                                   file=f"environment {variable}", key=dotted(path))
             node = child
         last = path[-1]
-        value = _env_value(environ[variable])
+        value = _env_value(environ[variable], _type_at(path))
         if isinstance(value, str) and is_sensitive_key(str(last)):
             register_secret(value)
         if isinstance(node, list):
@@ -543,7 +607,8 @@ def _env_child(node: Any, part: str | int) -> Any:
     return None
 
 
-def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[str, str]) -> str:
+def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[str, str],
+                    instance: str | None = None) -> str:
     if not name:
         raise ValueError(f"empty secret reference ${{{kind}:}}")
     if kind == "env":
@@ -559,17 +624,35 @@ def _resolve_secret(kind: str, name: str, *, base_dir: Path, environ: Mapping[st
             raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
     if "/" in name or name in {".", ".."}:
         raise ValueError(f"invalid credential name {name!r}")
+    return _read_credential(name, base_dir=base_dir, environ=environ, instance=instance)
+
+
+def _read_credential(name: str, *, base_dir: Path, environ: Mapping[str, str],
+                     instance: str | None) -> str:
+    """``${credential:NAME}``: systemd's copy (``$CREDENTIALS_DIRECTORY/NAME``, from
+    ``LoadCredential=``; frozen while the service runs), else the file an operator rotates
+    (``credentials/<instance>/NAME`` beside the config, read again on every reload), else
+    ``credentials/NAME`` (a clone's layout)."""
+    local = base_dir / LOCAL_CREDENTIALS_DIR
+    candidates: list[Path] = []
     creds = environ.get("CREDENTIALS_DIRECTORY")
-    # Outside systemd: a credentials/ directory beside the config file (a developer's clone).
-    path = (Path(creds) if creds else base_dir / LOCAL_CREDENTIALS_DIR) / name
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        if creds:
-            raise ValueError(f"cannot read credential {name}: {exc.strerror}") from None
-        raise ValueError(
-            f"credential {name}: $CREDENTIALS_DIRECTORY is not set (systemd's LoadCredential= "
-            f"sets it) and {path} cannot be read: {exc.strerror}") from None
+    if creds:
+        candidates.append(Path(creds) / name)
+    if instance and _INSTANCE_NAME.fullmatch(instance):
+        candidates.append(local / instance / name)
+    candidates.append(local / name)
+    reasons: list[str] = []
+    for path in candidates:
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except FileNotFoundError:
+            reasons.append(f"no {path}")
+        except OSError as exc:  # there, but unreadable: say so rather than look further
+            raise ValueError(f"cannot read credential {name} at {path}: {exc.strerror}"
+                             ) from None
+    where = "" if creds else (" ($CREDENTIALS_DIRECTORY is not set: systemd's LoadCredential= "
+                              "sets it)")
+    raise ValueError(f"credential {name} not found{where}: {'; '.join(reasons)}")
 
 
 def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any, Any]]:
@@ -590,11 +673,14 @@ def _walk_strings(data: Any, path: KeyPath = ()) -> Iterator[tuple[KeyPath, Any,
 
 def _resolve_secrets(
     data: Any, *, where: _Where, base_dir: Path, environ: Mapping[str, str],
-    problems: list[ConfigError], origins: _Origins | None = None,
+    problems: list[ConfigError], origins: _Origins | None = None, instance: str | None = None,
+    need_secrets: bool = True,
 ) -> list[KeyPath]:
     """Replace every ``${kind:name}`` by its value; return the paths that failed (left as
     written, their problems added to *problems*). *origins* receives, per resolved path,
-    the text as written and the value (so errors never echo a secret)."""
+    the text as written and the value (so errors never echo a secret). Without
+    *need_secrets*, a reference outside ``store`` that cannot be resolved is left as written
+    and is no problem (commands that only read the store)."""
     failed: list[KeyPath] = []
     for path, container, key in list(_walk_strings(data)):
         value: str = container[key]
@@ -611,8 +697,8 @@ def _resolve_secrets(
         def substitute(match: re.Match[str], errors: list[str] = errors) -> str:
             try:
                 secret = _resolve_secret(
-                    match.group(1), match.group(2), base_dir=base_dir, environ=environ
-                )
+                    match.group(1), match.group(2), base_dir=base_dir, environ=environ,
+                    instance=instance)
             except ValueError as exc:
                 errors.append(str(exc))
                 return match.group(0)
@@ -620,6 +706,8 @@ def _resolve_secrets(
             return secret
 
         resolved = _SECRET_REF.sub(substitute, value)
+        if errors and not need_secrets and path[:1] != ("store",):
+            continue
         if errors:
             problems.extend(where.error(e, path) for e in errors)
             failed.append(path)
@@ -697,7 +785,8 @@ class _Problems:
         self.found.append(self.where.error(message, path))
 
 
-def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
+def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool = True
+                     ) -> None:
     fail = problems.add
     if not _INSTANCE_NAME.fullmatch(cfg.instance):
         fail("instance name must be letters, digits, '.', '_' or '-' (at most 64)", "instance")
@@ -726,7 +815,7 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
     _check_rate_limit(listener.client_rate_limit, fail, "webhook_listener", "client_rate_limit")
     if listener.max_clients_tracked < 1:
         fail("must be at least 1", "webhook_listener", "max_clients_tracked")
-    if listener.tls is not None:
+    if listener.tls is not None and load_tls:
         try:
             listener.tls.ssl_context()
         except (OSError, ssl.SSLError) as exc:
@@ -784,7 +873,7 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems) -> None:
 
 def check_config_text(
     text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None,
-    warnings: list[str] | None = None,
+    warnings: list[str] | None = None, need_secrets: bool = True,
 ) -> tuple[InstanceConfig | None, list[ConfigError]]:
     """Load an instance config from YAML text, collecting every problem.
 
@@ -815,21 +904,25 @@ def check_config_text(
         where = _Where(file, lines, apply_env_overrides(data, env))
     except ConfigError as exc:
         return None, [*problems, exc]
+    if "instance" not in data and file != "<config>":
+        data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
+    instance = data.get("instance")
     origins: _Origins = {}
-    set_aside = _resolve_secrets(data, where=where, base_dir=base_dir, environ=env,
-                                 problems=problems, origins=origins)
+    set_aside = _resolve_secrets(
+        data, where=where, base_dir=base_dir, environ=env, problems=problems, origins=origins,
+        instance=instance if isinstance(instance, str) else None, need_secrets=need_secrets)
     if "source_file" in data:
         problems.append(where.error("unknown key", ("source_file",)))
         del data["source_file"]
-    if "instance" not in data and file != "<config>":
-        data["instance"] = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(file).stem) or "default"
     data["source_file"] = file
     cfg, invalid, removed = convert_collecting(data, InstanceConfig)
     problems.extend(where.error(message, path) for message, path in invalid)
     if cfg is not None:
+        if cfg.store.dsn:
+            _register_dsn_password(cfg.store.dsn)
         semantic = _Problems(where, [*set_aside, *removed])
         _check_secrets(cfg, semantic, origins, warnings if warnings is not None else [])
-        _check_semantics(cfg, semantic)
+        _check_semantics(cfg, semantic, load_tls=need_secrets)
         problems.extend(semantic.found)
     problems = [_scrub(p, origins) for p in problems]
     problems.sort(key=lambda p: p.line or 0)
@@ -838,7 +931,7 @@ def check_config_text(
 
 def load_config_text(
     text: str, *, file: str = "<config>", environ: Mapping[str, str] | None = None,
-    warnings: list[str] | None = None,
+    warnings: list[str] | None = None, need_secrets: bool = True,
 ) -> InstanceConfig:
     """Load an instance config from YAML text.
 
@@ -849,12 +942,16 @@ def load_config_text(
         (default: ``os.environ``).
       warnings: Receives one line per thing that works but should not be so (a signing
         secret shorter than 16 bytes), ``file:line: key: message``.
+      need_secrets: False for commands that only read the store (``events``, ``runs``...):
+        a secret reference outside ``store`` that cannot be resolved is left as written,
+        and the TLS files are not loaded.
 
     Raises:
       ConfigError: naming the file, key path and line of the first problem (and how many
         more there are: ``mfo-actors check`` lists them all).
     """
-    cfg, problems = check_config_text(text, file=file, environ=environ, warnings=warnings)
+    cfg, problems = check_config_text(text, file=file, environ=environ, warnings=warnings,
+                                      need_secrets=need_secrets)
     if problems:
         raise _first_of(problems)
     assert cfg is not None  # no problem means a config
@@ -896,7 +993,8 @@ def check_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | N
 
 
 def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None,
-                warnings: list[str] | None = None) -> InstanceConfig:
+                warnings: list[str] | None = None, need_secrets: bool = True
+                ) -> InstanceConfig:
     """Load and validate the instance config file at *path*.
 
     The instance name defaults to the file's stem (``crm.yaml`` -> ``crm``). *warnings*: as
@@ -906,17 +1004,73 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
       ConfigError: the file cannot be read, or names the key path and line of the problem.
     """
     file = os.fspath(path)
-    return load_config_text(_read_config(file), file=file, environ=environ, warnings=warnings)
+    return load_config_text(_read_config(file), file=file, environ=environ, warnings=warnings,
+                            need_secrets=need_secrets)
 
 
 def dump_config(cfg: InstanceConfig) -> str:
     """The effective config as YAML (file, defaults and environment overrides merged), with
-    every secret masked: values resolved from ``${...}`` and keys that name a credential."""
+    every secret masked: values resolved from ``${...}``, keys that name a credential, and
+    the password inside ``store.dsn``."""
     data = msgspec.to_builtins(cfg, enc_hook=_plain)
     data.pop("source_file", None)
+    if cfg.store.dsn:
+        data["store"]["dsn"] = mask_dsn(cfg.store.dsn)
     masked = redact(data)
     return yaml.safe_dump(masked, sort_keys=False, default_flow_style=False)
 
 
 def _plain(value: Any) -> Any:
     return float(value) if isinstance(value, float) else int(value)
+
+
+def flows_dir_problem(cfg: InstanceConfig) -> str | None:
+    """Why *cfg* loads no flows although flows are on: ``flows.dir`` does not exist (a typo,
+    or a deploy half done, reads as "no flows"); None when the directory is there."""
+    if not cfg.flows.enabled or os.path.isdir(cfg.flows.dir):
+        return None
+    return (f"flows.dir: {cfg.flows.dir} does not exist, so no flows are loaded (create it, "
+            "or set flows.enabled: false)")
+
+
+# libpq key=value: password=VALUE, VALUE bare or single-quoted with backslash escapes.
+_CONNINFO_PASSWORD = re.compile(r"\bpassword\s*=\s*(?:'(?:[^'\\]|\\.)*'|\S+)")
+
+
+def mask_dsn(dsn: str) -> str:
+    """*dsn* (a ``postgresql://`` URL or libpq ``key=value`` string) with its password
+    replaced by ``[REDACTED]``; all of it when it cannot be parsed."""
+    from psycopg import Error as PsycopgError  # only for a DSN: psycopg is slow to import
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except PsycopgError:
+        return REDACTED
+    if "password" not in params:
+        return dsn
+    if "://" not in dsn:
+        return _CONNINFO_PASSWORD.sub(f"password={REDACTED}", dsn)
+    url = urllib.parse.urlsplit(dsn)
+    netloc = url.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        if has_password:
+            netloc = f"{user}:{REDACTED}@{hosts}"
+    query = "&".join(f"password={REDACTED}" if pair.partition("=")[0] == "password" else pair
+                     for pair in url.query.split("&")) if url.query else ""
+    return urllib.parse.urlunsplit(url._replace(netloc=netloc, query=query))
+
+
+def _register_dsn_password(dsn: str) -> None:
+    """Keep the password written inside a DSN out of every log line."""
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except PsycopgError:
+        return
+    if isinstance(password, str) and password:
+        register_secret(password)

@@ -111,6 +111,17 @@ class TestCheck:
             f"{flows}/x.yaml:3: tasks[0].type: unknown task type"
         ]
 
+    def test_a_missing_flows_dir_is_a_warning(self, tmp_path: Path) -> None:
+        """A typo in flows.dir reads as "no flows": check says so, without failing."""
+        config = tmp_path / "inst.yaml"
+        config.write_text(f"flows: {{dir: {tmp_path}/flwos}}\n")
+        result = run_cli("check", "--config", str(config))
+        assert result.returncode == 0, result.stdout
+        assert result.stdout.splitlines() == [
+            f"warning: {config}: flows.dir: {tmp_path}/flwos does not exist, so no flows are "
+            "loaded (create it, or set flows.enabled: false)",
+            f"ok: {config}"]
+
     def test_three_errors_three_lines(self, tmp_path: Path) -> None:
         """A config file with three distinct errors gets three lines from ``check``."""
         bad = tmp_path / "bad.yaml"
@@ -153,7 +164,7 @@ class TestCheck:
 class TestUserErrors:
     def test_user_error_has_no_traceback(self, tmp_path: Path) -> None:
         result = run_cli("run", "--config", str(tmp_path / "missing.yaml"))
-        assert result.returncode == 1
+        assert result.returncode == 78  # run: EX_CONFIG, which systemd does not retry
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith(f"mfo-actors: {tmp_path / 'missing.yaml'}: ")
         assert "Traceback" not in result.stderr

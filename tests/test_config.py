@@ -271,6 +271,39 @@ class TestSecrets:
         cfg = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(elsewhere)})
         assert cfg.auth.password == "from-systemd"  # systemd's directory wins
 
+    def test_credential_of_the_instance_comes_first_and_is_read_again(
+        self, tmp_path: Path
+    ) -> None:
+        """The systemd layout: /etc/mfo-actors/credentials/<instance>/NAME beside crm.yaml,
+        read at every load (a reload rotates it); LoadCredential='s copy wins when there."""
+        for directory, value in ((tmp_path / "credentials", "shared"),
+                                 (tmp_path / "credentials" / "crm", "crm-one")):
+            directory.mkdir(exist_ok=True)
+            (directory / "pw").write_text(value)
+        path = tmp_path / "crm.yaml"
+        path.write_text("auth: {mode: login, email: a@b.c, password: '${credential:pw}'}\n")
+        assert load_config(path, environ={}).auth.password == "crm-one"
+        (tmp_path / "credentials" / "crm" / "pw").write_text("crm-two")  # rotated
+        assert load_config(path, environ={}).auth.password == "crm-two"
+        other = tmp_path / "iot.yaml"  # another instance: its own dir, else the shared file
+        other.write_text(path.read_text())
+        assert load_config(other, environ={}).auth.password == "shared"
+        frozen = tmp_path / "systemd"
+        frozen.mkdir()
+        (frozen / "pw").write_text("loaded-at-start")
+        assert load_config(path, environ={"CREDENTIALS_DIRECTORY": str(frozen)}
+                           ).auth.password == "loaded-at-start"
+        # A credential systemd did not load is looked for in the files.
+        cfg = load_config(path, environ={"CREDENTIALS_DIRECTORY": str(tmp_path / "none")})
+        assert cfg.auth.password == "crm-two"
+
+    def test_a_tls_file_that_cannot_be_read_is_named(self, tmp_path: Path) -> None:
+        (tmp_path / "site.pem").write_text("not read before the key")
+        err = load_error(f"webhook_listener: {{tls: {{cert: {tmp_path}/site.pem, "
+                         f"key: {tmp_path}/site.key}}}}\n")
+        assert err.key == "webhook_listener.tls"
+        assert f"cannot read the key {tmp_path}/site.key: No such file" in err.message
+
     def test_missing_secret_file(self, tmp_path: Path) -> None:
         path = tmp_path / "inst.yaml"
         path.write_text("auth:\n  mode: token\n  token: '${file:nope.txt}'\n")

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from mfo_actors.commands.run import EXIT_CONFIG
 from mfo_actors.config import load_config
 from mfo_actors.daemon import StateDirLock, StateDirLockedError, run_instance, watchdog_interval
 from mfo_actors.daemon import _run as daemon_run
@@ -94,7 +95,7 @@ class TestProcess:
         with running_daemon(config) as first:
             first.wait_event("daemon.ready")
             with running_daemon(config) as second:
-                assert second.wait_exit() == 1
+                assert second.wait_exit() == EXIT_CONFIG  # not retried by systemd
                 message = second.output()[-1]
                 assert message == (
                     "mfo-actors: another mfo-actors daemon is already running on state_dir "
@@ -176,11 +177,11 @@ class TestProcess:
             daemon.signal(signal.SIGTERM)
             assert daemon.wait_exit() == 0
 
-    def test_bad_config_is_one_line_and_exit_1(self, tmp_path: Path) -> None:
+    def test_bad_config_is_one_line_and_exit_78(self, tmp_path: Path) -> None:
         config = tmp_path / "bad.yaml"
         config.write_text("instance: x\nforwarder:\n  concurrency: lots\n")
         with running_daemon(config) as daemon:
-            assert daemon.wait_exit() == 1
+            assert daemon.wait_exit() == EXIT_CONFIG
             assert daemon.output() == [
                 f"mfo-actors: {config}:3: forwarder.concurrency: Expected `int`, got `str`"
             ]

@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mfo_actors import cli
 from mfo_actors.config import apply_env_overrides, load_config_text
 from mfo_actors.errors import ConfigError
 from mfo_actors.metrics import EVENTS_RECEIVED, render_metrics
+from mfo_actors.observability import redact
 
 BASE = """
 instance: envtest
@@ -64,6 +66,49 @@ class TestEnvOverrides:
         with pytest.raises(ConfigError, match=r"^envtest.yaml:3: auth.password: environment"):
             load_config_text(BASE, file="envtest.yaml", environ={})
 
+    @pytest.mark.parametrize("value", [
+        "12345678", "0123", "2024-01-01", "yes", "s3cr: et", "#hunter2", "null", "3.5",
+        "- a", "'quoted'",
+    ])
+    def test_text_values_are_taken_as_written(self, value: str) -> None:
+        """A password (or any text key) that looks like YAML is not turned into a number,
+        a date, a boolean, a mapping or nothing."""
+        cfg = load_config_text(BASE, file="envtest.yaml",
+                               environ={"PW": "x", "MFO_AUTH__PASSWORD": value})
+        assert cfg.auth.password == value
+
+    def test_typed_values_and_flow_collections_are_still_read_as_yaml(self) -> None:
+        cfg = load_config_text(BASE, file="envtest.yaml", environ={
+            "PW": "x", "MFO_FORWARDER__ENABLED": "false", "MFO_FLOWS__CONCURRENCY": "7",
+            "MFO_CLIENT__RETRY__BACKOFF_MULTIPLIER": "1.5", "MFO_CLIENT__TIMEOUT": "5s",
+            "MFO_WEBHOOK_LISTENER__ROUTES__0__RATE_LIMIT": "{requests_per_second: 2}",
+            "MFO_CLIENT__CACHE": "{ttl: 10s}", "MFO_LOGGING__FORMAT": "console"})
+        assert cfg.forwarder.enabled is False and cfg.flows.concurrency == 7
+        assert cfg.client.retry.backoff_multiplier == 1.5 and cfg.client.timeout == 5
+        limit = cfg.webhook_listener.routes[0].rate_limit
+        assert limit is not None and limit.requests_per_second == 2
+        assert cfg.client.cache is not None and cfg.client.cache.ttl == 10
+        assert cfg.logging.format == "console"
+
+    def test_top_level_keys_after_a_double_underscore(self, tmp_path: Path) -> None:
+        cfg = load_config_text(BASE, file="envtest.yaml", environ={
+            "PW": "x", "MFO__SHUTDOWN_TIMEOUT": "5", "MFO__STATE_DIR": str(tmp_path),
+            "MFO__ASYNC_BACKEND": "trio", "MFO__UVLOOP": "false", "MFO__INSTANCE": "other"})
+        assert cfg.shutdown_timeout == 5 and cfg.state_dir == str(tmp_path)
+        assert (cfg.async_backend, cfg.uvloop, cfg.instance) == ("trio", False, "other")
+
+    def test_an_unknown_section_is_the_variables_problem(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_config_text(BASE, file="envtest.yaml", environ={"PW": "x", "MFO_NOPE__X": "1"})
+        assert str(info.value) == "environment MFO_NOPE__X: nope: unknown key"
+
+    def test_a_file_error_in_a_section_an_override_touches_stays_the_files(self) -> None:
+        text = BASE + "client: {timeout: soon}\n"
+        with pytest.raises(ConfigError) as info:
+            load_config_text(text, file="envtest.yaml",
+                             environ={"PW": "x", "MFO_CLIENT__RETRY__MAX_ATTEMPTS": "3"})
+        assert str(info.value).startswith("envtest.yaml:8: client.timeout: invalid duration")
+
     def test_apply_reports_what_each_variable_set(self) -> None:
         data: dict[str, object] = {"client": {"timeout": "1s"}}
         applied = apply_env_overrides(data, {"MFO_CLIENT__TIMEOUT": "2s", "OTHER": "1"})
@@ -89,6 +134,32 @@ class TestCheckPrint:
         for secret in ("hunter2-password", "tok-from-env-123", "file-secret"):
             assert secret not in out
         assert out.count("[REDACTED]") == 3
+
+    @pytest.mark.parametrize(("dsn", "shown"), [
+        ("postgresql://mfo:hunter2secret@127.0.0.1:1/test",
+         "postgresql://mfo:[REDACTED]@127.0.0.1:1/test"),
+        ("postgresql://mfo@127.0.0.1:1/test?password=hunter2secret&sslmode=require",
+         "postgresql://mfo@127.0.0.1:1/test?password=[REDACTED]&sslmode=require"),
+        ("host=127.0.0.1 port=1 dbname=test user=mfo password=hunter2secret",
+         "host=127.0.0.1 port=1 dbname=test user=mfo password=[REDACTED]"),
+        ("postgresql://mfo@127.0.0.1:1/test", "postgresql://mfo@127.0.0.1:1/test"),
+    ])
+    def test_the_password_inside_a_dsn_is_masked(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, dsn: str, shown: str,
+    ) -> None:
+        """The container override MFO_STORE__DSN is neither a ${...} reference nor a key
+        named like a credential: check --print used to show it whole."""
+        path = tmp_path / "pg.yaml"
+        (tmp_path / "flows").mkdir()
+        path.write_text(f"state_dir: {tmp_path}/state\nflows: {{dir: {tmp_path}/flows}}\n")
+        monkeypatch.setenv("MFO_STORE__BACKEND", "postgres")
+        monkeypatch.setenv("MFO_STORE__DSN", dsn)
+        assert cli.main(["check", "--config", str(path), "--print"]) == 0
+        out = capsys.readouterr().out
+        assert "hunter2secret" not in out
+        assert yaml.safe_load(out.split("\n", 1)[1])["store"]["dsn"] == shown
+        assert "hunter2secret" not in str(redact(f"connecting with {dsn}"))
 
 
 class TestMetrics:

@@ -1,4 +1,5 @@
-"""A daemon that cannot start says why in one line on stderr, exits 1, and is not restarted.
+"""A daemon that cannot start says why in one line on stderr, exits 78 (EX_CONFIG), and is
+not restarted.
 
 Each test starts ``mfo-actors run`` as a real process with a real config whose environment
 refuses it something (a port, the state dir, the store file, a secret file), and checks the
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from mfo_actors.actors.admin import AdminActor
+from mfo_actors.commands.run import EXIT_CONFIG
 from mfo_actors.config import AdminConfig, Port
 from mfo_actors.errors import ListenError
 from mfo_actors.runtime import ReadySignal
@@ -34,8 +36,8 @@ def run_daemon(config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit 1 and a single ``mfo-actors: ...`` line holding every fragment."""
-    assert result.returncode == 1, result.stderr
+    """Exit 78 and a single ``mfo-actors: ...`` line holding every fragment."""
+    assert result.returncode == EXIT_CONFIG, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     [line] = lines

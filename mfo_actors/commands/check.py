@@ -13,7 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mfo_actors.config import InstanceConfig, check_config, dump_config, load_config
+from mfo_actors.config import (
+    InstanceConfig,
+    check_config,
+    dump_config,
+    flows_dir_problem,
+    load_config,
+)
 from mfo_actors.errors import UserError
 
 __all__ = ["check_paths", "configure"]
@@ -133,7 +139,10 @@ def check_paths(target: Path, *, warnings: list[str] | None = None
     seen: set[Path] = set()
     for cfg in configs:
         flows_dir = Path(cfg.flows.dir)
-        if not cfg.flows.enabled or flows_dir.absolute() in seen or not flows_dir.is_dir():
+        missing = flows_dir_problem(cfg)
+        if missing and warnings is not None:
+            warnings.append(f"{cfg.source_file or '<config>'}: {missing}")
+        if not cfg.flows.enabled or flows_dir.absolute() in seen or missing:
             continue
         seen.add(flows_dir.absolute())
         flow_problems = check_flows_dir(flows_dir)

@@ -172,7 +172,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _with_store(args: argparse.Namespace, body: Callable[[EventStore], Awaitable[Any]]) -> Any:
     """Load the config, open its store (without the daemon's lock), run *body*."""
-    return with_store(load_config(args.config), args.config, body,
+    return with_store(load_config(args.config, need_secrets=False), args.config, body,
                       missing="no event store at {where} (has the daemon run with this config?)")
 
 

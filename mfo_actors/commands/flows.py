@@ -70,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``flows list``: name, triggers, task count and file of every flow."""
-    _, flows = _load(args.config)
+    _, flows = _load(args.config, need_secrets=False)
     if args.json:
         print_json([{"name": f.name, "description": f.description, "triggers": _triggers(f),
                      "tasks": len(f.nodes), "file": f.file} for f in flows.values()])
@@ -86,7 +86,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_graph(args: argparse.Namespace) -> int:
     """``flows graph NAME``: the flow as Mermaid ``graph TD`` (paste into Markdown)."""
-    _, flows = _load(args.config)
+    _, flows = _load(args.config, need_secrets=False)
     sys.stdout.write(to_mermaid(_pick(flows, args.name)))
     return 0
 
@@ -178,8 +178,11 @@ def _parse_input(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _load(config_file: str) -> tuple[InstanceConfig, dict[str, Flow]]:
-    cfg = load_config(config_file)
+def _load(config_file: str, *, need_secrets: bool = True
+          ) -> tuple[InstanceConfig, dict[str, Flow]]:
+    """The config and its flows; *need_secrets* False when no MFO call is made (list, graph:
+    a secret the operator's shell cannot resolve does not matter)."""
+    cfg = load_config(config_file, need_secrets=need_secrets)
     if not cfg.flows.enabled:
         raise UserError(f"{config_file}: flows.enabled is false")
     return cfg, load_instance_flows(cfg)

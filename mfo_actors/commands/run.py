@@ -9,13 +9,15 @@ from typing import Any
 
 import anyio
 
-from mfo_actors.config import InstanceConfig, load_config
+from mfo_actors.config import InstanceConfig, flows_dir_problem, load_config
 from mfo_actors.daemon import graph_text, run_instance
 from mfo_actors.observability import configure_logging, get_logger
 
-__all__ = ["configure"]
+__all__ = ["EXIT_CONFIG", "configure"]
 
 log = get_logger("mfo_actors.commands.run")
+
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: the instance cannot start as configured
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-graph", action="store_true",
                         help="print the instance's actors and message channels as a Mermaid "
                         "flowchart (message types, bounds) and exit without running")
-    parser.set_defaults(func=cmd_run)
+    # A daemon that cannot start because of the user's config, ports, state dir or store
+    # exits 78 (EX_CONFIG): the unit's RestartPreventExitStatus=78 keeps systemd from
+    # retrying what would fail the same way.
+    parser.set_defaults(func=cmd_run, user_error_exit=EXIT_CONFIG)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -38,6 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(graph_text(cfg), end="")
         return 0
     configure_logging(level=cfg.logging.level, fmt=cfg.logging.format, instance=cfg.instance)
+    missing_flows = flows_dir_problem(cfg)
+    if missing_flows:
+        warnings.append(f"{cfg.source_file}: {missing_flows}")
     for warning in warnings:
         log.warning("config.warning", problem=warning)
     return anyio.run(functools.partial(run_instance, cfg), backend=cfg.async_backend,

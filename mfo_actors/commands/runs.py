@@ -22,7 +22,7 @@ from mfo_actors.commands._common import (
     table,
     with_store,
 )
-from mfo_actors.config import load_config
+from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.errors import UserError
 from mfo_actors.observability import redact
 from mfo_actors.store import EventStore, RunRecord, TaskRunRecord
@@ -62,7 +62,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     async def body(store: EventStore) -> list[RunRecord]:
         return await store.list_runs(flow=args.flow, status=args.status, limit=args.limit)
 
-    runs = with_store(load_config(args.config), args.config, body, missing=NO_RUN_STORE)
+    runs = with_store(_config(args), args.config, body, missing=NO_RUN_STORE)
     if args.json:
         print_json([run_summary(r) for r in runs])
     elif not runs:
@@ -79,7 +79,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     async def body(store: EventStore) -> tuple[RunRecord, list[TaskRunRecord]] | None:
         return await store.get_run(args.id)
 
-    found = with_store(load_config(args.config), args.config, body, missing=NO_RUN_STORE)
+    found = with_store(_config(args), args.config, body, missing=NO_RUN_STORE)
     if found is None:
         raise UserError(f"no run with id {args.id}")
     run, tasks = found
@@ -106,6 +106,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 OUTPUT_WIDTH = 300  # characters of a task's output JSON shown by ``runs show``
+
+
+def _config(args: argparse.Namespace) -> InstanceConfig:
+    """The instance config, for its store only (secrets it cannot resolve do not matter)."""
+    return load_config(args.config, need_secrets=False)
 
 
 def _clip(text: str) -> str:

@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace, body: Any) -> Any:
     from mfo_actors.commands._common import with_store
     from mfo_actors.config import load_config
 
-    return with_store(load_config(args.config), args.config, body, missing=NO_SESSION_STORE)
+    return with_store(load_config(args.config, need_secrets=False), args.config, body,
+                      missing=NO_SESSION_STORE)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
