@@ -67,7 +67,9 @@ class SignedTraffic(threading.Thread):
         super().__init__(daemon=True)
         self.port = port
         self.secret = "old-secret"
-        self.answers: list[tuple[str, int, str | None]] = []  # (secret, status, event id)
+        self.generation = 0  # reloads known to be done when a request is sent
+        # (secret, status, event id, reloads done before the request was sent)
+        self.answers: list[tuple[str, int, str | None, int]] = []
         self.sockets: set[int] = set()
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -78,7 +80,7 @@ class SignedTraffic(threading.Thread):
         try:
             while not self.stop.is_set():
                 body = json.dumps({"n": n}).encode()
-                secret = self.secret
+                secret, generation = self.secret, self.generation
                 try:
                     conn.request("POST", ROUTE, body, gh_headers(body, secret))
                     resp = conn.getresponse()
@@ -90,7 +92,7 @@ class SignedTraffic(threading.Thread):
                 assert conn.sock is not None
                 self.sockets.add(id(conn.sock))
                 event_id = json.loads(data).get("id") if resp.status == 202 else None
-                self.answers.append((secret, resp.status, event_id))
+                self.answers.append((secret, resp.status, event_id, generation))
                 n += 1
         finally:
             conn.close()
@@ -98,6 +100,12 @@ class SignedTraffic(threading.Thread):
     def wait_more(self, count: int) -> None:
         target = len(self.answers) + count
         wait_for(lambda: len(self.answers) >= target, what=f"{count} more answers")
+
+
+def old_after_rotation(traffic: SignedTraffic) -> list[int]:
+    """The statuses of old-secret requests sent after reload 6, which rotated the secret."""
+    return [status for secret, status, _, generation in list(traffic.answers)
+            if secret == "old-secret" and generation >= 6]
 
 
 def status_of(port: int, secret: str) -> int:
@@ -136,30 +144,33 @@ def test_twenty_reloads_under_signed_traffic_rotate_the_secret_and_lose_nothing(
             daemon.signal(signal.SIGHUP)
             wait_for(lambda i=i: sum(e.get("event") == "daemon.reload_done" and e["ok"]
                                      for e in daemon.events()) >= i, what=f"reload {i}")
+            traffic.generation = i
             if i == 6:
                 rotated_at = time.monotonic()
+                # The provider goes on signing with the old secret after the rotation.
+                wait_for(lambda: len(old_after_rotation(traffic)) >= 5,
+                         what="old-secret requests sent after the rotation")
             if i == 11 or (rotated_at and time.monotonic() - rotated_at > GRACE / 4):
                 traffic.secret = "new-secret"  # the provider switches during the grace period
             traffic.wait_more(5)
         traffic.wait_more(20)
         traffic.stop.set()
         traffic.join(timeout=10)
-        switched = next(i for i, a in enumerate(traffic.answers) if a[0] == "new-secret")
-        old_after_rotation = sum(1 for s, _, _ in traffic.answers[switched - 5:switched]
-                                 if s == "old-secret")
-
         assert traffic.errors == []
-        assert {status for _, status, _ in traffic.answers} == {202}
+        # Sent once reload 6 (the rotation) had returned, signed with the old secret: the
+        # grace period let them in.
+        old_after = old_after_rotation(traffic)
+        assert len(old_after) >= 5 and set(old_after) == {202}, old_after
+        assert {status for _, status, _, _ in traffic.answers} == {202}
         assert len(traffic.sockets) == 1, "the keep-alive connection was dropped"
-        assert old_after_rotation == 5  # old-secret requests went on after the rotation
-        assert sum(1 for s, _, _ in traffic.answers if s == "new-secret") >= 20
+        assert sum(1 for s, _, _, _ in traffic.answers if s == "new-secret") >= 20
 
         wait_for(lambda: status_of(port, "old-secret") == 401, deadline=GRACE + 10,
                  what="the old secret refused after the grace period")
         assert status_of(port, "new-secret") == 202
         daemon.signal(signal.SIGTERM)
         assert daemon.wait_exit() == 0
-    accepted = {event_id for _, _, event_id in traffic.answers}
+    accepted = {event_id for _, _, event_id, _ in traffic.answers}
     assert len(accepted) == len(traffic.answers) > 100
     assert accepted <= stored_ids(config)
     print(f"\n{len(traffic.answers)} signed requests, 20 reloads, all 202 and stored")
@@ -246,6 +257,34 @@ def test_a_broken_flow_keeps_the_running_flows_and_names_file_and_line(
         assert post_open(port, 3) == 202
         wait_for(lambda: finished_runs(daemon, "Second") == 1, what="the new flow's run")
         assert finished_runs(daemon, "Greet") == 3
+
+        # The daemon reloads the file it runs: another file on the same state dir is refused
+        # (it would be validated, reported as reloaded, and ignored).
+        copy = tmp_path / "rl-copy.yaml"
+        copy.write_text(config.read_text())
+        result = run_cli("reload", "--config", str(copy))
+        assert result.returncode == 1
+        assert result.stderr.strip() == (
+            f"mfo-actors: the daemon on state_dir {tmp_path / 'state'} (pid {daemon.pid}) "
+            f"runs {config}, not {copy}: reload {config}")
+
+        # A flows dir gone away (a typo, a deploy half done) does not remove every flow ...
+        flows.rename(tmp_path / "flows-away")
+        daemon.signal(signal.SIGHUP)
+        failed = wait_for(lambda: [e for e in daemon.events()
+                                   if e.get("event") == "daemon.reload_failed"][1:],
+                          what="the refused reload")
+        assert "would remove every flow (Greet, Second)" in failed[0]["error"]
+        assert post_open(port, 4) == 202
+        wait_for(lambda: finished_runs(daemon, "Greet") == 4, what="the flows still running")
+        # ... an empty one does, and says so.
+        (tmp_path / "flows-away").rename(flows)
+        for flow in flows.iterdir():
+            flow.unlink()
+        result = run_cli("reload", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert "flows added: none; removed: Greet, Second" in result.stdout
+        assert "every flow was removed" in result.stdout
 
         # A key that needs a restart is reported, and the rest still applies.
         reload_config(tmp_path, port, secret="s", admin_port=admin_port,

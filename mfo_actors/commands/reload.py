@@ -60,6 +60,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return data if isinstance(data, dict) and data.get("pid") == pid else None
 
     before = status()
+    # The daemon re-reads the file it was started with: validating another one and
+    # reporting "reloaded" would be a lie.
+    running = before.get("config") if before else None
+    if running and running != os.path.realpath(args.config):
+        raise UserError(f"the daemon on state_dir {state_dir} (pid {pid}) runs {running}, "
+                        f"not {args.config}: reload {running}")
     generation = int(before["generation"]) if before else 0
     try:
         os.kill(pid, signal.SIGHUP)
@@ -78,6 +84,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise UserError(f"reload failed, running config kept: {answer.get('error')}")
     print(f"reloaded {cfg.instance} (pid {pid}): "
           f"changed {', '.join(answer.get('changed') or []) or 'nothing'}")
+    added, removed = answer.get("flows_added") or [], answer.get("flows_removed") or []
+    if added or removed:
+        print(f"flows added: {', '.join(added) or 'none'}; "
+              f"removed: {', '.join(removed) or 'none'}")
+    if removed and not answer.get("flows"):
+        print("every flow was removed: the flows dir holds none now")
     restart = answer.get("needs_restart") or []
     if restart:
         print(f"needs a restart to take effect: {', '.join(restart)}")
