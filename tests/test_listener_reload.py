@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trustme
 
-from mfo_actors.actors._admission import ClientLimiter, RateLimiter
+from mfo_actors.actors._admission import ClientLimiter, RateLimiter, client_key, take_both
 from mfo_actors.actors._reload import ConfigUpdate
 from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.config import InstanceConfig, RateLimitConfig, load_config_text
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.anyio
 
 def listener_config(tmp_path: Path, *, secret: str = "old-secret", grace: str = "24h",
                     route_limit: str = "", client_limit: str = "", tls: str = "",
-                    extra_route: str = "") -> InstanceConfig:
+                    extra_route: str = "", limits: str = "") -> InstanceConfig:
     text = f"""
 instance: reload-test
 state_dir: {tmp_path / "state"}
@@ -40,6 +40,7 @@ webhook_listener:
   port: 0
   {client_limit}
   {tls}
+  {limits}
   routes:
     - path: /hooks/gh
       source: gh
@@ -111,6 +112,58 @@ class TestRateLimits:
         assert (first.status_code, second.status_code, third.status_code) == (202, 429, 429)
         assert second.headers["retry-after"] == "1"
         assert len(store.events) == 1
+
+    async def test_a_flooding_client_does_not_lock_everyone_out_of_the_route(
+        self, tmp_path: Path
+    ) -> None:
+        """A client over its own limit spends none of the route's tokens, so other clients
+        still get in (review of issue 12, D2). The route's rate is slow enough that nothing
+        refills during the test: before the fix the flooder's refused requests emptied it."""
+        cfg = listener_config(
+            tmp_path, client_limit="client_rate_limit: {requests_per_second: 0.01, burst: 2}",
+            route_limit="rate_limit: {requests_per_second: 0.01, burst: 10}")
+        store = FakeStore()
+        async with serving(cfg, store) as actor:
+            url = f"http://127.0.0.1:{actor.port}"
+
+            async def post_from(address: str, count: int) -> list[int]:
+                transport = httpx.AsyncHTTPTransport(local_address=address)
+                async with httpx.AsyncClient(base_url=url, transport=transport) as client:
+                    return [(await post_signed(client, "/hooks/gh", "old-secret")).status_code
+                            for _ in range(count)]
+
+            flooder = await post_from("127.0.0.2", 30)
+            others = [(await post_from(f"127.0.0.{n}", 1))[0] for n in range(3, 9)]
+        assert flooder == [202, 202] + [429] * 28
+        assert others == [202] * 6
+        assert len(store.events) == 8
+
+    def test_a_request_takes_a_token_from_both_buckets_or_from_neither(self) -> None:
+        now = [0.0]
+        route = RateLimiter(RateLimitConfig(requests_per_second=1, burst=2),
+                            clock=lambda: now[0])
+        client = RateLimiter(RateLimitConfig(requests_per_second=1, burst=1),
+                             clock=lambda: now[0])
+        assert take_both(route, client) == 0.0
+        assert take_both(route, client) == pytest.approx(1.0)  # the client's bucket is empty
+        assert route.wait() == 0.0  # ... and the route kept its token
+        assert take_both(route, None) == 0.0
+        assert take_both(route, None) == pytest.approx(1.0)
+        assert client.wait() == pytest.approx(1.0)  # the route refused: the client kept its
+        now[0] += 1.0
+        assert take_both(route, client) == 0.0
+
+    def test_ipv6_clients_share_a_bucket_per_64(self) -> None:
+        assert client_key("192.0.2.7") == "192.0.2.7"
+        assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff::9") \
+            == "2001:db8:1:2::/64"
+        assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+        assert client_key("::ffff:192.0.2.7") == "192.0.2.7"  # dual-stack socket, IPv4 client
+        limiter = ClientLimiter(RateLimitConfig(requests_per_second=1, burst=1),
+                                max_clients=10, clock=lambda: 0.0)
+        assert limiter.take("2001:db8::1") == 0.0
+        assert limiter.take("2001:db8::2") > 0  # another address of the same /64
+        assert len(limiter) == 1
 
     def test_bucket_refills_at_its_rate(self) -> None:
         now = [100.0]
@@ -196,6 +249,26 @@ class TestReload:
             assert (await post_signed(client, "/hooks/gh", "old-secret")).status_code == 429
             reload(actor, listener_config(tmp_path))
             assert (await post_signed(client, "/hooks/gh", "old-secret")).status_code == 202
+
+
+    async def test_new_header_limits_reach_an_open_keep_alive_connection(
+        self, tmp_path: Path
+    ) -> None:
+        """The HTTP core reads its limits each time a connection waits for a request, not
+        once per connection: an idle keep-alive connection (already waiting when the reload
+        came) applies them from its next request but one, and is not closed for it."""
+        store = FakeStore()
+        headers = {f"x-extra-{i}": "1" for i in range(10)}
+        async with serving(listener_config(tmp_path), store) as actor, httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{actor.port}") as client:
+            assert (await client.post("/hooks/open", json={}, headers=headers)).status_code \
+                == 202
+            reload(actor, listener_config(tmp_path, limits="max_headers: 8"))
+            assert actor._server is not None and actor._server.active_connections == 1
+            statuses = [(await client.post("/hooks/open", json={}, headers=headers)).status_code
+                        for _ in range(2)]
+        assert statuses[0] in (202, 431)  # 202: parsed under the limits it waited with
+        assert statuses[1] == 431
 
 
 def write_cert(ca: trustme.CA, directory: Path, name: str) -> str:

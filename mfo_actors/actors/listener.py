@@ -31,11 +31,14 @@ Decisions (documented here because users see them):
   (``mfo_actors.observability.redact``), never in the store.
 * **Rate limits.** A route's ``rate_limit`` and the listener's ``client_rate_limit`` (per
   client address) are token buckets checked before the body is read: over either, ``429``
-  with ``Retry-After`` (seconds until the next token, at least 1), nothing stored.
+  with ``Retry-After`` (seconds until the next token, at least 1), nothing stored. A request
+  takes a token from both or from neither, so a client over its own limit cannot empty its
+  route's bucket for every other client.
 * **Reload** (:meth:`ListenerActor.prepare_reload`): routes, secrets, rate limits, size and
   time limits, the TLS certificate and the flows' event triggers change without closing a
-  connection; a request already past its head check finishes under the config it started
-  with. A route whose ``verify.secret`` changed keeps accepting the previous secret for
+  connection (turning TLS on or off needs a restart: the daemon keeps the running choice); a
+  request already past its head check finishes under the config it started with. A route
+  whose ``verify.secret`` changed keeps accepting the previous secret for
   ``verify.rotation_grace`` (in memory: a restart ends the grace period).
 * **Metrics.** ``mfo_events_received_total{source}`` counts stored events;
   ``mfo_events_rejected_total{source,reason}`` counts refusals with reasons ``not_found``,
@@ -54,7 +57,7 @@ from typing import Any
 
 import msgspec
 
-from mfo_actors.actors._admission import ClientLimiter, RateLimiter
+from mfo_actors.actors._admission import ClientLimiter, RateLimiter, take_both
 from mfo_actors.actors._reload import Apply, ConfigUpdate
 from mfo_actors.actors._server_actor import ServerActor
 from mfo_actors.actors._verify import SignatureError, verify
@@ -380,13 +383,14 @@ class ListenerActor(ServerActor):
             return _json_response(405, {"error": "only POST is allowed"}, [("allow", "POST")])
         if self._stopping:
             return self._unavailable(route, "stopping", "shutting down")
-        wait = route.limiter.take() if route.limiter is not None else 0.0
-        if not wait and self._clients is not None and head.client is not None:
-            wait = self._clients.take(head.client[0])
-        if wait:
-            route.rejected["rate_limited"].inc()
-            return _json_response(429, {"error": "rate limit exceeded, retry later"},
-                                  [("retry-after", str(max(1, math.ceil(wait))))])
+        if route.limiter is not None or self._clients is not None:
+            client = (self._clients.bucket(head.client[0])
+                      if self._clients is not None and head.client is not None else None)
+            wait = take_both(route.limiter, client)  # a token from each, or from neither
+            if wait:
+                route.rejected["rate_limited"].inc()
+                return _json_response(429, {"error": "rate limit exceeded, retry later"},
+                                      [("retry-after", str(max(1, math.ceil(wait))))])
         if route.is_json and not _is_json_type(head.headers.get("content-type")):
             route.rejected["media_type"].inc()
             return _json_response(

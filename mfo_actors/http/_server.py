@@ -155,7 +155,9 @@ class HttpServer:
         return self._limits
 
     def update_limits(self, limits: HttpLimits) -> None:
-        """Serve with *limits* from now on (a reload): each connection reads them per request."""
+        """Serve with *limits* from now on (a reload): a connection reads them each time it
+        starts waiting for a request, so an idle keep-alive connection applies them from the
+        request after the one it is already waiting for."""
         self._limits = limits
 
     # -- for the connections -----------------------------------------------------------------
