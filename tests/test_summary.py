@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 from structlog.testing import capture_logs
 
-from mfo_actors.actors.summary import SummaryActor
+from mfo_actors.actors.summary import STUCK_EVERY, SummaryActor
 from mfo_actors.config import load_config_text
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
@@ -26,6 +27,13 @@ async def tick(clock: FakeClock, seconds: float) -> None:
         await clock.wait_for_sleepers(1)
 
 
+async def start(tg: anyio.abc.TaskGroup, actor: SummaryActor, clock: FakeClock) -> None:
+    """Run *actor* in *tg* until it sleeps through its first interval."""
+    tg.start_soon(actor.run, ReadySignal())
+    with anyio.fail_after(5):
+        await clock.wait_for_sleepers(1)
+
+
 async def test_one_line_per_interval_only_when_something_changed(tmp_path: Path) -> None:
     instance = f"sum{new_id().lower()}"  # metric labels of its own
     cfg = load_config_text(f"instance: {instance}\nlogging: {{summary_interval: 10s}}\n")
@@ -35,9 +43,7 @@ async def test_one_line_per_interval_only_when_something_changed(tmp_path: Path)
         actor = SummaryActor(cfg, store, clock=clock)
         with capture_logs() as logs:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(actor.run, ReadySignal())
-                with anyio.fail_after(5):
-                    await clock.wait_for_sleepers(1)
+                await start(tg, actor, clock)
                 await tick(clock, 10)
                 assert logs == []  # idle: silent
 
@@ -68,3 +74,25 @@ async def test_zero_interval_turns_it_off(tmp_path: Path) -> None:
             await ready.wait()
             assert clock.sleepers == 0
             actor.request_stop()
+
+
+async def test_a_stuck_backlog_is_still_reported(tmp_path: Path) -> None:
+    """An outage with no new traffic moves no counter and leaves pending as it was: the line
+    still comes every STUCK_EVERY intervals, with the oldest pending age growing."""
+    instance = f"sum{new_id().lower()}"
+    cfg = load_config_text(f"instance: {instance}\nlogging: {{summary_interval: 10s}}\n")
+    clock = FakeClock()
+    async with open_sqlite_store(tmp_path / "s.db", clock=clock.now) as store:
+        await store.append(Event(id=new_id(), source="github", type="push",
+                                 received_at=clock.now(), headers={}, body=b"{}"))
+        actor = SummaryActor(cfg, store, clock=clock)
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                await start(tg, actor, clock)
+                for _ in range(2 * STUCK_EVERY + 1):
+                    await tick(clock, 10)
+                actor.request_stop()
+    ages = [e["oldest_pending_s"] for e in logs if e["event"] == "instance.summary"]
+    interval = 10.0 * STUCK_EVERY
+    assert ages == [10.0, 10.0 + interval, 10.0 + 2 * interval]  # first: the backlog found
+    assert all(e["pending"] == 1 for e in logs)

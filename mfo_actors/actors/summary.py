@@ -5,8 +5,10 @@ At the default level a running daemon is otherwise silent about its work (per-ev
 are debug). Every ``logging.summary_interval`` (10 s; 0 turns it off) it logs
 ``instance.summary`` with what happened since the last line (``received``, ``delivered``,
 ``retried``, ``dead``, ``rejected``) and the outbox now (``pending``, ``oldest_pending_s``),
-only when one of those changed, so an idle daemon stays quiet. Counts come from the
-instance's metrics, the outbox from the store.
+only when one of those changed, so an idle daemon stays quiet. A backlog that does not move
+(an outage with no new traffic: nothing is attempted while the breaker is open) is still
+reported every :data:`STUCK_EVERY` intervals, so ``oldest_pending_s`` can be seen growing.
+Counts come from the instance's metrics, the outbox from the store.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from mfo_actors.observability import get_logger
 from mfo_actors.runtime import Clock, ReadySignal, RestartPolicy, SystemClock
 from mfo_actors.store import EventStore, StoreError
 
-__all__ = ["SummaryActor"]
+__all__ = ["STUCK_EVERY", "SummaryActor"]
 
 log = get_logger(__name__)
+
+STUCK_EVERY = 6  # intervals: a pending backlog is reported at least this often (1 min)
 
 # Counter (metric family) -> field of the summary line.
 _FIELDS = {
@@ -48,6 +52,7 @@ class SummaryActor:
         self._stop = anyio.Event()
         self._last: dict[str, float] = {}
         self._last_pending = 0  # a backlog found at start is worth the first line
+        self._quiet = 0  # intervals since the last line
 
     async def run(self, ready: ReadySignal) -> None:
         ready.set()
@@ -65,7 +70,8 @@ class SummaryActor:
         self._stop.set()
 
     async def report(self) -> None:
-        """Log one summary line if anything changed since the last one."""
+        """Log one summary line if anything changed since the last one, or a backlog has
+        been there unchanged for :data:`STUCK_EVERY` intervals."""
         totals = self._totals()
         changes = {field: int(totals.get(field, 0) - self._last.get(field, 0))
                    for field in (*_FIELDS.values(), "rejected")}
@@ -75,9 +81,11 @@ class SummaryActor:
         except StoreError as exc:
             log.warning("instance.summary_failed", error=str(exc))
             return
-        if not any(changes.values()) and stats.pending == self._last_pending:
+        self._quiet += 1
+        if not any(changes.values()) and stats.pending == self._last_pending and not (
+                stats.pending and self._quiet >= STUCK_EVERY):
             return
-        self._last, self._last_pending = totals, stats.pending
+        self._last, self._last_pending, self._quiet = totals, stats.pending, 0
         age = None if oldest is None else round(max(0.0, self._clock.now() - oldest), 1)
         log.info("instance.summary", interval_s=self._interval, **changes,
                  pending=stats.pending, oldest_pending_s=age)
