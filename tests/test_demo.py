@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -22,10 +23,13 @@ import pytest
 from mfo_actors.actors._verify import SignatureError, verify
 from mfo_actors.config import VerifyConfig
 from mfo_actors.daemon import StateDirLock
-from mfo_actors.demo import Verdict
+from mfo_actors.daemon._lock import running_daemon_pid
+from mfo_actors.demo import DemoOptions, Verdict, run_demo
+from mfo_actors.demo import _run as demo_run
 from mfo_actors.demo._providers import Tally, make_deliveries
 from mfo_actors.demo._setup import GITHUB_SECRET, STANDARD_WEBHOOKS_SECRET
 from mfo_actors.demo._view import LiveView, Snapshot, parse_metrics
+from mfo_actors.errors import UserError
 from tests.helpers import wait_for
 
 VERDICT_OK = re.compile(r"^verdict: OK: every accepted event \((\d+)\) reached the server "
@@ -109,6 +113,54 @@ class TestDemoProcess:
         assert "mfo-actors demo: interrupted" in out
         with StateDirLock(state):  # the daemon is gone: its lock is free
             pass
+
+
+    def test_kill_9_of_the_demo_stops_its_daemon(self, tmp_path: Path) -> None:
+        """The demo cannot stop its daemon when it is killed outright: the kernel does
+        (parent-death signal), so no daemon keeps running against a dead server."""
+        state = tmp_path / "state"
+        proc = demo("--duration", "60", "--state-dir", str(state))
+        daemon: int | None = None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("demo t="):
+                    break
+            daemon = running_daemon_pid(state)
+            assert daemon is not None
+            proc.kill()
+            proc.wait(timeout=30)
+            wait_for(lambda: not alive(daemon), what="the orphaned daemon to stop")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+            if daemon is not None and alive(daemon):  # the test failed: leave no orphan
+                os.kill(daemon, signal.SIGKILL)
+        with StateDirLock(state):  # nobody holds the state dir any more
+            pass
+
+
+def alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie nobody reaped yet has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def test_a_package_without_the_example_flows_refuses_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A package built without flows/ (mfo_actors/demo/flows is a link to it) must not run a
+    demo with no flows and still say OK."""
+    monkeypatch.setattr(demo_run, "example_flows_dir", lambda: tmp_path / "flows")
+    with pytest.raises(UserError, match="the example flows are missing from this install"):
+        run_demo(DemoOptions(duration=1))
+    (tmp_path / "flows").mkdir()
+    with pytest.raises(UserError, match="flows are missing"):
+        run_demo(DemoOptions(duration=1))
 
 
 class TestProviders:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
-import anyio.abc
+import anyio.to_thread
 import httpx
 
 from mfo_actors.config import load_config
@@ -38,6 +38,7 @@ from mfo_actors.demo._setup import (
     GITHUB_SECRET,
     STANDARD_WEBHOOKS_SECRET,
     DemoSetup,
+    example_flows_dir,
     write_instance,
 )
 from mfo_actors.demo._view import LiveView, Snapshot, parse_metrics, summary_lines
@@ -92,7 +93,15 @@ class Verdict:
 
 
 def run_demo(options: DemoOptions, *, out: TextIO | None = None) -> int:
-    """Run the demo; return the exit code (0: nothing lost, 1: something was)."""
+    """Run the demo; return the exit code (0: nothing lost, 1: something was).
+
+    Raises:
+      UserError: this install has no example flows (a package built without ``flows/``).
+    """
+    flows = example_flows_dir()
+    if not flows.is_dir() or not any(flows.glob("*.yaml")):
+        raise UserError(f"the example flows are missing from this install ({flows}): the "
+                        "package was built without the repository's flows/ directory")
     stream = out or sys.stdout
     temporary = options.state_dir is None
     state_dir = (Path(tempfile.mkdtemp(prefix="mfo-actors-demo-")) if temporary
@@ -150,7 +159,7 @@ async def _run_all(options: DemoOptions, state_dir: Path, out: TextIO, result: _
         print(f"mfo-actors demo: reference server {setup.upstream_url}, daemon "
               f"{setup.listener_url} (admin {setup.admin_url}), state {state_dir}", file=out)
         print(f"  daemon log: {setup.log_file}", file=out, flush=True)
-        daemon = await _start_daemon(setup)
+        daemon = _start_daemon(setup)
         try:
             await _with_daemon(options, setup, daemon, out, result)
         finally:
@@ -163,34 +172,63 @@ async def _run_all(options: DemoOptions, state_dir: Path, out: TextIO, result: _
         tg.cancel_scope.cancel()
 
 
-async def _start_daemon(setup: DemoSetup) -> anyio.abc.Process:
+# The daemon's first step, before it becomes `mfo-actors run`: ask the kernel for SIGTERM
+# when the demo dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG, kept across exec), so no
+# daemon is left running against a dead reference server; then exec the real command. If the
+# demo is already gone (the parent pid changed), do nothing. Elsewhere: just exec.
+_EXIT_WITH_PARENT = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def _start_daemon(setup: DemoSetup) -> subprocess.Popen[bytes]:
+    """Start the daemon (see ``_EXIT_WITH_PARENT``).
+
+    Started here, in the main thread, not through the event loop: the kernel's parent-death
+    signal follows the thread that forked, and trio forks in a worker thread that ends when
+    idle (the daemon would be stopped a few seconds in).
+    """
     env = {k: v for k, v in os.environ.items()
            if k not in {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}}
+    command = [sys.executable, "-m", "mfo_actors", "run", "--config", str(setup.config)]
     with setup.log_file.open("ab") as log:
-        return await anyio.open_process(
-            [sys.executable, "-m", "mfo_actors", "run", "--config", str(setup.config)],
+        return subprocess.Popen(
+            [sys.executable, "-c", _EXIT_WITH_PARENT, str(os.getpid()), *command[1:]],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
             start_new_session=True,  # Ctrl-C reaches the demo, which stops the daemon in order
         )
 
 
-async def _stop_daemon(daemon: anyio.abc.Process) -> int | None:
-    if daemon.returncode is None:
+async def _wait_exit(daemon: subprocess.Popen[bytes], seconds: float) -> int | None:
+    """The daemon's exit code once it exits, or None after *seconds*."""
+    try:
+        return await anyio.to_thread.run_sync(partial(daemon.wait, timeout=seconds),
+                                              abandon_on_cancel=True)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+async def _stop_daemon(daemon: subprocess.Popen[bytes]) -> int | None:
+    if daemon.poll() is None:
         daemon.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(STOP_DEADLINE):
-            await daemon.wait()
-        if daemon.returncode is None:
+        if await _wait_exit(daemon, STOP_DEADLINE) is None:
             daemon.kill()
-            await daemon.wait()
-    await daemon.aclose()
+            await _wait_exit(daemon, STOP_DEADLINE)
     return daemon.returncode
 
 
-async def _wait_ready(setup: DemoSetup, daemon: anyio.abc.Process,
+async def _wait_ready(setup: DemoSetup, daemon: subprocess.Popen[bytes],
                       admin: httpx.AsyncClient) -> None:
     deadline = time.monotonic() + READY_DEADLINE
     while True:
-        if daemon.returncode is not None:
+        if daemon.poll() is not None:
             tail = setup.log_file.read_text(errors="replace").strip().splitlines()[-3:]
             raise UserError(f"the demo's daemon exited ({daemon.returncode}) before it was "
                             f"ready: {' | '.join(tail) or 'no output'}")
@@ -205,8 +243,8 @@ async def _wait_ready(setup: DemoSetup, daemon: anyio.abc.Process,
         await anyio.sleep(0.05)
 
 
-async def _with_daemon(options: DemoOptions, setup: DemoSetup, daemon: anyio.abc.Process,
-                       out: TextIO, result: _Result) -> None:
+async def _with_daemon(options: DemoOptions, setup: DemoSetup,
+                       daemon: subprocess.Popen[bytes], out: TextIO, result: _Result) -> None:
     timeout = httpx.Timeout(10.0)
     async with httpx.AsyncClient(base_url=setup.admin_url, timeout=timeout) as admin, \
             httpx.AsyncClient(base_url=setup.listener_url, timeout=timeout) as listener, \
