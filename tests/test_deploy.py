@@ -17,14 +17,22 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import yaml
 
-from mfo_actors.config import load_config_text
+from mfo_actors import cli
+from mfo_actors import config as config_module
+from mfo_actors.commands.run import EXIT_CONFIG
+from mfo_actors.config import load_config, load_config_text
+from mfo_actors.ids import new_id
+from mfo_actors.messages import Event
+from mfo_actors.store import open_store
 from tests.helpers import running_daemon, wait_for, wait_http_ok
 from tests.test_e2e_daemon import admin_url, instance_config, listener_url, mock_server
 
@@ -95,18 +103,40 @@ class TestSystemdUnit:
     def test_unit_runs_the_venv_and_has_what_the_issue_asks(self) -> None:
         settings = unit_settings()
         assert settings["Type"] == ["notify"]
-        for key in ("ExecStart", "ExecStartPre", "ExecReload"):
+        for key in ("ExecStart", "ExecReload"):
             [command] = settings[key]
             assert command.startswith(f"{VENV}/bin/mfo-actors ")
             assert command.endswith("--config /etc/mfo-actors/%i.yaml")
         assert settings["ExecReload"][0].split()[1] == "reload"
+        # run validates itself; a failing ExecStartPre= would be retried by Restart=.
+        assert "ExecStartPre" not in settings
         assert settings["StateDirectory"] == ["mfo-actors/%i"]
-        assert settings["WatchdogSec"] and settings["LoadCredential"]
+        assert settings["StateDirectoryMode"] == ["0700"]
+        assert settings["WatchdogSec"]
+        # A static user whose group reads the secret files a reload reads again; no
+        # LoadCredential= (its copy is frozen while the service runs).
+        assert settings["User"] == settings["Group"] == ["mfo-actors"]
+        assert "DynamicUser" not in settings and "LoadCredential" not in settings
+        assert settings["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]
         for key, value in [("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"),
-                           ("PrivateTmp", "yes"), ("DynamicUser", "yes"),
+                           ("PrivateTmp", "yes"), ("RemoveIPC", "yes"),
                            ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6")]:
             assert settings[key] == [value]
         assert "@system-service" in settings["SystemCallFilter"]
+
+    def test_the_readme_credential_drop_in_verifies(self, unit_root: Path) -> None:
+        """The README's LoadCredentialEncrypted= drop-in, for a secret that may wait for a
+        restart, is a valid addition to the unit."""
+        section = README[README.index("Why not `LoadCredential=`"):]
+        block = section[section.index("```ini\n") + 7:]
+        drop_in = unit_root / "etc/systemd/system/mfo-actors@crm.service.d/credentials.conf"
+        drop_in.parent.mkdir(parents=True)
+        drop_in.write_text(block[:block.index("```")])
+        result = subprocess.run(
+            [systemd_analyze(), "verify", f"--root={unit_root}", "mfo-actors@crm.service"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.strip() == ""
 
 
 def readme_block(after: str) -> list[str]:
@@ -116,14 +146,31 @@ def readme_block(after: str) -> list[str]:
     return [line for line in block[:block.index("```")].splitlines() if line.strip()]
 
 
+def install_command(words: list[str]) -> tuple[bool, list[str], dict[str, str]]:
+    """``install`` arguments: (-d given, the paths, the -o/-g/-m options)."""
+    directory, paths, options = False, [], {}
+    rest = iter(words[1:])
+    for word in rest:
+        if word == "-d":
+            directory = True
+        elif word in ("-o", "-g", "-m"):
+            options[word] = next(rest)
+        else:
+            paths.append(word)
+    return directory, paths, options
+
+
 class TestReadmeSteps:
     """The README's systemd steps, read as a script: every file lands in a directory an
-    earlier step created, and everything the unit needs is installed."""
+    earlier step created, and everything the unit and the example config need is there,
+    readable by the unit's user."""
 
     def test_install_steps_create_what_the_unit_needs(self) -> None:
         lines = readme_block("## Running under systemd")
         created = {"/etc/systemd/system"}  # systemd's own
-        installed: set[str] = set()
+        installed: dict[str, dict[str, str]] = {}
+        groups: dict[str, str] = {}  # directory -> group
+        users: set[str] = set()
         venv_made = False
         for line in lines:
             words = shlex.split(line.split("|")[-1])
@@ -132,38 +179,129 @@ class TestReadmeSteps:
             if words[:3] == ["python3", "-m", "venv"]:
                 created.add(words[3])
                 venv_made = True
+            elif words[:1] == ["useradd"]:
+                assert "--system" in words and "--user-group" in words
+                users.add(words[-1])
             elif words and words[0].endswith("/bin/pip"):
                 assert words[0].startswith(VENV)
-            elif words[:1] == ["install"] and "-d" in words:
-                for directory in words[words.index("-d") + 1:]:
-                    if not directory.startswith("-") and directory not in {"0755", "0700"}:
-                        assert str(Path(directory).parent) in created | {"/etc"}, line
-                        created.add(directory)
             elif words[:1] == ["install"]:
-                target = words[-1].rstrip("/")
+                directory, paths, options = install_command(words)
+                if directory:
+                    for path in paths:
+                        assert str(Path(path).parent) in created | {"/etc"}, line
+                        created.add(path)
+                        groups[path] = options.get("-g", "root")
+                    continue
+                target = paths[-1].rstrip("/")
                 if target in created:
-                    target = f"{target}/{Path(words[-2]).name}"
+                    target = f"{target}/{Path(paths[-2]).name}"
                 assert str(Path(target).parent) in created, f"{line}: no such directory"
-                installed.add(target)
-        assert venv_made
-        credential = unit_settings()["LoadCredential"][0].split(":", 1)[1]
-        assert credential.replace("%i", "crm") in installed
+                installed[target] = options
+        settings = unit_settings()
+        [user] = settings["User"]
+        assert venv_made and user in users, "the unit's user is created"
+        # The example config's ${credential:mfo_password}, where the unit's daemon reads it:
+        # the group of the unit's user can read it (and every directory on the way), and
+        # nobody else can.
+        secret = "/etc/mfo-actors/credentials/crm/mfo_password"
+        assert installed[secret] == {"-o": "root", "-g": user, "-m": "0640"}
+        for directory in ("/etc/mfo-actors/credentials", "/etc/mfo-actors/credentials/crm"):
+            assert groups[directory] == user
         assert "/etc/mfo-actors/crm.yaml" in installed
         assert f"/etc/systemd/system/{UNIT.name}" in installed
         assert lines.index("sudo systemctl daemon-reload") < lines.index(
             "sudo systemctl enable --now mfo-actors@crm")
 
     def test_the_installed_example_runs_under_the_unit(self, tmp_path: Path) -> None:
-        """config/example.yaml, as the README installs it, loads with systemd's environment:
-        the instance named after the file, state in $STATE_DIRECTORY."""
-        text = (REPO / "config" / "example.yaml").read_text()
-        creds = tmp_path / "creds"
-        creds.mkdir()
-        (creds / "mfo_password").write_text("pw")
-        cfg = load_config_text(text, file="/etc/mfo-actors/crm.yaml", environ={
-            "CREDENTIALS_DIRECTORY": str(creds), "STATE_DIRECTORY": "/var/lib/mfo-actors/crm"})
+        """config/example.yaml, as the README installs it, loads with the unit's environment:
+        the instance named after the file, state in $STATE_DIRECTORY, and its password from
+        credentials/crm/ beside it (no $CREDENTIALS_DIRECTORY: no LoadCredential=)."""
+        etc = tmp_path / "etc-mfo"
+        (etc / "credentials" / "crm").mkdir(parents=True)
+        (etc / "credentials" / "crm" / "mfo_password").write_text("pw-of-crm")
+        shutil.copy(REPO / "config" / "example.yaml", etc / "crm.yaml")
+        cfg = load_config(etc / "crm.yaml",
+                          environ={"STATE_DIRECTORY": "/var/lib/mfo-actors/crm"})
         assert cfg.instance == "crm"
         assert cfg.state_dir is None
+        assert cfg.auth.password == "pw-of-crm"
+
+    def test_rotating_the_password_as_the_readme_says(self, tmp_path: Path) -> None:
+        """The README's rotation: replace credentials/crm/mfo_password, reload. The daemon runs
+        with the unit's environment; the server only takes the new password."""
+        etc = tmp_path / "etc-mfo"
+        secret = etc / "credentials" / "crm" / "mfo_password"
+        secret.parent.mkdir(parents=True)
+        secret.write_text("old-password")
+        with mock_server("--password", "new-password") as upstream:
+            config = instance_config(
+                tmp_path, upstream, instance="crm",
+                auth={"mode": "login", "email": "demo@example.com",
+                      "password": "${credential:mfo_password}",
+                      "login_backoff": "100ms", "login_max_backoff": "200ms"})
+            (etc / "crm.yaml").write_text(config.read_text())
+            unit_env = {"STATE_DIRECTORY": str(tmp_path / "state"), "CREDENTIALS_DIRECTORY": ""}
+            with running_daemon(etc / "crm.yaml", env=unit_env) as daemon:
+                daemon.wait_event("daemon.ready")
+                body = b'{"type": "user.signup"}'
+                resp = httpx.post(f"{listener_url(config)}/hooks/s0", content=body,
+                                  headers={"content-type": "application/json"}, timeout=10)
+                assert resp.status_code == 202
+                event_id = resp.json()["id"]
+                wait_for(lambda: any(e.get("event") == "auth.login_rejected"
+                                     for e in daemon.events()), what="the old password refused")
+                assert event_id not in upstream.received_ids()
+
+                secret.write_text("new-password")  # printf ... | install ... mfo_password
+                result = subprocess.run(   # systemctl reload: ExecReload= in the unit's env
+                    [sys.executable, "-m", "mfo_actors", "reload", "--config",
+                     str(etc / "crm.yaml")], env={**os.environ, **unit_env},
+                    capture_output=True, text=True, timeout=60, check=False)
+                assert result.returncode == 0, result.stderr
+                assert result.stdout.startswith("reloaded crm")
+                assert "auth.password" in result.stdout  # names the key, never the value
+                wait_for(lambda: event_id in upstream.received_ids(),
+                         what="the event delivered with the new password")
+                assert not any("new-password" in line for line in daemon.output())
+                daemon.signal(signal.SIGTERM)
+                assert daemon.wait_exit() == 0
+
+
+class TestByHand:
+    """An operator's commands on a host set up as the README says (no systemd variables)."""
+
+    def test_events_list_finds_the_units_state_without_its_secrets(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        etc, var = tmp_path / "etc" / "mfo-actors", tmp_path / "var" / "lib" / "mfo-actors"
+        etc.mkdir(parents=True)
+        monkeypatch.setattr(config_module, "SYSTEMD_CONFIG_DIR", etc)
+        monkeypatch.setattr(config_module, "SYSTEMD_STATE_ROOT", var)
+        for name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "UNIT_ONLY_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        # A secret only the unit's environment has: the store does not need it.
+        text = (REPO / "config" / "example.yaml").read_text().replace(
+            '"${credential:mfo_password}"', '"${env:UNIT_ONLY_TOKEN}"')
+        (etc / "crm.yaml").write_text(text)
+        cfg = load_config(etc / "crm.yaml", need_secrets=False)
+        assert cfg.effective_state_dir == var / "crm"
+
+        event_id = new_id()
+
+        async def store_one() -> None:  # what the unit's daemon left there
+            async with open_store(cfg) as store:
+                await store.append(Event(id=event_id, source="webhook", type="user.signup",
+                                         received_at=1.0, headers={}, body=b"{}"))
+
+        (var / "crm").mkdir(parents=True)
+        anyio.run(store_one)
+        monkeypatch.chdir(tmp_path)  # not the state dir: ./var/crm would be empty
+        assert cli.main(["events", "list", "--config", str(etc / "crm.yaml")]) == 0
+        assert event_id in capsys.readouterr().out
+        # Commands that log in still need the secret, and say so in one line.
+        assert cli.main(["reload", "--config", str(etc / "crm.yaml")]) == 1
+        assert "UNIT_ONLY_TOKEN is not set" in capsys.readouterr().err
 
 
 class TestContainer:
@@ -194,6 +332,18 @@ class TestContainer:
         [cmd] = [json.loads(v) for k, v in steps if k == "CMD"]
         assert json.loads(dict(steps)["ENTRYPOINT"]) == ["mfo-actors"]
         assert cmd == ["run", "--config", "/etc/mfo-actors/instance.yaml"]
+
+    def test_the_image_gets_what_the_package_links_to(self) -> None:
+        """mfo_actors/demo/flows links to flows/: a build context without it ships a package
+        with no example flows (and a demo that runs none)."""
+        sources = [word for kind, rest in self.instructions() if kind == "COPY"
+                   for word in rest.split()[:-1] if not word.startswith("--")]
+        links = [p for p in (REPO / "mfo_actors").rglob("*") if p.is_symlink()]
+        assert links, "the package's links to repository files"
+        for link in links:
+            target = str((link.parent / os.readlink(link)).resolve().relative_to(REPO))
+            assert any(target == src or target.startswith(src.rstrip("/") + "/")
+                       for src in sources), f"{link} -> {target} is not copied"
 
     def test_container_config_loads_and_listens_on_all_interfaces(self) -> None:
         cfg = load_config_text((REPO / "deploy" / "container.yaml").read_text(),
