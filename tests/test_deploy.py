@@ -226,6 +226,7 @@ class TestReadmeSteps:
         assert cfg.state_dir is None
         assert cfg.auth.password == "pw-of-crm"
 
+    @pytest.mark.slow
     def test_rotating_the_password_as_the_readme_says(self, tmp_path: Path) -> None:
         """The README's rotation: replace credentials/crm/mfo_password, reload. The daemon runs
         with the unit's environment; the server only takes the new password."""
