@@ -147,7 +147,10 @@ def test_kill_one_of_three_loses_nothing(tmp_path: Path, pg_dsn: str, pg_schema:
         configs = []
         for i in range(3):
             config = node_config(tmp_path / f"n{i}", upstream, pg_dsn, pg_schema,
-                                 forwarder={"concurrency": 8, "lease": "30s",
+                                 # The victim's event claims must outlive the wait for
+                                 # 3000 accepts and its runs' rerun on a loaded machine
+                                 # (30 s did not: others took them, nothing to recover).
+                                 forwarder={"concurrency": 8, "lease": "120s",
                                             "poll_interval": "200ms"})
             (tmp_path / f"n{i}" / "flows" / "slow.yaml").write_text(SLOW_FLOW)
             configs.append(config)
@@ -188,7 +191,7 @@ def test_kill_one_of_three_loses_nothing(tmp_path: Path, pg_dsn: str, pg_schema:
                 return bool(rows[0][0] == len(killed_runs))
 
             wait_for(rerun, deadline=30, what="the victim's runs rerun")
-            # ... while its event claims (lease 30 s) wait for it: it restarts and takes back
+            # ... while its event claims (lease 120 s) wait for it: it restarts and takes back
             # exactly those, and nobody else's.
             held = query(pg_dsn, f"SELECT count(*) FROM {pg_schema}.events WHERE "
                          "status = 'claimed' AND claimed_by = %s", victim_node)[0][0]
