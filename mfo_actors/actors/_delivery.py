@@ -4,8 +4,10 @@ The forwarder decides *when* to send (the gate) and *what an outcome means* for 
 event (delivered, rescheduled, dead-lettered); an :class:`EventSender` only sends one event
 once and says what happened, as a :class:`Sent`. It never raises for anything the upstream
 or the network did. :class:`ClientSender` sends with the MFO ``BaseClient`` (one attempt,
-through the client's gate); another sender (a lean HTTP client) plugs in by implementing
-:class:`EventSender` over the same gate: admit, send, settle the admission, return a ``Sent``.
+through the client's gate; the library's default); the daemon's
+:class:`~mfo_actors.actors._lean_sender.LeanSender` implements :class:`EventSender` over the
+same gate on a lean HTTP client: admit, send, settle the admission, return a ``Sent``. Both
+turn errors into outcomes with :func:`sent_for_error`, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
     from mfo_actors.messages import Event
     from mfo_actors.runtime import Clock
 
-__all__ = ["EVENTS_PATH", "ClientSender", "EventSender", "Sent", "SentKind", "client_senders"]
+__all__ = ["EVENTS_PATH", "ClientSender", "EventSender", "SenderFactory", "Sent", "SentKind",
+           "client_senders", "sent_for_error"]
 
 log = get_logger(__name__)
 
@@ -116,29 +119,35 @@ class ClientSender:
                 await self._client.request(
                     "POST", EVENTS_PATH, content=body, idempotency_key=event.id,
                     retry=False, max_body=ERROR_BODY_CAP)
-        except CircuitBreakerError as exc:
-            return Sent("held", at=at, latency=None, retry_in=exc.retry_in,
-                        error=f"circuit {exc.state}")
-        except RetryableError as exc:
-            return Sent("failed", at=at, latency=took(), status=exc.status, error=str(exc),
-                        failure=is_upstream_failure(exc), retry_after=exc.retry_after)
-        except AuthError as exc:
-            if exc.code == "token_unavailable":
-                return Sent("no_token", at=at, latency=None, error=f"auth: {exc}")
-            return Sent("auth", at=at, latency=took(), status=exc.status, error=f"auth: {exc}")
-        except APIError as exc:
-            return Sent("refused", at=at, latency=took(), status=exc.status,
-                        error=dead_reason(exc))
-        except TimeoutError:
-            return Sent("late", at=at, latency=took(), failure=True)
-        except ValidationError as exc:
-            # A 2xx with a body we could not read: the server has the event.
-            return Sent("delivered", at=at, latency=took(), error=str(exc))
         except Exception as exc:
-            # A bug or an unexpected transport error: never lose the event over it.
-            log.exception("forwarder.unexpected_error", event_id=event.id)
-            return Sent("unexpected", at=at, latency=took(), error=f"unexpected: {exc!r}")
+            return sent_for_error(exc, event, at=at, latency=took())
         return Sent("delivered", at=at, latency=took())
+
+
+def sent_for_error(exc: Exception, event: Event, *, at: float, latency: float) -> Sent:
+    """The :class:`Sent` for an attempt that raised *exc* (the client's error tree, or
+    ``TimeoutError`` from the send deadline): the one mapping every sender shares."""
+    if isinstance(exc, CircuitBreakerError):
+        return Sent("held", at=at, latency=None, retry_in=exc.retry_in,
+                    error=f"circuit {exc.state}")
+    if isinstance(exc, RetryableError):
+        return Sent("failed", at=at, latency=latency, status=exc.status, error=str(exc),
+                    failure=is_upstream_failure(exc), retry_after=exc.retry_after)
+    if isinstance(exc, AuthError):
+        if exc.code == "token_unavailable":
+            return Sent("no_token", at=at, latency=None, error=f"auth: {exc}")
+        return Sent("auth", at=at, latency=latency, status=exc.status, error=f"auth: {exc}")
+    if isinstance(exc, APIError):
+        return Sent("refused", at=at, latency=latency, status=exc.status,
+                    error=dead_reason(exc))
+    if isinstance(exc, TimeoutError):
+        return Sent("late", at=at, latency=latency, failure=True)
+    if isinstance(exc, ValidationError):
+        # A 2xx with a body we could not read: the server has the event.
+        return Sent("delivered", at=at, latency=latency, error=str(exc))
+    # A bug or an unexpected transport error: never lose the event over it.
+    log.error("forwarder.unexpected_error", event_id=event.id, exc_info=exc)
+    return Sent("unexpected", at=at, latency=latency, error=f"unexpected: {exc!r}")
 
 
 def client_senders(client: BaseClient, clock: Clock,

@@ -61,7 +61,9 @@ Each delivery is two steps: *send once* (an :class:`~mfo_actors.actors._delivery
 returns a ``Sent`` outcome and never raises for what the upstream did) and *settle that
 outcome* (:meth:`ForwarderActor._settle`: delivered, rescheduled or dead-lettered, with its
 attempt history). The sender is pluggable (``senders=``): the default sends with the MFO
-``BaseClient``; another sender uses the same gate.
+``BaseClient`` (httpx); the daemon plugs in the lean sender
+(:mod:`~mfo_actors.actors._lean_sender`: kept-alive connections, a prebuilt head, httptools)
+over the same gate, with the same outcomes.
 
 Ordering guarantee under retries: with ``forwarder.ordering: source`` (the default) the store
 lets only the oldest undelivered event of a source be claimed, together with up to

@@ -96,6 +96,7 @@ from mfo_actors.client._sse import SSEParser as SSEParser
 from mfo_actors.client._sse import iter_sse as iter_sse
 from mfo_actors.client._transport import ERROR_BODY_CAP as ERROR_BODY_CAP
 from mfo_actors.client._transport import exchange as exchange
+from mfo_actors.client._transport import upstream_ssl_context as upstream_ssl_context
 from mfo_actors.client.errors import APIError as APIError
 from mfo_actors.client.errors import AuthError as AuthError
 from mfo_actors.client.errors import CircuitBreakerError as CircuitBreakerError
@@ -161,4 +162,5 @@ __all__ = [
     "parse_retry_after",
     "rate_limiter_from_config",
     "retry_from_config",
+    "upstream_ssl_context",
 ]

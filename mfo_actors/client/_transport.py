@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
 
 from mfo_actors.client.errors import RetryableError, classify_transport_error
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -30,6 +34,7 @@ __all__ = [
     "exchange",
     "read_capped",
     "total_timeout",
+    "upstream_ssl_context",
     "was_truncated",
 ]
 
@@ -38,6 +43,13 @@ DEFAULT_MAX_BODY = 16 * 1024 * 1024  # bytes of a 2xx answer read for API calls
 _TRUNCATED = "mfo_truncated"
 # Framing headers of the original answer; the rebuilt response carries the decoded body.
 _FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+
+
+def upstream_ssl_context() -> ssl.SSLContext:
+    """How the upstream's certificate is verified, for clients other than httpx (the
+    forwarder's lean sender): exactly as httpx does for the rest of the client (its
+    ``verify=True``): certifi's CA bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set."""
+    return httpx.create_ssl_context()
 
 
 def total_timeout(http: httpx.AsyncClient) -> float | None:

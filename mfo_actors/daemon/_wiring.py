@@ -29,7 +29,6 @@ actors only through one :class:`~mfo_actors.actors.UpstreamGate`.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import anyio
 
 from mfo_actors.actors._gate import UpstreamGate
+from mfo_actors.actors._lean_sender import lean_senders
 from mfo_actors.actors.admin import AdminActor
 from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
@@ -48,7 +48,7 @@ from mfo_actors.actors.scheduler import RunMatcher, SchedulerActor, load_instanc
 from mfo_actors.actors.sessions import SessionsActor, StoreSessions
 from mfo_actors.actors.store_gauges import StoreGaugesActor
 from mfo_actors.actors.summary import SummaryActor
-from mfo_actors.client import MFOClient, http_client_from_config
+from mfo_actors.client import MFOClient
 from mfo_actors.config import InstanceConfig
 from mfo_actors.daemon._graph import check_channels, declare_channels
 from mfo_actors.daemon._lock import StateDirLock
@@ -150,10 +150,13 @@ async def open_instance(cfg: InstanceConfig, ctx: DaemonContext) -> AsyncIterato
                    StoreGaugesActor(cfg, store, clock=ctx.clock),
                    SessionsActor(cfg, store, clock=ctx.clock), breaker, auth]
         if cfg.forwarder.enabled:
+            # Events go out on the lean client (one kept-alive connection per worker), not
+            # httpx: same gate, same outcomes, a fraction of the CPU per event.
+            events_client = client.base.with_gate(gate)
             forwarder = ForwarderActor(
-                cfg, store, client.base.with_gate(gate), clock=ctx.clock,
-                http_factory=functools.partial(http_client_from_config, cfg.client,
-                                               max_connections=1),
+                cfg, store, events_client, clock=ctx.clock,
+                senders=lean_senders(events_client, ctx.clock,
+                                     timeout=float(cfg.client.timeout)),
             )
             health["forwarder"] = forwarder.health
             actors.append(forwarder)

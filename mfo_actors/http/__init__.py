@@ -1,5 +1,10 @@
-"""A small HTTP/1.1 server core: httptools' parser over anyio sockets (no MFO knowledge)."""
+"""A small HTTP/1.1 core: httptools' parser over anyio sockets (no MFO knowledge): the server that
+the listener, the admin port and the reference server share, and a lean client for one upstream."""
 
+from mfo_actors.http._client import ClientResponse as ClientResponse
+from mfo_actors.http._client import ExchangeError as ExchangeError
+from mfo_actors.http._client import UpstreamPool as UpstreamPool
+from mfo_actors.http._client import header_line as header_line
 from mfo_actors.http._limits import HttpError as HttpError
 from mfo_actors.http._limits import HttpLimits as HttpLimits
 from mfo_actors.http._limits import error_response as error_response
@@ -12,6 +17,8 @@ from mfo_actors.http._types import RequestHead as RequestHead
 from mfo_actors.http._types import Response as Response
 
 __all__ = [
+    "ClientResponse",
+    "ExchangeError",
     "Handler",
     "HeadCheck",
     "HttpError",
@@ -20,6 +27,8 @@ __all__ = [
     "Request",
     "RequestHead",
     "Response",
+    "UpstreamPool",
     "error_response",
+    "header_line",
     "serve_http",
 ]
