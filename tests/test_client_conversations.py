@@ -5,13 +5,17 @@ stream thread and usage). Against the reference server over real sockets, both b
 from __future__ import annotations
 
 import itertools
+from functools import partial
 from typing import Any
 
 import anyio
+import httpx
+import msgspec
 import pytest
 
 from mfo_actors.client import (
     APIError,
+    BaseClient,
     CircuitBreaker,
     CircuitBreakerError,
     MFOClient,
@@ -134,6 +138,65 @@ class TestCache:
                     await client.base.get(f"/api/jobs/{job.id}")
                 assert stats.requests == before + 2
         assert sample("mfo_upstream_cache_total", instance=cache_instance, result="hit") == 2
+
+    async def test_a_get_answered_across_a_write_is_not_kept(self) -> None:
+        """A GET in flight when a write to its group starts or ends may carry the state
+        before the write: its answer is returned but not cached, so the next GET refetches.
+        The order is forced with events, both ways round: the GET's answer arrives after the
+        whole write; the GET is sent while the write is in flight."""
+        value = {"v": 1}
+        gets = 0
+        get_sent, release_get = anyio.Event(), anyio.Event()
+        put_sent, release_put = anyio.Event(), anyio.Event()
+        hold = {"get": False, "put": False}
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            nonlocal gets
+            if request.method == "GET":
+                gets += 1
+                seen = dict(value)  # the server reads the state now ...
+                if hold["get"]:
+                    get_sent.set()
+                    await release_get.wait()  # ... and its answer arrives later
+                return httpx.Response(200, json=seen)
+            if hold["put"]:
+                put_sent.set()
+                await release_put.wait()
+            value.update(msgspec.json.decode(request.content))
+            return httpx.Response(200, json=value)
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+            base = BaseClient("http://mfo.test", http=http, cache=ResponseCache(60, 10))
+            got: list[Any] = []
+
+            async def read() -> None:
+                got.append(await base.get("/api/memory/k"))
+
+            # 1. The GET reads v=1, the write of v=2 completes, then the GET's answer comes.
+            hold["get"] = True
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await get_sent.wait()
+                await base.put("/api/memory/k", json={"v": 2})
+                release_get.set()
+            hold["get"] = False
+            assert got == [{"v": 1}]  # the caller gets what it asked for ...
+            assert await base.get("/api/memory/k") == {"v": 2}  # ... the cache did not keep it
+            assert gets == 2
+            assert await base.get("/api/memory/k") == {"v": 2}
+            assert gets == 2  # a GET with no write around it is kept as before
+
+            # 2. The write of v=3 is in flight; a GET sent meanwhile reads v=2 and is answered
+            # before the write is; the write's answer then drops it.
+            hold["put"] = True
+            got.clear()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(partial(base.put, "/api/memory/k", json={"v": 3}))
+                await put_sent.wait()
+                await read()
+                release_put.set()
+            assert got == [{"v": 2}]
+            assert await base.get("/api/memory/k") == {"v": 3}
 
     def test_lifetime_rules_and_lru(self) -> None:
         assert cache_lifetime(None, 60) == 60

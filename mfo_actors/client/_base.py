@@ -209,6 +209,7 @@ class BaseClient:
         endpoint = endpoint_label(path)
         store = self.cache
         cache_key: str | None = None
+        generation = 0
         if store is not None:
             if method != "GET":
                 store.invalidate(path)  # before sending: a read racing the write refetches
@@ -218,6 +219,9 @@ class BaseClient:
                 self.metrics.cache(hit is not None)
                 if hit is not None:
                     return self._decode_body(hit.body, response_type)
+                # A write to the group before this answer is in moves the generation on:
+                # the answer may then predate the write, and is not kept.
+                generation = store.generation(path)
 
         async def attempt() -> T | Any:
             try:
@@ -229,18 +233,24 @@ class BaseClient:
                 raise
             if cache_key is not None and store is not None:
                 store.put(cache_key, path, response.status_code, response.headers,
-                          response.content)
+                          response.content, generation=generation)
             return result
 
-        if retry and self.retry_policy is not None:
-            if idempotent is not None:
-                # The policy decides by method and key; present the caller's verdict as such.
-                retry_method = "PUT" if idempotent else "POST"
-                return await self.retry_policy.call(attempt, method=retry_method,
-                                                    idempotency_key=None)
-            return await self.retry_policy.call(
-                attempt, method=method, idempotency_key=idempotency_key)
-        return await attempt()
+        try:
+            if retry and self.retry_policy is not None:
+                if idempotent is not None:
+                    # The policy decides by method and key; present the caller's verdict so.
+                    retry_method = "PUT" if idempotent else "POST"
+                    return await self.retry_policy.call(attempt, method=retry_method,
+                                                        idempotency_key=None)
+                return await self.retry_policy.call(
+                    attempt, method=method, idempotency_key=idempotency_key)
+            return await attempt()
+        finally:
+            if store is not None and method != "GET":
+                # Again once the write is answered (or failed): a GET sent while it was in
+                # flight may have read the state before it; its answer is not kept either.
+                store.invalidate(path)
 
     async def get(self, path: str, *, response_type: type[T] | None = None,
                   params: Mapping[str, str] | None = None, retry: bool = True,

@@ -7,6 +7,11 @@ For data that changes slowly (tool lists, resources, info) polled by many flow r
   shortens the entry's life to N seconds (0: not kept);
 * any other call (POST, PUT, DELETE) to an endpoint group, ``/api/memory`` say, drops the
   cached answers of that group, so a write is never followed by a stale read in this process;
+* a GET answer is kept only if no write to its group started or ended while it was being
+  fetched: each group has a generation, bumped by every invalidation (when a write is sent
+  and again when it is answered), and :meth:`ResponseCache.put` refuses an answer whose GET
+  began under an older generation. Without it, a GET answered before a write but finishing
+  after the write's invalidation would put the pre-write answer back, stale until the ttl;
 * at most ``max_entries`` answers, the least recently used dropped first.
 """
 
@@ -72,6 +77,9 @@ class ResponseCache:
         self.max_entries = max(1, max_entries)
         self._now = monotonic if monotonic is not None else time.monotonic
         self._entries: OrderedDict[str, CachedAnswer] = OrderedDict()
+        # group -> invalidations so far; a group never written is at 0 (not stored). Grows
+        # with the groups written, which are the API's endpoint groups: a handful.
+        self._generations: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg: CacheConfig, *, monotonic: Callable[[], float] | None = None
@@ -96,10 +104,21 @@ class ResponseCache:
         self._entries.move_to_end(key)
         return entry
 
+    def generation(self, path: str) -> int:
+        """The invalidation count of *path*'s group: take it before a GET is sent and give
+        it to :meth:`put`."""
+        return self._generations.get(group_of(path), 0)
+
     def put(self, key: str, path: str, status: int, headers: Mapping[str, str],
-            body: bytes) -> bool:
-        """Keep a GET answer if the rules allow; returns whether it was kept."""
+            body: bytes, *, generation: int | None = None) -> bool:
+        """Keep a GET answer if the rules allow; returns whether it was kept.
+
+        *generation*: :meth:`generation` of *path* when the GET was sent; if the group was
+        invalidated since, the answer may predate a write and is not kept (None: no check).
+        """
         if not 200 <= status < 300:
+            return False
+        if generation is not None and generation != self.generation(path):
             return False
         lifetime = cache_lifetime(headers.get("cache-control"), self.ttl)
         if lifetime <= 0:
@@ -112,8 +131,10 @@ class ResponseCache:
         return True
 
     def invalidate(self, path: str) -> int:
-        """Drop every answer of *path*'s endpoint group; returns how many."""
+        """Drop every answer of *path*'s endpoint group, and make answers to GETs already in
+        flight unkeepable (the group's generation moves on); returns how many were dropped."""
         group = group_of(path)
+        self._generations[group] = self._generations.get(group, 0) + 1
         stale = [k for k, e in self._entries.items() if e.group == group]
         for k in stale:
             del self._entries[k]
