@@ -262,3 +262,52 @@ class TestDeadlines:
                     await client.request("POST", "/api/events", content=b"{}", retry=False)
         assert info.value.status == 500
         assert sent < 32 * 1024 * 1024
+
+
+class TestHostileStream:
+    """A chat stream from an upstream that never ends a line, or never ends an event: the
+    client's memory is bounded by MAX_EVENT_SIZE, it raises a clear error and closes the
+    connection (the server sees it go)."""
+
+    @pytest.mark.parametrize("unit", [b"x" * 4096, b"data: " + b"y" * 4090 + b"\n"],
+                             ids=["no-newline", "no-blank-line"])
+    async def test_an_oversized_event_fails_the_stream_and_closes_it(self, unit: bytes
+                                                                     ) -> None:
+        from mfo_actors.client import MFOClient
+        from mfo_actors.client._sse import MAX_EVENT_SIZE
+        from mfo_actors.client.errors import ValidationError
+
+        sent = 0
+        gone = anyio.Event()
+
+        async def serve(conn: anyio.abc.SocketStream) -> None:
+            nonlocal sent
+            async with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += await conn.receive()
+                await conn.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                b"transfer-encoding: chunked\r\n\r\n")
+                chunk = b"%x\r\n%s\r\n" % (len(unit), unit)
+                try:
+                    while sent < 64 * MAX_EVENT_SIZE:  # endless, as far as the client knows
+                        await conn.send(chunk)
+                        sent += len(unit)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    gone.set()
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, serve)
+                http = httpx.AsyncClient()
+                base = BaseClient(f"http://127.0.0.1:{port}", auth=NoAuth(), http=http)
+                async with MFOClient(base, owns_http=True) as client:
+                    with anyio.fail_after(20):
+                        with pytest.raises(ValidationError, match="stream event larger"):
+                            async with client.chat.stream("hi") as chunks:
+                                async for _ in chunks:
+                                    pass
+                        await gone.wait()  # the client closed the connection
+                assert sent < 64 * MAX_EVENT_SIZE
+                tg.cancel_scope.cancel()

@@ -5,6 +5,11 @@ several ``data:`` lines joined by ``\\n``, ``:`` comments (keep-alives), ``event
 and ``retry:`` fields, a leading BOM, and an event still pending at EOF without the final
 blank line (dispatched by :meth:`SSEParser.close`, as most clients do, rather than dropped).
 We never reconnect: a chat stream is one request.
+
+One event is capped (:data:`MAX_EVENT_SIZE` characters: its pending line and its ``data:``
+lines so far): past it the parser raises a :class:`~mfo_actors.client.ValidationError`
+instead of buffering what a broken or hostile upstream sends without ever ending a line or
+an event; the caller's ``async with`` then closes the stream.
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterable, Iterator
 from dataclasses import dataclass
 
-__all__ = ["SSEEvent", "SSEParser", "iter_sse"]
+from mfo_actors.client.errors import ValidationError
+
+__all__ = ["MAX_EVENT_SIZE", "SSEEvent", "SSEParser", "iter_sse"]
+
+MAX_EVENT_SIZE = 1024 * 1024  # characters of one event (a chat chunk is a few hundred)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +35,15 @@ class SSEEvent:
 
 
 class SSEParser:
-    """Incremental parser: :meth:`feed` bytes, get the events completed so far."""
+    """Incremental parser: :meth:`feed` bytes, get the events completed so far.
 
-    def __init__(self) -> None:
+    Args:
+      max_event_size: Characters one event may hold (pending line and data lines together).
+    """
+
+    def __init__(self, max_event_size: int = MAX_EVENT_SIZE) -> None:
+        self._max = max_event_size
+        self._size = 0  # characters of the data lines of the event being read
         self._buffer = ""
         self._decoder_tail = b""
         self._data: list[str] = []
@@ -48,7 +63,16 @@ class SSEParser:
             text = text[1:]  # the LF of a CRLF split across two chunks
         self._pending_cr = False
         self._buffer += text
-        return list(self._drain_lines())
+        events = list(self._drain_lines())
+        self._check(len(self._buffer))
+        return events
+
+    def _check(self, pending: int) -> None:
+        """Raise ValidationError once the event being read holds more than the cap."""
+        if self._size + pending > self._max:
+            raise ValidationError(
+                f"stream event larger than {self._max} characters (an unterminated line or "
+                f"event): the stream is closed", field=None)
 
     def close(self) -> list[SSEEvent]:
         """End of stream: a last line without its terminator, and a pending event, count."""
@@ -117,6 +141,8 @@ class SSEParser:
             value = value[1:]
         if name == "data":
             self._data.append(value)
+            self._size += len(value) + 1
+            self._check(0)
         elif name == "event":
             self._event = value
         elif name == "id":
@@ -129,19 +155,23 @@ class SSEParser:
 
     def _dispatch(self) -> SSEEvent | None:
         data, event = self._data, self._event
-        self._data, self._event = [], ""
+        self._data, self._event, self._size = [], "", 0
         if not data:  # the spec: an event without data is not dispatched
             return None
         return SSEEvent(data="\n".join(data), event=event or "message", id=self._id,
                         retry=self._retry)
 
 
-async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncGenerator[SSEEvent, None]:
+async def iter_sse(chunks: AsyncIterable[bytes], *, max_event_size: int = MAX_EVENT_SIZE
+                   ) -> AsyncGenerator[SSEEvent, None]:
     """Events from a byte stream, the last pending one included at EOF.
 
     Close it (``contextlib.aclosing``) when you stop before the end; it does not close
-    *chunks*, which belong to the caller."""
-    parser = SSEParser()
+    *chunks*, which belong to the caller.
+
+    Raises:
+      ValidationError: one event exceeds *max_event_size* characters."""
+    parser = SSEParser(max_event_size)
     async for chunk in chunks:
         for event in parser.feed(chunk):
             yield event
