@@ -28,7 +28,7 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.metrics import FLOW_RUNS
 from mfo_actors.runtime import FakeClock, ReadySignal
-from mfo_actors.store import EventStore, RunRecord, RunRequest, open_sqlite_store
+from mfo_actors.store import EventStore, RunRecord, RunRequest, StoreError, open_sqlite_store
 from mfo_actors.taskflow import (
     EmptyConfig,
     Flow,
@@ -291,6 +291,45 @@ async def test_runs_appended_while_running_are_picked_up(tmp_path: Path) -> None
             settled = await settled_runs(store, 5)
         assert [r.status for r in settled] == ["done"] * 5
         assert actor.runs_done == 5
+
+
+class FlakyFinish:
+    """A store whose ``finish_run`` fails (StoreError, as while Postgres restarts) its first
+    *failures* calls; everything else goes to the real store."""
+
+    def __init__(self, store: EventStore, failures: int) -> None:
+        self._store = store
+        self.failures = failures
+        self.calls: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def finish_run(self, run_id: str, **kwargs: Any) -> None:
+        self.calls.append((run_id, kwargs["status"]))
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("postgres store at db:5432/test unreachable: restarting")
+        await self._store.finish_run(run_id, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_a_run_result_is_kept_through_a_failing_store(tmp_path: Path) -> None:
+    """finish_run failing transiently is retried (backoff) until the store takes it: the
+    run is recorded done with its outputs, not error, nor left active to run again."""
+    flows = make_flows(SIGNUP)
+    matcher = RunMatcher(flows)
+    async with open_store(tmp_path) as real:
+        store = FlakyFinish(real, failures=3)
+        actor = SchedulerActor(make_cfg(), store, flows, client=None)  # type: ignore[arg-type]
+        async with running(actor):
+            event = make_event()
+            await real.append(event, runs=matcher(event))
+            (run,) = await settled_runs(real, 1)
+        assert (run.status, run.outputs, run.error) == ("done", {"greeting": "hello 7"}, None)
+        assert store.calls == [(run.run_id, "done")] * 4  # the same result, four times
+        assert actor.runs_done == 1 and actor.runs_failed == 0
+        assert run.interrupted == 0
 
 
 @pytest.mark.anyio

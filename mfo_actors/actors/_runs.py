@@ -1,23 +1,34 @@
-"""Run history plumbing shared by the scheduler actor and ``flows run``: the store recorder.
+"""Run history plumbing shared by the scheduler actor and ``flows run``: the store recorder,
+and settling a run whatever the store's hiccups.
 
 The taskflow engine knows no store; it reports task state changes to a
 :class:`~mfo_actors.taskflow.RunRecorder`. :class:`StoreRecorder` turns them into
 ``TaskRunRecord`` rows (``store.record_task``) and feeds ``mfo_task_duration_seconds``.
+
+:func:`finish_run_retrying` records a run's result, trying again with backoff while the
+store fails (Postgres restarting, a lock timeout, a full disk): giving up would leave the run
+``active``, to be run again by the next start's recovery (or another node) although it ran,
+or record it ``error`` although it succeeded.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
+
+import anyio
 
 from mfo_actors.metrics import TASK_DURATION
 from mfo_actors.observability import get_logger
-from mfo_actors.store import EventStore, StoreError, TaskRunRecord
+from mfo_actors.store import EventStore, StoreClosedError, StoreError, TaskRunRecord
 
-__all__ = ["StoreRecorder"]
+__all__ = ["SETTLE_BACKOFF_FIRST", "SETTLE_BACKOFF_MAX", "StoreRecorder", "finish_run_retrying"]
 
 log = get_logger(__name__)
+
+SETTLE_BACKOFF_FIRST = 0.05  # seconds before the first retry of a failed finish_run
+SETTLE_BACKOFF_MAX = 5.0  # ... doubling up to this
 
 # Task states that end a task (the engine calls task_finished exactly once with one of these).
 _TIMED_STATES = frozenset({"done", "error"})
@@ -84,3 +95,34 @@ class StoreRecorder:
         if state in _TIMED_STATES and started_at is not None and finished_at is not None:
             TASK_DURATION.labels(instance=self._instance, flow=self._flow,
                                  task=task_id).observe(max(0.0, finished_at - started_at))
+
+
+async def finish_run_retrying(
+    store: EventStore, run_id: str, *, status: Literal["done", "error"],
+    error: str | None = None, outputs: dict[str, Any] | None = None,
+    on_retry: Callable[[StoreError], None] | None = None,
+) -> None:
+    """``store.finish_run``, tried again (backoff from SETTLE_BACKOFF_FIRST, doubling to
+    SETTLE_BACKOFF_MAX) for as long as it raises StoreError: until the store takes it, or the
+    caller is cancelled (stop; the run then stays ``active`` and recovery applies the flow's
+    ``on_interrupt``). A closed store (StoreClosedError) is not waited for: it is raised.
+    *on_retry* is told each failure (the scheduler keeps it for ``/readyz``)."""
+    delay = SETTLE_BACKOFF_FIRST
+    tries = 0
+    while True:
+        try:
+            await store.finish_run(run_id, status=status, error=error, outputs=outputs)
+        except StoreClosedError:
+            raise
+        except StoreError as exc:
+            tries += 1
+            if on_retry is not None:
+                on_retry(exc)
+            log.warning("scheduler.settle_retry", run_id=run_id, status=status, tries=tries,
+                        retry_in=delay, error=str(exc))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, SETTLE_BACKOFF_MAX)
+            continue
+        if tries:
+            log.info("scheduler.settle_recovered", run_id=run_id, status=status, tries=tries)
+        return

@@ -50,7 +50,7 @@ import anyio.abc
 from croniter import croniter
 
 from mfo_actors.actors._reload import Apply, ConfigUpdate
-from mfo_actors.actors._runs import StoreRecorder
+from mfo_actors.actors._runs import StoreRecorder, finish_run_retrying
 from mfo_actors.config import InstanceConfig
 from mfo_actors.ids import new_id
 from mfo_actors.messages import BreakerState, Event
@@ -404,7 +404,13 @@ class SchedulerActor:
 
     async def _settle(self, record: RunRecord, status: Literal["done", "error"],
                       error: str | None, outputs: dict[str, Any] | None) -> None:
-        await self._store.finish_run(record.run_id, status=status, error=error, outputs=outputs)
+        def note(exc: StoreError) -> None:
+            self._last_error = f"settle failed: {exc}"
+
+        # Retried until the store takes it (or we are cancelled): the run did run, and its
+        # result must not be lost, nor the run rerun, for a store that is briefly away.
+        await finish_run_retrying(self._store, record.run_id, status=status, error=error,
+                                  outputs=outputs, on_retry=note)
         FLOW_RUNS.labels(instance=self._instance, flow=record.flow, status=status).inc()
         if status == "done":
             self.runs_done += 1
