@@ -75,3 +75,20 @@ async def test_zero_retention_keeps_everything(tmp_path: Path) -> None:
             await ready.wait()
             actor.request_stop()
         assert actor.pruned == 0
+
+
+async def test_sessions_closed_past_retention_are_pruned(tmp_path: Path) -> None:
+    """Closed sessions go with the same retention as delivered events; active ones stay."""
+    now = [1_000_000.0]
+    cfg = load_config_text("store: {retention: 1d}\n")
+    async with open_sqlite_store(tmp_path / "s.db", clock=lambda: now[0]) as store:
+        await store.open_session("gone", thread_id="t1", ttl=60, max_active=10)
+        await store.close_session("gone")
+        await store.open_session("idle", thread_id="t2", ttl=10 * DAY, max_active=10)
+        now[0] += DAY + 1
+        actor = RetentionActor(cfg, store, clock=FakeClock())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(actor.run, ReadySignal())
+            await poll(lambda: actor.pruned_sessions == 1)
+            actor.request_stop()
+        assert [s.key for s in await store.list_sessions()] == ["idle"]

@@ -941,6 +941,36 @@ class TestSessions:
             assert await store.get_session("nobody") is None
             assert [s.key for s in await store.list_sessions(limit=1)] == ["b"]
 
+    async def test_closed_sessions_are_pruned_in_chunks_after_retention(
+            self, opener: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """prune_sessions deletes the sessions closed before the cutoff (by expiry, eviction
+        or close), in chunks; sessions closed later, and active ones however idle, stay."""
+        from mfo_actors.store import _pg_sessions, _sqlite_sessions, _tables
+
+        for module in (_tables, _pg_sessions, _sqlite_sessions):
+            monkeypatch.setattr(module, "PRUNE_CHUNK", 2)  # 5 old sessions: 3 chunks
+        async with opener() as store:
+            for key in ("e1", "e2", "e3"):
+                await store.open_session(key, thread_id=f"t-{key}", ttl=60, max_active=100)
+            await store.open_session("c1", thread_id="t-c1", ttl=60, max_active=100)
+            await store.close_session("c1")
+            await store.open_session("v1", thread_id="t-v1", ttl=60, max_active=1)  # evicts
+            clock.advance(60)
+            expired = await store.expire_sessions(ttl=60)
+            assert {s.key for s in expired} == {"v1"}  # e1..e3 were evicted by v1's open
+            await store.open_session("recent", thread_id="t-r", ttl=60, max_active=100)
+            clock.advance(100)
+            await store.close_session("recent")  # closed 0 s ago
+            await store.open_session("idle", thread_id="t-i", ttl=10**6, max_active=100)
+            clock.advance(10)
+            assert await store.prune_sessions(closed_older_than=20) == 5
+            assert await store.prune_sessions(closed_older_than=20) == 0
+            left = {(s.key, s.status) for s in await store.list_sessions()}
+            assert left == {("recent", "closed"), ("idle", "active")}
+            clock.advance(10**5)
+            assert await store.prune_sessions(closed_older_than=20) == 1
+            assert [s.key for s in await store.list_sessions()] == ["idle"]
+
     async def test_sessions_survive_a_reopen(self, opener: Opener) -> None:
         async with opener() as store:
             first = await store.open_session("eve", thread_id="t-eve", ttl=60, max_active=5)

@@ -1,7 +1,9 @@
-"""The retention actor: deletes delivered events older than ``store.retention``, hourly.
+"""The retention actor: deletes delivered events, and chat sessions closed, longer ago than
+``store.retention``, hourly.
 
-A daemon runs for months; without it, every delivered event would stay in the store for
-good. Pending and dead events are never pruned, nor events whose delivery id is still inside
+A daemon runs for months; without it, every delivered event (and every session closed by
+expiry, with its context) would stay in the store for good. Pending and dead events, and
+active sessions, are never pruned, nor events whose delivery id is still inside
 the dedupe window (the store's ``prune`` keeps those so provider retries are recognised).
 ``store.retention: 0`` keeps everything.
 """
@@ -24,7 +26,8 @@ PRUNE_INTERVAL = 3600.0  # seconds between prunes; deletes are chunked, so appen
 
 
 class RetentionActor:
-    """Prunes delivered events past ``store.retention`` at start and every *interval*."""
+    """Prunes delivered events and closed sessions past ``store.retention`` at start and
+    every *interval*."""
 
     name = "retention"
     restart = RestartPolicy("permanent")
@@ -37,6 +40,7 @@ class RetentionActor:
         self._interval = interval
         self._stop = anyio.Event()
         self.pruned = 0
+        self.pruned_sessions = 0
 
     async def run(self, ready: ReadySignal) -> None:
         ready.set()
@@ -52,12 +56,15 @@ class RetentionActor:
     async def _prune(self) -> None:
         try:
             n = await self._store.prune(delivered_older_than=self._retention)
+            sessions = await self._store.prune_sessions(closed_older_than=self._retention)
         except StoreError as exc:  # try again next interval; nothing is lost by waiting
             log.error("retention.prune_failed", error=str(exc))
             return
         self.pruned += n
-        if n:
-            log.info("retention.pruned", events=n, retention_s=self._retention)
+        self.pruned_sessions += sessions
+        if n or sessions:
+            log.info("retention.pruned", events=n, sessions=sessions,
+                     retention_s=self._retention)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -5,7 +5,8 @@ A session is opened for a key (the active one is continued unless idle past its 
 its turns and keeps the last messages as context, and is closed by its owner, by expiry, or
 evicted (the idlest first) when too many are active. A unique index on the active key makes
 two nodes opening one key at once agree on one session; a turn locks its session's row, so
-two nodes' turns add up.
+two nodes' turns add up. Closed sessions are deleted once past ``store.retention``
+(:meth:`PostgresSessions.prune_sessions`, in chunks).
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
-from mfo_actors.store._tables import in_seq_order, turn_update
+from mfo_actors.store._tables import (
+    PRUNE_CHUNK,
+    PRUNE_SESSIONS,
+    in_seq_order,
+    prune_in_chunks,
+    turn_update,
+)
 
 __all__ = ["PostgresSessions"]
+
+_PRUNE_SESSIONS = PRUNE_SESSIONS.replace("?", "%s").encode()
 
 
 def _close_sessions(conn: Conn, where: str, params: tuple[Any, ...], reason: str,
@@ -150,6 +159,16 @@ class PostgresSessions(PostgresTables):
                                    now), NO_CHANGE
 
         return await self._submit(Op(tx))
+
+    async def prune_sessions(self, *, closed_older_than: float) -> int:
+        """Delete sessions closed over *closed_older_than* seconds ago, in chunks."""
+
+        def tx(t: Tx, now: float) -> tuple[int, Delta]:
+            cutoff = now - closed_older_than
+            gone = t.conn.execute(_PRUNE_SESSIONS, (cutoff, cutoff, PRUNE_CHUNK)).fetchall()
+            return len(gone), NO_CHANGE
+
+        return await prune_in_chunks(lambda: self._submit(Op(tx)), what="sessions")
 
     async def count_sessions(self) -> int:
         """Active sessions, cluster-wide."""

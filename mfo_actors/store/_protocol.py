@@ -437,6 +437,12 @@ class EventStore(Protocol):
         """How many sessions are active (for ``mfo_sessions_active``)."""
         ...
 
+    async def prune_sessions(self, *, closed_older_than: float) -> int:
+        """Delete sessions closed more than *closed_older_than* seconds ago (active ones are
+        never deleted), in chunks so appends go on; returns how many. The retention actor
+        calls it with ``store.retention``."""
+        ...
+
     async def aclose(self) -> None:
         """Finish pending writes and close; later writes raise StoreClosedError."""
         ...

@@ -2,7 +2,8 @@
 
 A session is opened for a key (the active one is continued unless idle past its ttl), counts
 its turns and keeps the last messages as context, and is closed by its owner, by expiry, or
-evicted (the idlest first) when too many are active.
+evicted (the idlest first) when too many are active. Closed sessions are deleted once past
+``store.retention`` (:meth:`SQLiteSessions.prune_sessions`, in chunks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
 from mfo_actors.store._sqlite_base import SQLiteTables
-from mfo_actors.store._tables import in_seq_order, turn_update
+from mfo_actors.store._tables import (
+    PRUNE_CHUNK,
+    PRUNE_SESSIONS,
+    in_seq_order,
+    prune_in_chunks,
+    turn_update,
+)
 
 __all__ = ["SQLiteSessions"]
 
@@ -143,6 +150,16 @@ class SQLiteSessions(SQLiteTables):
                                    now), NO_CHANGE
 
         return await self._submit(Op(tx))
+
+    async def prune_sessions(self, *, closed_older_than: float) -> int:
+        """Delete sessions closed over *closed_older_than* seconds ago, in chunks."""
+
+        def tx(conn: sqlite3.Connection, now: float) -> tuple[int, Delta]:
+            cutoff = now - closed_older_than
+            gone = conn.execute(PRUNE_SESSIONS, (cutoff, cutoff, PRUNE_CHUNK)).fetchall()
+            return len(gone), NO_CHANGE
+
+        return await prune_in_chunks(lambda: self._submit(Op(tx)), what="sessions")
 
     async def count_sessions(self) -> int:
         """Active sessions."""

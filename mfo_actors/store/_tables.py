@@ -12,13 +12,23 @@ from typing import Any, TypeVar
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import capped_list, json_bytes, load_json
 
-__all__ = ["PRUNE_CHUNK", "in_seq_order", "prune_in_chunks", "stale_settle", "turn_update"]
+__all__ = ["PRUNE_CHUNK", "PRUNE_SESSIONS", "in_seq_order", "prune_in_chunks", "stale_settle",
+           "turn_update"]
 
 log = get_logger("mfo_actors.store")
 
 R = TypeVar("R")
 
 PRUNE_CHUNK = 5_000  # rows deleted per transaction, so appends interleave with a big prune
+
+# One chunk of closed sessions closed before a cutoff (params: cutoff, cutoff, chunk; ?
+# placeholders; RETURNING, as a pipelined psycopg cursor has no rowcount). A session closes
+# after its last activity, so ``last_activity < cutoff`` holds for each of them and lets the
+# (status, last_activity) index find them.
+PRUNE_SESSIONS = (
+    "DELETE FROM sessions WHERE seq IN (SELECT seq FROM sessions WHERE status = 'closed' "
+    "AND last_activity < ? AND closed_at < ? LIMIT ?) RETURNING seq"
+)
 
 
 def in_seq_order(rows: Sequence[Sequence[Any]], decode: Callable[[Sequence[Any]], R]) -> list[R]:
@@ -46,7 +56,8 @@ def stale_settle(event_id: str, outcome: str) -> None:
     log.warning("store.stale_settle", event_id=event_id, action=action)
 
 
-async def prune_in_chunks(chunk: Callable[[], Awaitable[int]]) -> int:
+async def prune_in_chunks(chunk: Callable[[], Awaitable[int]], *, what: str = "events"
+                          ) -> int:
     """Run *chunk* (one transaction deleting at most PRUNE_CHUNK rows) until a short one;
     return how many rows went. Appends are committed between the chunks."""
     total = 0
@@ -56,5 +67,5 @@ async def prune_in_chunks(chunk: Callable[[], Awaitable[int]]) -> int:
         if n < PRUNE_CHUNK:
             break
     if total:
-        log.info("store.pruned", count=total)
+        log.info("store.pruned", table=what, count=total)
     return total
