@@ -297,6 +297,11 @@ class StoreConfig(_Base, frozen=True):
     # postgres: a node that stops renewing its flow runs (killed, cut off) for this long has
     # them rerun by another node; its event claims come back after forwarder.lease.
     node_lease: Duration = Duration(30.0)
+    # postgres: a statement waiting this long for a row or table lock (another node, a
+    # migration, a DBA) gives up; the store retries the batch, then fails it (503, retried).
+    lock_timeout: Duration = Duration(2.0)
+    # postgres: a statement running this long is cancelled, likewise (0: no limit).
+    statement_timeout: Duration = Duration(30.0)
     path: str | None = None  # sqlite file; default <state_dir>/store.sqlite3
     max_pending: int = 100_000  # events not yet delivered before the listener answers 503
     max_bytes: Size = Size(1024**3)  # bytes of pending payloads before 503
@@ -869,6 +874,12 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool
     if cfg.store.node_lease < 3:
         fail("must be at least 3s (a node renews its runs every third of it)",
              "store", "node_lease")
+    for name in ("lock_timeout", "statement_timeout"):
+        value = float(getattr(cfg.store, name))
+        if value != 0 and not 0.01 <= value <= 3600:
+            fail("must be 0 (no limit) or between 10ms and 1h", "store", name)
+    if 0 < float(cfg.store.statement_timeout) < float(cfg.store.lock_timeout):
+        fail("must not be shorter than store.lock_timeout", "store", "statement_timeout")
 
 
 def check_config_text(

@@ -189,6 +189,17 @@ class TestValues:
     def test_durations(self, text: object, seconds: float) -> None:
         assert parse_duration(text) == pytest.approx(seconds)
 
+    def test_store_timeouts(self) -> None:
+        """store.lock_timeout / statement_timeout: 0 (none) or 10ms..1h, statement >= lock."""
+        cfg = load_config_text("store: {lock_timeout: 500ms, statement_timeout: 0}\n")
+        assert (cfg.store.lock_timeout, cfg.store.statement_timeout) == (0.5, 0)
+        for text, key in [("{lock_timeout: 1ms}", "store.lock_timeout"),
+                          ("{statement_timeout: 2h}", "store.statement_timeout"),
+                          ("{lock_timeout: 10s, statement_timeout: 5s}",
+                           "store.statement_timeout")]:
+            _cfg, problems = check_config_text(f"store: {text}\n")
+            assert [p.key for p in problems] == [key], text
+
     @pytest.mark.parametrize("text", ["30 seconds", "-1", "1x", "", True, -3])
     def test_bad_durations(self, text: object) -> None:
         with pytest.raises(ValueError):

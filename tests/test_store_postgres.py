@@ -266,3 +266,50 @@ async def test_a_newer_schema_is_refused(pg_dsn: str, pg_schema: str) -> None:
     with pytest.raises(StoreError, match="newer"):
         async with open_postgres_store(pg_dsn, schema=pg_schema):
             pass
+
+
+async def test_a_lock_held_elsewhere_times_out_and_the_batch_is_retried(
+    node: Opener, pg_dsn: str, pg_schema: str, clock: FakeClock
+) -> None:
+    """A DBA's LOCK TABLE (or a long migration) on events: with store.lock_timeout, a write
+    waits at most that long per try, is run again (the lock may be gone by then), and fails
+    with a transient StoreError only after its tries; never hangs, never half-written."""
+    async with node("a", lock_timeout=0.2, statement_timeout=5.0) as a:
+        settings = await a._read(lambda c: c.execute(
+            "SELECT current_setting('lock_timeout'), current_setting('statement_timeout')"
+        ).fetchone())
+        assert settings == ("200ms", "5s")
+        first = event(clock)
+        await a.append(first)
+
+        def lock() -> psycopg.Connection[Any]:
+            conn = psycopg.connect(pg_dsn)
+            conn.execute(f"LOCK TABLE {pg_schema}.events IN ACCESS EXCLUSIVE MODE")
+            return conn  # in its transaction, holding the lock until commit
+
+        # 1. The lock stays: every try times out, the caller gets a transient error.
+        holder = await anyio.to_thread.run_sync(lock)
+        try:
+            blocked = event(clock)
+            with anyio.fail_after(10):
+                with pytest.raises(StoreError, match="transient"):
+                    await a.append(blocked)
+            assert a.statistics().transient_retries == 2
+            # 2. The lock goes while the writer retries: the write goes through.
+            retries = a.statistics().transient_retries
+            later = event(clock)
+            result: list[AppendResult] = []
+
+            async def append() -> None:
+                result.append(await a.append(later))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(append)
+                await poll(lambda: a.statistics().transient_retries > retries)
+                await anyio.to_thread.run_sync(holder.commit)
+            assert result == [AppendResult(later.id)]
+        finally:
+            await anyio.to_thread.run_sync(holder.close)
+        ids = {s.event.id for s in await a.list_events(limit=10)}
+        assert ids == {first.id, later.id}  # the failed append left nothing
+        assert (await a.stats()).writable

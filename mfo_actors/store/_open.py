@@ -66,6 +66,8 @@ async def open_store(
             max_bytes=int(cfg.store.max_bytes),
             dedupe_window=float(cfg.webhook_listener.dedupe_window),
             node_lease=float(cfg.store.node_lease),
+            lock_timeout=float(cfg.store.lock_timeout),
+            statement_timeout=float(cfg.store.statement_timeout),
             clock=clock,
             must_exist=must_exist,
         ) as pg_store:

@@ -3,7 +3,16 @@
 Connections. psycopg 3's synchronous connections from a small ``psycopg_pool`` pool, used in
 anyio worker threads, so the store runs on asyncio and trio alike. Sessions run with
 ``synchronous_commit=on`` (a commit is on the server's disk before the 202 goes out) and an
-``idle_in_transaction_session_timeout``, so a stuck node never holds locks for long.
+``idle_in_transaction_session_timeout``, so a stuck node never holds locks for long; and with
+``lock_timeout`` and ``statement_timeout`` (``store.lock_timeout``, ``store.statement_timeout``),
+so a lock held elsewhere (a long migration, a DBA's ``LOCK TABLE``) cannot hang the daemon.
+
+Transient failures. A batch that fails on a lock or statement timeout, a deadlock or a
+serialization failure was rolled back whole: the writer runs it again (at most
+:data:`TRANSIENT_TRIES` times, with a short pause), and only then fails it to its callers
+with a :class:`StoreError` that says so. Nothing was written, so nothing is lost: an append's
+caller answers 503 (the provider retries), a settle's event comes back by its lease, a run's
+result is retried by the scheduler. Such a failure does not count as the database being away.
 
 Writes. The group-commit writer of ``_engine.py``: one transaction per batch, a savepoint per
 op. Before its ops run, a batch locks the ``sources`` rows of the events it appends or
@@ -73,9 +82,13 @@ RECONNECT_GIVE_UP = 4.0  # seconds a pool slot retries in the background before 
 COUNTS_REFRESH = 1.0  # seconds between reads of the cluster's counts
 LISTEN_POLL = 0.5  # seconds the LISTEN thread blocks before looking at the clock again
 IDLE_IN_TX_TIMEOUT_MS = 60_000
+TRANSIENT_TRIES = 3  # runs of a batch that keeps failing on timeouts or conflicts
+TRANSIENT_PAUSE = 0.05  # seconds before the second run, doubling
 
+# Errors after which the transaction was rolled back and may succeed if run again. Lock and
+# statement timeouts are OperationalErrors in psycopg, but the server is there.
 _TRANSIENT = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure,
-              psycopg.errors.LockNotAvailable)
+              psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)
 
 
 class PostgresStoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +101,7 @@ class PostgresStoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
     max_batch: int
     failed_batches: int
     queued: int
+    transient_retries: int  # batches run again after a timeout or a conflict
 
 
 def _where(dsn: str) -> str:
@@ -110,11 +124,13 @@ def _connect_kwargs(dsn: str, node: str) -> dict[str, Any]:
     return kwargs
 
 
-def _configure(schema: str, conn: Conn) -> None:
-    """Session settings of every pooled connection."""
+def _configure(schema: str, lock_timeout: float, statement_timeout: float, conn: Conn) -> None:
+    """Session settings of every pooled connection (timeouts in seconds, 0: none)."""
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     conn.execute("SET synchronous_commit TO on")
     conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TX_TIMEOUT_MS:d}")
+    conn.execute(f"SET lock_timeout = {round(lock_timeout * 1000):d}")
+    conn.execute(f"SET statement_timeout = {round(statement_timeout * 1000):d}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,6 +139,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _store_error(exc: BaseException, dsn: str, verb: str = "write") -> StoreError:
+    if isinstance(exc, _TRANSIENT):
+        return StoreError(f"store {verb} failed, transient (lock or statement timeout, or a "
+                          f"conflict; nothing was written): {_first_line(exc)}")
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return StoreError(f"postgres store at {_where(dsn)} unreachable (no connection)")
     if isinstance(exc, psycopg.OperationalError):
@@ -179,6 +198,7 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         self._renewed_at = time.monotonic()
         self._claimed: dict[str, str] = {}  # event id -> source, for events this node claimed
         self._down = False  # the last batch could not reach the database
+        self._transient_retries = 0
 
     @property
     def node(self) -> str:
@@ -190,12 +210,31 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         return PostgresStoreStatistics(
             node=self._node, batches=self._batches, ops=self._ops, appends=self._appends,
             max_batch=self._max_batch, failed_batches=self._failed_batches,
-            queued=self._queued(),
+            queued=self._queued(), transient_retries=self._transient_retries,
         )
 
     # -- the writer (in the write thread) ------------------------------------------------------
 
     def _apply_batch(self, batch: list[Op[Any]]) -> None:
+        pause = TRANSIENT_PAUSE
+        for tries in range(1, TRANSIENT_TRIES + 1):
+            try:
+                self._try_batch(batch)
+                return
+            except _TRANSIENT as exc:
+                if tries == TRANSIENT_TRIES or self._stop_now:
+                    self._fail_all(batch, _store_error(exc, self._dsn))
+                    return
+                # Rolled back whole: nothing of it was written; run it again.
+                self._transient_retries += 1
+                log.warning("store.batch_transient", ops=len(batch), tries=tries,
+                            retry_in=pause, error=_first_line(exc))
+                time.sleep(pause)  # the writer thread: batches queue up meanwhile
+                pause *= 2
+
+    def _try_batch(self, batch: list[Op[Any]]) -> None:
+        """One run of *batch*; raises what :data:`_TRANSIENT` names (the batch may be run
+        again), fails the batch to its callers on any other error."""
         pool = self._pool
         if pool is None:
             self._fail_all(batch, StoreClosedError("the store is closed"))
@@ -211,13 +250,15 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                     # for any number of ops) ...
                     with conn.pipeline():
                         resync = self._run_transaction(conn, batch, now, isolate=False)
-                except psycopg.OperationalError:
+                except psycopg.OperationalError:  # _TRANSIENT included
                     raise
                 except Exception as exc:
                     # ... and when some op fails, the batch again, each op in a savepoint, so
                     # only that op's caller gets the error.
                     log.debug("store.batch_retried", ops=len(batch), error=_first_line(exc))
                     resync = self._run_transaction(conn, batch, now, isolate=True)
+        except _TRANSIENT:
+            raise
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout):
                 if not self._down:
@@ -259,10 +300,10 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                         with conn.transaction():
                             op.result, op.delta = op.fn(tx, now)
                     except psycopg.OperationalError:
-                        raise  # the connection is gone: the whole batch fails
+                        # The connection is gone, or a timeout or conflict (_TRANSIENT are
+                        # OperationalErrors): the whole batch fails (and is run again).
+                        raise
                     except Exception as exc:
-                        if isinstance(exc, _TRANSIENT):
-                            log.warning("store.op_conflict", error=_first_line(exc))
                         self._op_failed(op, exc)
                         continue
                 d = op.delta
@@ -393,7 +434,8 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
 
 
 
-def _open_sync(dsn: str, schema: str, node: str, must_exist: bool
+def _open_sync(dsn: str, schema: str, node: str, must_exist: bool,
+               timeouts: tuple[float, float]
                ) -> tuple[psycopg_pool.ConnectionPool[Conn], Counts, int]:
     kwargs = _connect_kwargs(dsn, node)
     with psycopg.connect(dsn, **kwargs) as conn:
@@ -404,7 +446,7 @@ def _open_sync(dsn: str, schema: str, node: str, must_exist: bool
         before, _ = migrate(conn, schema)
     pool: psycopg_pool.ConnectionPool[Conn] = psycopg_pool.ConnectionPool(
         dsn, kwargs=kwargs, min_size=2, max_size=4, open=False, timeout=POOL_TIMEOUT,
-        configure=partial(_configure, schema), name=f"mfo-{schema}",
+        configure=partial(_configure, schema, *timeouts), name=f"mfo-{schema}",
         # The pool retries a lost connection with a doubling delay; giving up early lets the
         # next request open one at once, so a database back from a long outage is used within
         # seconds, not after a minute-long backoff.
@@ -432,6 +474,8 @@ async def open_postgres_store(
     max_bytes: int = 1024**3,
     dedupe_window: float = 86400.0,
     node_lease: float = 30.0,
+    lock_timeout: float = 2.0,
+    statement_timeout: float = 30.0,
     clock: Callable[[], float] = time.time,
     must_exist: bool = False,
 ) -> AsyncIterator[PostgresStore]:
@@ -442,6 +486,9 @@ async def open_postgres_store(
       schema: The schema holding the tables; several instances may share a database.
       node: This node's id (``store.node_id``), recorded on claims and runs.
       node_lease: Seconds after which a node that stopped renewing loses its active runs.
+      lock_timeout: Seconds a statement waits for a lock (0: forever); see "Transient
+        failures" above.
+      statement_timeout: Seconds a statement may run (0: no limit).
       must_exist: Raise StoreError instead of creating a missing schema (the CLI).
       Others: as :func:`~mfo_actors.store.open_sqlite_store`.
 
@@ -450,7 +497,7 @@ async def open_postgres_store(
     """
     try:
         pool, counts, before = await anyio.to_thread.run_sync(
-            _open_sync, dsn, schema, node, must_exist)
+            _open_sync, dsn, schema, node, must_exist, (lock_timeout, statement_timeout))
     except NewerSchemaError as exc:
         raise StoreError(f"schema {schema!r} at {_where(dsn)}: {exc}") from None
     except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
