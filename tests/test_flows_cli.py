@@ -151,6 +151,22 @@ def test_flows_run_records_runs_and_runs_cli_shows_them(config: Path) -> None:
     assert "no run with id nope" in line
 
 
+def test_flows_run_is_a_node_of_its_own(config: Path) -> None:
+    """``flows run`` claims its run as node ``<daemon's node>/cli-<pid>``: a daemon of the
+    instance (re)starting meanwhile does not take the run back as its own and run it twice."""
+    import sqlite3
+
+    from mfo_actors.config import load_config
+    from mfo_actors.store import node_id, sqlite_path
+
+    cfg = load_config(str(config))
+    cli("flows", "run", "Hello", "--config", str(config), "--input", '{"who": "x"}',
+        check_rc=0)
+    with sqlite3.connect(sqlite_path(cfg)) as conn:
+        (node,) = conn.execute("SELECT node FROM runs").fetchone()
+    assert node.startswith(node_id(cfg) + "/cli-") and node != node_id(cfg)
+
+
 def test_flows_run_json_output(config: Path) -> None:
     out = cli("flows", "run", "Hello", "--config", str(config), "--json", "--input",
               '{"who": "ann"}', check_rc=0).stdout

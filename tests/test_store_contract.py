@@ -824,6 +824,39 @@ class TestRuns:
             got = await a.get_run(mine.run_id)
             assert got is not None and got[0].status == "done"
 
+    async def test_other_nodes_runs_come_back_only_after_their_lease(
+            self, opener: Opener, clock: FakeClock) -> None:
+        """Node a holds an active run and stops renewing (died; or its id changed, as after
+        a reboot): node b takes it over by lease expiry, never before, and never by its own
+        start-up recovery; a's late settle is ignored. Renewing keeps a live node's runs."""
+        lost, kept = run_request("f"), run_request("g")
+        async with opener(node="a") as a, opener(node="b") as b:  # node_lease 30 s
+            await a.create_runs([lost, kept])
+            assert len(await a.claim_runs(limit=10)) == 2
+            assert await b.recover_runs(rerun_flows=["f"]) == []  # not b's own
+            clock.advance(29)
+            assert await b.recover_runs(rerun_flows=["f"], orphaned=True) == []
+            await a._renew_runs()  # type: ignore[attr-defined]  # what a does every 10 s
+            await a.finish_run(kept.run_id, status="done")
+            clock.advance(2)  # 31 s after the claim, 2 s after the renewal
+            assert await b.recover_runs(rerun_flows=["f"], orphaned=True) == []
+            await a.create_runs([other := run_request("f")])
+            (claimed,) = await a.claim_runs(limit=1)
+            assert claimed.run_id == other.run_id
+            clock.advance(31)  # no renewal since: both of a's active runs are out
+            recovered = await b.recover_runs(rerun_flows=["f"], orphaned=True)
+            assert sorted((r.run_id, r.status, r.interrupted) for r in recovered) == sorted(
+                [(lost.run_id, "new", 1), (other.run_id, "new", 1)])
+            assert await b.recover_runs(rerun_flows=["f"], orphaned=True) == []
+            taken = {r.run_id for r in await b.claim_runs(limit=10)}
+            assert taken == {lost.run_id, other.run_id}
+            await a.finish_run(lost.run_id, status="error", error="late")  # b's run now
+            got = await b.get_run(lost.run_id)
+            assert got is not None and got[0].status == "active"
+            await b.finish_run(lost.run_id, status="done")
+            got = await a.get_run(lost.run_id)
+            assert got is not None and got[0].status == "done"
+
     async def test_output_is_size_capped(self, opener: Opener) -> None:
         req = run_request()
         big = {"blob": "x" * (OUTPUT_CAP + 10)}

@@ -65,16 +65,18 @@ def positive_int(text: str) -> int:
 
 def with_store(cfg: InstanceConfig, config_file: str,
                body: Callable[[EventStore], Awaitable[Any]], *, must_exist: bool = True,
-               log_level: int = logging.WARNING, missing: str = NO_STORE) -> Any:
+               log_level: int = logging.WARNING, missing: str = NO_STORE,
+               node: str | None = None) -> Any:
     """Open *cfg*'s store (without the daemon's lock) and run *body* on asyncio.
 
     Store errors become one-line :class:`UserError`\\ s; *missing* (formatted with
-    ``where``) is the message when there is no store yet.
+    ``where``) is the message when there is no store yet. *node*: the node id on what this
+    process claims (default the daemon's: ``store.node_id``).
     """
 
     async def main() -> Any:
         try:
-            async with open_store(cfg, must_exist=must_exist) as store:
+            async with open_store(cfg, must_exist=must_exist, node=node) as store:
                 return await body(store)
         except StoreError as exc:
             where = (sqlite_path(cfg) if cfg.store.backend == "sqlite"

@@ -30,7 +30,7 @@ from mfo_actors.config import InstanceConfig, load_config
 from mfo_actors.errors import UserError
 from mfo_actors.ids import new_id
 from mfo_actors.observability import redact
-from mfo_actors.store import EventStore, RunRequest, TaskRunRecord
+from mfo_actors.store import EventStore, RunRequest, TaskRunRecord, cli_node_id
 from mfo_actors.taskflow import Flow, FlowExecutor, RunOutcome, to_mermaid
 
 __all__ = ["configure"]
@@ -124,8 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_id, outcome
 
     level = logging.INFO if args.verbose else logging.ERROR
+    # A node of its own: a daemon starting meanwhile must not take this run back as its own.
     run_id, outcome = with_store(cfg, args.config, body, must_exist=False, log_level=level,
-                                 missing=NO_RUN_STORE)
+                                 missing=NO_RUN_STORE, node=cli_node_id(cfg))
     _report(run_id, outcome, as_json=args.json)
     return 0 if outcome.status == "done" else 1
 

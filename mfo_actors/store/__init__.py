@@ -1,6 +1,7 @@
 """Durable events, run history and chat sessions behind one protocol (SQLite by default,
 PostgreSQL for several daemons as one)."""
 
+from mfo_actors.store._node import cli_node_id as cli_node_id
 from mfo_actors.store._node import node_id as node_id
 from mfo_actors.store._open import DEFAULT_SQLITE_FILE as DEFAULT_SQLITE_FILE
 from mfo_actors.store._open import open_store as open_store
@@ -54,6 +55,7 @@ __all__ = [
     "TaskRunRecord",
     "TaskState",
     "WriteHealth",
+    "cli_node_id",
     "node_id",
     "open_postgres_store",
     "open_sqlite_store",

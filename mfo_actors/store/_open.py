@@ -82,5 +82,6 @@ async def open_store(
         clock=clock,
         must_exist=must_exist,
         node=node,
+        node_lease=float(cfg.store.node_lease),
     ) as store:
         yield store

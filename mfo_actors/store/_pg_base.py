@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from mfo_actors.store._engine import GroupCommitStore
+from mfo_actors.store._tables import RunLeases
 
 __all__ = ["Conn", "PostgresTables", "Tx", "locked"]
 
@@ -63,12 +63,10 @@ def locked(conn: Conn, query: str, params: tuple[Any, ...]) -> list[int]:
     return [int(r[0]) for r in conn.execute(query.encode(), params)]
 
 
-class PostgresTables(GroupCommitStore):
+class PostgresTables(RunLeases):
     """The state every table of the Postgres store uses; :class:`PostgresStore` sets it."""
 
-    _node: str  # this node's id, recorded on claims and runs
     _dedupe_window: float  # seconds within which a (source, dedupe_key) is a provider retry
-    _node_lease: float  # seconds a node's active runs stay its own without renewal
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:  # pragma: no cover (abstract)
         """``fn(connection)`` in a worker thread (:class:`PostgresStore` implements it)."""

@@ -31,13 +31,14 @@ from mfo_actors.store._codec import (
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
-from mfo_actors.store._tables import in_seq_order
+from mfo_actors.store._tables import ORPHANED_RUNS, in_seq_order
 
 __all__ = ["PostgresRuns", "insert_runs"]
 
 log = get_logger("mfo_actors.store.postgres")
 
 _TASK_UPSERT = TASK_UPSERT.replace("?", "%s").encode()
+_ORPHANED_RUNS = ORPHANED_RUNS.replace("?", "%s")
 
 
 def insert_runs(conn: Conn, runs: Sequence[RunRequest], now: float, *,
@@ -142,8 +143,8 @@ class PostgresRuns(PostgresTables):
                          ) -> tuple[list[RunRecord], Delta]:
         conn = tx.conn
         if orphaned:
-            seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node <> %s "
-                          "AND lease_until < %s FOR UPDATE SKIP LOCKED", (self._node, now))
+            seqs = locked(conn, f"SELECT seq FROM runs WHERE {_ORPHANED_RUNS} "
+                          f"FOR UPDATE SKIP LOCKED", (self._node, now))
         else:
             seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node = %s "
                           "FOR UPDATE", (self._node,))

@@ -66,6 +66,7 @@ from mfo_actors.store._pg_runs import PostgresRuns
 from mfo_actors.store._pg_schema import NewerSchemaError, migrate
 from mfo_actors.store._pg_sessions import PostgresSessions
 from mfo_actors.store._protocol import StoreClosedError, StoreError
+from mfo_actors.store._tables import RENEW_RUNS
 
 __all__ = ["PostgresStore", "PostgresStoreStatistics", "open_postgres_store"]
 
@@ -82,6 +83,7 @@ RECONNECT_GIVE_UP = 4.0  # seconds a pool slot retries in the background before 
 COUNTS_REFRESH = 1.0  # seconds between reads of the cluster's counts
 LISTEN_POLL = 0.5  # seconds the LISTEN thread blocks before looking at the clock again
 IDLE_IN_TX_TIMEOUT_MS = 60_000
+_RENEW_RUNS = RENEW_RUNS.replace("?", "%s").encode()
 TRANSIENT_TRIES = 3  # runs of a batch that keeps failing on timeouts or conflicts
 TRANSIENT_PAUSE = 0.05  # seconds before the second run, doubling
 
@@ -389,26 +391,25 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                     await anyio.to_thread.run_sync(close, conn)
 
     async def _serve_maintenance(self) -> None:
-        """Every second: refresh the cluster's counts (if no batch did) and renew this node's
-        run leases, so a live node's runs are never taken for a dead one's."""
+        """Every second: refresh the cluster's counts (any batch does, when due) and renew
+        this node's run leases every third of the lease (see :class:`RunLeases`), so a live
+        node's runs are never taken for a dead one's. While renewals fail (the database is
+        away) they are tried every round."""
         while True:
             await anyio.sleep(min(COUNTS_REFRESH, self._node_lease / 3))
             renew = time.monotonic() - self._renewed_at >= self._node_lease / 3
             try:
-                await self._submit(Op(partial(self._tx_maintain, renew)))
+                if renew:
+                    await self._renew_runs()
+                else:
+                    await self._submit(Op(_tx_nothing))
             except StoreClosedError:
                 return
             except StoreError as exc:
-                log.warning("store.maintenance_failed", error=str(exc))
-                continue
-            if renew:
-                self._renewed_at = time.monotonic()
+                log.warning("store.maintenance_failed", renew=renew, error=str(exc))
 
-    def _tx_maintain(self, renew: bool, tx: Tx, now: float) -> tuple[None, Delta]:
-        if renew:
-            tx.conn.execute(
-                "UPDATE runs SET lease_until = %s WHERE status = 'active' AND node = %s",
-                (now + self._node_lease, self._node))
+    def _tx_renew_runs(self, tx: Tx, now: float) -> tuple[None, Delta]:
+        tx.conn.execute(_RENEW_RUNS, (now + self._node_lease, self._node))
         return None, NO_CHANGE
 
     async def _stop_background(self) -> None:
@@ -432,6 +433,11 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
             await anyio.to_thread.run_sync(pool.close)
         log.info("store.closed", node=self._node)
 
+
+
+def _tx_nothing(tx: Tx, now: float) -> tuple[None, Delta]:
+    """An empty op: its batch refreshes the cluster's counts when they are due."""
+    return None, NO_CHANGE
 
 
 def _open_sync(dsn: str, schema: str, node: str, must_exist: bool,

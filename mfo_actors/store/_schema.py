@@ -145,6 +145,12 @@ def _v4(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v5(conn: sqlite3.Connection) -> None:
+    """A run's lease, renewed by its node: another node (sharing the file, or this host after
+    its node id changed) takes over an active run only once its lease ran out."""
+    _run_script(conn, "ALTER TABLE runs ADD COLUMN lease_until REAL")
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
     for statement in script.split(";"):
@@ -153,7 +159,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # MIGRATIONS[i] brings a file from version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -147,12 +147,15 @@ class SQLiteStore(SQLiteEvents, SQLiteAttempts, SQLiteRuns, SQLiteSessions):
         dedupe_window: float,
         clock: Callable[[], float],
         node: str,
+        node_lease: float = 30.0,
         identity: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(counts, group_commit_max=group_commit_max, max_pending=max_pending,
                          max_bytes=max_bytes)
         self._path = path
         self._node = node
+        self._node_lease = node_lease
+        self._renewed_at = time.monotonic()
         self._identity = identity  # (st_dev, st_ino) of the file we opened
         self._wconn: sqlite3.Connection | None = wconn
         self._rconn: sqlite3.Connection | None = rconn
@@ -175,6 +178,7 @@ class SQLiteStore(SQLiteEvents, SQLiteAttempts, SQLiteRuns, SQLiteSessions):
         dedupe_window: float,
         clock: Callable[[], float],
         node: str,
+        node_lease: float,
     ) -> SQLiteStore:
         def open_sync() -> tuple[sqlite3.Connection, sqlite3.Connection, Counts, int, int,
                                  tuple[int, int]]:
@@ -211,7 +215,7 @@ class SQLiteStore(SQLiteEvents, SQLiteAttempts, SQLiteRuns, SQLiteSessions):
         store = cls(
             path, wconn, rconn, counts, version, group_commit_max=group_commit_max,
             max_pending=max_pending, max_bytes=max_bytes, dedupe_window=dedupe_window,
-            clock=clock, node=node, identity=identity,
+            clock=clock, node=node, node_lease=node_lease, identity=identity,
         )
         log.info("store.opened", path=str(path), schema_before=before, pending=counts.pending,
                  dead=counts.dead)
@@ -366,6 +370,7 @@ async def open_sqlite_store(
     clock: Callable[[], float] = time.time,
     must_exist: bool = False,
     node: str = "local",
+    node_lease: float = 30.0,
 ) -> AsyncIterator[SQLiteStore]:
     """Open (creating, and migrating, if needed) the SQLite store at *path*.
 
@@ -381,6 +386,8 @@ async def open_sqlite_store(
       clock: Wall-clock seconds; tests pass a fake one to expire leases without sleeping.
       must_exist: Raise StoreError instead of creating a missing file (the CLI).
       node: This node's id (``store.node_id``), recorded on claims and runs.
+      node_lease: Seconds this node's active runs stay its own without renewal (renewed
+        every third of it); another node sharing the file takes them over after that.
 
     Raises:
       StoreError: the file cannot be opened, is not a store, or has a newer schema.
@@ -388,7 +395,7 @@ async def open_sqlite_store(
     store = await SQLiteStore._open(
         Path(path), must_exist=must_exist, group_commit_max=group_commit_max,
         max_pending=max_pending, max_bytes=max_bytes, dedupe_window=dedupe_window, clock=clock,
-        node=node,
+        node=node, node_lease=node_lease,
     )
-    async with store._running():
+    async with store._running(store._serve_run_leases):
         yield store

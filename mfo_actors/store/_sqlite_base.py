@@ -14,8 +14,8 @@ from typing import TypeVar
 
 import anyio
 
-from mfo_actors.store._engine import GroupCommitStore
 from mfo_actors.store._protocol import StoreClosedError, StoreError
+from mfo_actors.store._tables import RunLeases
 
 __all__ = ["SQLiteTables", "chunks", "marks"]
 
@@ -34,10 +34,9 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SQLiteTables(GroupCommitStore):
+class SQLiteTables(RunLeases):
     """The state every table of the SQLite store uses; :class:`SQLiteStore` sets it."""
 
-    _node: str  # this node's id, recorded on claims and runs
     _dedupe_window: float  # seconds within which a (source, dedupe_key) is a provider retry
     _rconn: sqlite3.Connection | None  # the query_only connection
     _read_limiter: anyio.CapacityLimiter  # one reader at a time on it

@@ -1,9 +1,12 @@
 """The SQLite ``runs`` and ``task_runs`` tables: the scheduler's durable mailbox and history.
 
 A run is created ``new`` (by an append that triggers flows, or by a schedule), claimed
-``active`` by the scheduler, and settled ``done`` or ``error``; its tasks' records are
-upserted as they go. One file has one node, so start-up recovery takes back every run left
-``active``.
+``active`` by the scheduler (recording this node and a lease it renews), and settled ``done``
+or ``error``; its tasks' records are upserted as they go. Usually one node uses a file, but
+not always: ``flows run`` in the CLI runs its run as a node of its own, two daemons may share
+a ``store.path``, and a node's id changes with the host's boot id. So, as on Postgres,
+start-up recovery takes back only this node's runs, and other nodes' come back once their
+lease ran out (*orphaned*); a run is settled only by the node that holds it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from mfo_actors.store._codec import (
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
 from mfo_actors.store._sqlite_base import SQLiteTables
-from mfo_actors.store._tables import in_seq_order
+from mfo_actors.store._tables import ORPHANED_RUNS, RENEW_RUNS, in_seq_order
 
 __all__ = ["SQLiteRuns", "insert_runs"]
 
@@ -39,17 +42,18 @@ log = get_logger("mfo_actors.store.sqlite")
 
 
 def insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float,
-                *, node: str | None = None) -> list[str]:
-    """Insert *runs* as ``new``, or ``active`` and owned by *node* when one is given."""
+                *, node: str | None = None, lease_until: float | None = None) -> list[str]:
+    """Insert *runs* as ``new``, or ``active`` and owned by *node* (its lease running to
+    *lease_until*) when one is given."""
     created = []
     status, started_at = ("active", now) if node else ("new", None)
     for run in runs:
         cur = conn.execute(
             "INSERT OR IGNORE INTO runs (run_id, flow, status, trigger, event_id, input, "
-            "schedule_key, tick, created_at, started_at, node) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "schedule_key, tick, created_at, started_at, node, lease_until) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run.run_id, run.flow, status, run.trigger, run.event_id, json_bytes(run.input),
-             run.schedule_key, run.tick, now, started_at, node),
+             run.schedule_key, run.tick, now, started_at, node, lease_until),
         )
         if cur.rowcount == 1:
             created.append(run.run_id)
@@ -71,7 +75,11 @@ class SQLiteRuns(SQLiteTables):
     def _tx_create_runs(
         self, runs: Sequence[RunRequest], claim: bool, conn: sqlite3.Connection, now: float
     ) -> tuple[list[str], Delta]:
-        created = insert_runs(conn, runs, now, node=self._node if claim else None)
+        if claim:
+            created = insert_runs(conn, runs, now, node=self._node,
+                                  lease_until=now + self._node_lease)
+        else:
+            created = insert_runs(conn, runs, now)
         return created, Delta(wake_runs=bool(created) and not claim)
 
     async def claim_runs(self, *, limit: int) -> list[RunRecord]:
@@ -85,10 +93,10 @@ class SQLiteRuns(SQLiteTables):
         self, limit: int, conn: sqlite3.Connection, now: float
     ) -> tuple[list[RunRecord], Delta]:
         rows = conn.execute(
-            f"UPDATE runs SET status = 'active', started_at = ?, node = ? WHERE seq IN "
-            f"(SELECT seq FROM runs WHERE status = 'new' ORDER BY seq LIMIT ?) "
+            f"UPDATE runs SET status = 'active', started_at = ?, node = ?, lease_until = ? "
+            f"WHERE seq IN (SELECT seq FROM runs WHERE status = 'new' ORDER BY seq LIMIT ?) "
             f"RETURNING seq, {RUN_COLS}",
-            (now, self._node, limit),
+            (now, self._node, now + self._node_lease, limit),
         ).fetchall()
         return in_seq_order(rows, run_record), NO_CHANGE
 
@@ -110,7 +118,8 @@ class SQLiteRuns(SQLiteTables):
         error: str | None = None,
         outputs: dict[str, Any] | None = None,
     ) -> None:
-        """Settle a new or active run (outputs size-capped); a settled one is left alone."""
+        """Settle a new run, or an active one of this node (outputs size-capped); a settled
+        one, or one another node took over, is left alone."""
         await self._submit(Op(partial(self._tx_finish_run, run_id, status, error, outputs)))
 
     def _tx_finish_run(
@@ -119,8 +128,9 @@ class SQLiteRuns(SQLiteTables):
     ) -> tuple[None, Delta]:
         n = conn.execute(
             "UPDATE runs SET status = ?, finished_at = ?, error = ?, outputs = ?, "
-            "started_at = COALESCE(started_at, ?) WHERE run_id = ? AND status IN ('new', 'active')",
-            (status, now, error, capped_json(outputs), now, run_id),
+            "started_at = COALESCE(started_at, ?), lease_until = NULL WHERE run_id = ? "
+            "AND (status = 'new' OR (status = 'active' AND (node = ? OR node IS NULL)))",
+            (status, now, error, capped_json(outputs), now, run_id, self._node),
         ).rowcount
         if not n:
             log.warning("store.finish_run_ignored", run_id=run_id, status=status)
@@ -129,31 +139,34 @@ class SQLiteRuns(SQLiteTables):
     async def recover_runs(
         self, *, rerun_flows: Sequence[str], orphaned: bool = False
     ) -> list[RunRecord]:
-        """This node's runs left ``active`` by a crash: ``interrupted += 1``, then ``new`` again
-        (flows in *rerun_flows*) or ``error`` "interrupted" with their unfinished tasks
-        ``cancelled``. A file has one node, so there are never *orphaned* runs of others."""
-        if orphaned:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(self._tx_recover_runs, frozenset(rerun_flows))))
+        """This node's runs left ``active`` by a crash (or, with *orphaned*, other nodes'
+        whose lease ran out): ``interrupted += 1``, then ``new`` again (flows in
+        *rerun_flows*) or ``error`` "interrupted" with their unfinished tasks ``cancelled``."""
+        return await self._submit(Op(partial(
+            self._tx_recover_runs, frozenset(rerun_flows), orphaned)))
 
     def _tx_recover_runs(
-        self, rerun: frozenset[str], conn: sqlite3.Connection, now: float
+        self, rerun: frozenset[str], orphaned: bool, conn: sqlite3.Connection, now: float
     ) -> tuple[list[RunRecord], Delta]:
+        params: tuple[Any, ...]
+        if orphaned:
+            where, params = ORPHANED_RUNS, (self._node, now)
+        else:  # a run without node: claimed before nodes were recorded (schema 4)
+            where, params = "status = 'active' AND (node = ? OR node IS NULL)", (self._node,)
         found = conn.execute(
-            "SELECT run_id, flow FROM runs WHERE status = 'active' "
-            "AND (node = ? OR node IS NULL) ORDER BY seq", (self._node,)
-        ).fetchall()
+            f"SELECT run_id, flow FROM runs WHERE {where} ORDER BY seq", params).fetchall()
         out: list[RunRecord] = []
         for run_id, flow in found:
             if flow in rerun:
                 conn.execute(
                     "UPDATE runs SET status = 'new', started_at = NULL, node = NULL, "
-                    "interrupted = interrupted + 1 WHERE run_id = ?", (run_id,))
+                    "lease_until = NULL, interrupted = interrupted + 1 WHERE run_id = ?",
+                    (run_id,))
             else:
                 conn.execute(
                     "UPDATE runs SET status = 'error', error = 'interrupted', finished_at = ?, "
-                    "interrupted = interrupted + 1 WHERE run_id = ?", (now, run_id))
+                    "node = NULL, lease_until = NULL, interrupted = interrupted + 1 "
+                    "WHERE run_id = ?", (now, run_id))
                 conn.execute(
                     "UPDATE task_runs SET state = 'cancelled', error = 'interrupted', "
                     "finished_at = ? WHERE run_id = ? AND state IN ('pending', 'running')",
@@ -162,9 +175,13 @@ class SQLiteRuns(SQLiteTables):
                                (run_id,)).fetchone()
             out.append(run_record(row))
         if out:
-            log.info("store.runs_recovered", count=len(out),
+            log.info("store.runs_recovered", count=len(out), orphaned=orphaned,
                      rerun=sum(1 for r in out if r.status == "new"))
         return out, Delta(wake_runs=any(r.status == "new" for r in out))
+
+    def _tx_renew_runs(self, conn: sqlite3.Connection, now: float) -> tuple[None, Delta]:
+        conn.execute(RENEW_RUNS, (now + self._node_lease, self._node))
+        return None, NO_CHANGE
 
     async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
         """One run and its task records (in the order they were first recorded), or None."""
