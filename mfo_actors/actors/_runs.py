@@ -8,14 +8,16 @@ The taskflow engine knows no store; it reports task state changes to a
 :func:`finish_run_retrying` records a run's result, trying again with backoff while the
 store fails (Postgres restarting, a lock timeout, a full disk): giving up would leave the run
 ``active``, to be run again by the next start's recovery (or another node) although it ran,
-or record it ``error`` although it succeeded.
+or record it ``error`` although it succeeded. :func:`retry_store` is the loop itself (the
+scheduler also uses it to give back runs whose lease it lost).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import anyio
 
@@ -23,9 +25,12 @@ from mfo_actors.metrics import TASK_DURATION
 from mfo_actors.observability import get_logger
 from mfo_actors.store import EventStore, StoreClosedError, StoreError, TaskRunRecord
 
-__all__ = ["SETTLE_BACKOFF_FIRST", "SETTLE_BACKOFF_MAX", "StoreRecorder", "finish_run_retrying"]
+__all__ = ["SETTLE_BACKOFF_FIRST", "SETTLE_BACKOFF_MAX", "StoreRecorder", "finish_run_retrying",
+           "retry_store"]
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 SETTLE_BACKOFF_FIRST = 0.05  # seconds before the first retry of a failed finish_run
 SETTLE_BACKOFF_MAX = 5.0  # ... doubling up to this
@@ -97,32 +102,40 @@ class StoreRecorder:
                                  task=task_id).observe(max(0.0, finished_at - started_at))
 
 
-async def finish_run_retrying(
-    store: EventStore, run_id: str, *, status: Literal["done", "error"],
-    error: str | None = None, outputs: dict[str, Any] | None = None,
-    on_retry: Callable[[StoreError], None] | None = None,
-) -> None:
-    """``store.finish_run``, tried again (backoff from SETTLE_BACKOFF_FIRST, doubling to
+async def retry_store(call: Callable[[], Awaitable[T]], *, what: str, run_id: str,
+                      on_retry: Callable[[StoreError], None] | None = None) -> T:
+    """``await call()``, tried again (backoff from SETTLE_BACKOFF_FIRST, doubling to
     SETTLE_BACKOFF_MAX) for as long as it raises StoreError: until the store takes it, or the
     caller is cancelled (stop; the run then stays ``active`` and recovery applies the flow's
     ``on_interrupt``). A closed store (StoreClosedError) is not waited for: it is raised.
-    *on_retry* is told each failure (the scheduler keeps it for ``/readyz``)."""
+    *on_retry* is told each failure (the scheduler keeps it for ``/readyz``); *what* names
+    the call in the logs (``scheduler.<what>_retry``)."""
     delay = SETTLE_BACKOFF_FIRST
     tries = 0
     while True:
         try:
-            await store.finish_run(run_id, status=status, error=error, outputs=outputs)
+            result = await call()
         except StoreClosedError:
             raise
         except StoreError as exc:
             tries += 1
             if on_retry is not None:
                 on_retry(exc)
-            log.warning("scheduler.settle_retry", run_id=run_id, status=status, tries=tries,
-                        retry_in=delay, error=str(exc))
+            log.warning(f"scheduler.{what}_retry", run_id=run_id, tries=tries, retry_in=delay,
+                        error=str(exc))
             await anyio.sleep(delay)
             delay = min(delay * 2, SETTLE_BACKOFF_MAX)
             continue
         if tries:
-            log.info("scheduler.settle_recovered", run_id=run_id, status=status, tries=tries)
-        return
+            log.info(f"scheduler.{what}_recovered", run_id=run_id, tries=tries)
+        return result
+
+
+async def finish_run_retrying(
+    store: EventStore, run_id: str, *, status: Literal["done", "error"],
+    error: str | None = None, outputs: dict[str, Any] | None = None,
+    on_retry: Callable[[StoreError], None] | None = None,
+) -> None:
+    """``store.finish_run`` under :func:`retry_store`."""
+    await retry_store(partial(store.finish_run, run_id, status=status, error=error,
+                              outputs=outputs), what="settle", run_id=run_id, on_retry=on_retry)

@@ -30,9 +30,21 @@ with ``on_interrupt: rerun``, the default) or become ``error`` "interrupted" (``
 and ``run`` returns when they end. If the supervisor's deadline cancels them first, the
 engine records their unfinished tasks ``cancelled`` and the run record is deliberately left
 ``active``: the next start's ``recover_runs`` then treats it exactly like a crash, by the
-flow's ``on_interrupt`` policy. Start-up recovery takes only this node's runs; when several
-daemons share a store, every half ``store.node_lease`` the scheduler also takes the runs of
-nodes that stopped renewing theirs (died) by the same policy.
+flow's ``on_interrupt`` policy. Start-up recovery takes only this node's runs; every half
+``store.node_lease`` the scheduler also takes the runs of nodes that stopped renewing theirs
+(died) by the same policy.
+
+Leases. A run this node claimed stays its own while the store renews its lease (every third
+of ``store.node_lease``). A node cut off from the database (an outage longer than the lease)
+cannot renew, and another node may take its runs over once their lease ran out. So the
+scheduler stops a run (cancels it, tasks recorded ``cancelled`` where the store allows) once
+its lease may have run out within LEASE_FENCE_MARGIN of ``node_lease``
+(``store.runs_held_until``), and gives it back by its flow's ``on_interrupt`` once the store
+answers (``recover_runs(run_ids=...)``; a no-op if another node took it meanwhile). What this
+promises is at-least-once, as for events: a run is never executed by two nodes at once as
+long as their clocks agree within the margin, but a run stopped (or finished, its result not
+yet recorded when the lease ran out) may be executed again from the start; flows with side
+effects must be idempotent, or ``on_interrupt: fail``.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,7 +63,7 @@ import anyio.abc
 from croniter import croniter
 
 from mfo_actors.actors._reload import Apply, ConfigUpdate
-from mfo_actors.actors._runs import StoreRecorder, finish_run_retrying
+from mfo_actors.actors._runs import StoreRecorder, finish_run_retrying, retry_store
 from mfo_actors.config import InstanceConfig
 from mfo_actors.ids import new_id
 from mfo_actors.messages import BreakerState, Event
@@ -82,6 +95,21 @@ POLL_INTERVAL = 1.0  # seconds between claims without a wake-up (runs made by an
 MAX_TICK_SLEEP = 60.0  # re-read the wall clock at least this often while waiting for a tick
 FIRE_ATTEMPTS = 3  # tries to record a tick before it is given up (logged as an error)
 SETTLE_TIMEOUT = 5.0  # seconds a shielded settle may take when a run failed unexpectedly
+# A run is stopped this fraction of store.node_lease before its lease could run out (two
+# renewals in a row failed), and the guard looks every LEASE_GUARD_FRACTION of it.
+LEASE_FENCE_MARGIN = 0.2
+LEASE_GUARD_FRACTION = 0.05
+
+
+class _Held:
+    """A run this node executes: when its claim was sent, and how to stop it."""
+
+    __slots__ = ("claimed_at", "lost", "scope")
+
+    def __init__(self, claimed_at: float) -> None:
+        self.claimed_at = claimed_at  # time.monotonic() before the claim was sent
+        self.scope = anyio.CancelScope()
+        self.lost = False  # stopped: its lease may be gone
 
 
 def load_instance_flows(cfg: InstanceConfig, registry: TaskRegistry | None = None
@@ -220,6 +248,8 @@ class SchedulerActor:
         self._catch_up_policy: Literal["none", "one"] = cfg.flows.catch_up
         self._concurrency = max(1, cfg.flows.concurrency)
         self._orphan_interval = float(cfg.store.node_lease) / 2
+        self._node_lease = float(cfg.store.node_lease)
+        self._held: dict[str, _Held] = {}  # run id -> the runs executing now
         self._store = store
         self._flows = dict(flows)
         self._clock: Clock = clock if clock is not None else SystemClock()
@@ -267,6 +297,14 @@ class SchedulerActor:
         for rec in await self._store.recover_runs(rerun_flows=rerun):
             log.warning("scheduler.run_recovered", run_id=rec.run_id, flow=rec.flow,
                         status=rec.status, interrupted=rec.interrupted)
+        async with anyio.create_task_group() as guard:
+            guard.start_soon(self._lease_guard)
+            await self._serve(ready, rerun)
+            guard.cancel_scope.cancel()
+        log.info("scheduler.stopped", done=self.runs_done, failed=self.runs_failed)
+
+    async def _serve(self, ready: ReadySignal, rerun: list[str]) -> None:
+        """Claim and run until asked to stop, then wait for the runs in flight."""
         async with anyio.create_task_group() as runs:
             with anyio.CancelScope() as intake:
                 self._intake = intake
@@ -285,7 +323,6 @@ class SchedulerActor:
             self._intake = None
             if self._in_flight:
                 log.info("scheduler.draining", running=self._in_flight)
-        log.info("scheduler.stopped", done=self.runs_done, failed=self.runs_failed)
 
     def request_stop(self) -> None:
         """Stop claiming runs and firing ticks; runs in flight finish, then ``run`` returns."""
@@ -342,6 +379,7 @@ class SchedulerActor:
                 continue
             try:
                 # Shielded: a claim committed but never started would sit active until restart.
+                sent = time.monotonic()
                 with anyio.CancelScope(shield=True):
                     claimed = await self._store.claim_runs(limit=free)
             except StoreError as exc:
@@ -351,7 +389,7 @@ class SchedulerActor:
                 continue
             for record in claimed:
                 self._in_flight += 1
-                runs.start_soon(self._execute, record, name=f"run-{record.run_id}")
+                runs.start_soon(self._execute, record, sent, name=f"run-{record.run_id}")
             if not claimed:
                 await self._store.wait_for_runs(POLL_INTERVAL)
 
@@ -363,8 +401,9 @@ class SchedulerActor:
         freed, self._slot_freed = self._slot_freed, anyio.Event()
         freed.set()
 
-    async def _execute(self, record: RunRecord) -> None:
+    async def _execute(self, record: RunRecord, claimed_at: float) -> None:
         run_log = log.bind(run_id=record.run_id, flow=record.flow)
+        held = self._held[record.run_id] = _Held(claimed_at)
         try:
             flow = self._flows.get(record.flow)
             if flow is None:
@@ -383,8 +422,12 @@ class SchedulerActor:
                          interrupted=record.interrupted)
             recorder = StoreRecorder(self._store, record.run_id, flow.name,
                                      instance=self._instance)
-            outcome = await self._executor.run(flow, run_id=record.run_id, event=event,
-                                               input=record.input, recorder=recorder)
+            with held.scope:
+                outcome = await self._executor.run(flow, run_id=record.run_id, event=event,
+                                                   input=record.input, recorder=recorder)
+            if held.lost:
+                await self._give_back(record)
+                return
             await self._settle(record, outcome.status, outcome.error, outcome.outputs)
         except anyio.get_cancelled_exc_class():
             # Left active on purpose: recover_runs at the next start applies on_interrupt.
@@ -400,7 +443,39 @@ class SchedulerActor:
                 except StoreError as store_exc:
                     run_log.error("scheduler.settle_failed", error=str(store_exc))
         finally:
+            self._held.pop(record.run_id, None)
             self._release()
+
+    async def _lease_guard(self) -> None:
+        """Stop the runs whose lease may run out within LEASE_FENCE_MARGIN (renewals fail:
+        the store is away), before another node can take them over."""
+        margin = self._node_lease * LEASE_FENCE_MARGIN
+        while True:
+            await anyio.sleep(self._node_lease * LEASE_GUARD_FRACTION)
+            now = time.monotonic()
+            for run_id, held in list(self._held.items()):
+                held_until = self._store.runs_held_until(held.claimed_at)
+                if held.lost or now < held_until - margin:
+                    continue
+                held.lost = True
+                held.scope.cancel()
+                self._last_error = f"run {run_id} stopped: its lease could not be renewed"
+                log.error("scheduler.run_lease_lost", run_id=run_id,
+                          lease_left_s=round(held_until - now, 3))
+
+    async def _give_back(self, record: RunRecord) -> None:
+        """A run stopped for its lease: once the store answers, by its flow's
+        ``on_interrupt`` (rerun or fail), unless another node took it over meanwhile."""
+        rerun = [name for name, f in self._flows.items() if f.on_interrupt == "rerun"]
+
+        def note(exc: StoreError) -> None:
+            self._last_error = f"give back failed: {exc}"
+
+        given = await retry_store(
+            lambda: self._store.recover_runs(rerun_flows=rerun, run_ids=[record.run_id]),
+            what="give_back", run_id=record.run_id, on_retry=note)
+        log.warning("scheduler.run_given_back", run_id=record.run_id, flow=record.flow,
+                    status=given[0].status if given else "taken over by another node")
 
     async def _settle(self, record: RunRecord, status: Literal["done", "error"],
                       error: str | None, outputs: dict[str, Any] | None) -> None:

@@ -131,20 +131,26 @@ class PostgresRuns(PostgresTables):
         return None, NO_CHANGE
 
     async def recover_runs(
-        self, *, rerun_flows: Sequence[str], orphaned: bool = False
+        self, *, rerun_flows: Sequence[str], orphaned: bool = False,
+        run_ids: Sequence[str] | None = None,
     ) -> list[RunRecord]:
         """This node's runs left ``active`` by a crash (or, with *orphaned*, other nodes'
         whose lease ran out): ``interrupted += 1``, then ``new`` (flows in *rerun_flows*) or
-        ``error`` "interrupted" with their unfinished tasks ``cancelled``."""
+        ``error`` "interrupted" with their unfinished tasks ``cancelled``; with *run_ids*,
+        only those of this node's."""
         return await self._submit(Op(partial(
-            self._tx_recover_runs, list(rerun_flows), orphaned)))
+            self._tx_recover_runs, list(rerun_flows), orphaned,
+            None if run_ids is None else list(run_ids))))
 
-    def _tx_recover_runs(self, rerun: list[str], orphaned: bool, tx: Tx, now: float
-                         ) -> tuple[list[RunRecord], Delta]:
+    def _tx_recover_runs(self, rerun: list[str], orphaned: bool, run_ids: list[str] | None,
+                         tx: Tx, now: float) -> tuple[list[RunRecord], Delta]:
         conn = tx.conn
         if orphaned:
             seqs = locked(conn, f"SELECT seq FROM runs WHERE {_ORPHANED_RUNS} "
                           f"FOR UPDATE SKIP LOCKED", (self._node, now))
+        elif run_ids is not None:
+            seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node = %s "
+                          "AND run_id = ANY(%s) FOR UPDATE", (self._node, run_ids))
         else:
             seqs = locked(conn, "SELECT seq FROM runs WHERE status = 'active' AND node = %s "
                           "FOR UPDATE", (self._node,))

@@ -369,13 +369,22 @@ class EventStore(Protocol):
         ...
 
     async def recover_runs(
-        self, *, rerun_flows: Sequence[str], orphaned: bool = False
+        self, *, rerun_flows: Sequence[str], orphaned: bool = False,
+        run_ids: Sequence[str] | None = None,
     ) -> list[RunRecord]:
         """At start-up: this node's runs left ``active`` by a crash get ``interrupted += 1``;
         those of *rerun_flows* go back to ``new``, the others become ``error``
         ("interrupted"). With *orphaned* (called periodically): the same for other nodes'
-        active runs whose lease ran out (a node that died). Returns the interrupted runs as
-        they are after the change."""
+        active runs whose lease ran out (a node that died). With *run_ids*: only those of
+        this node's active runs (runs it stopped because it could not renew their lease).
+        Returns the interrupted runs as they are after the change."""
+        ...
+
+    def runs_held_until(self, claimed_at: float) -> float:
+        """Monotonic time (``time.monotonic``) until which a run this node claimed at
+        monotonic *claimed_at* (taken before the claim was sent) surely stays this node's:
+        its lease, as last renewed successfully. Past it another node may take the run over,
+        so the scheduler stops it a margin before."""
         ...
 
     async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:

@@ -33,7 +33,7 @@ from mfo_actors.store._codec import (
 )
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
-from mfo_actors.store._sqlite_base import SQLiteTables
+from mfo_actors.store._sqlite_base import SQLiteTables, marks
 from mfo_actors.store._tables import ORPHANED_RUNS, RENEW_RUNS, in_seq_order
 
 __all__ = ["SQLiteRuns", "insert_runs"]
@@ -137,20 +137,27 @@ class SQLiteRuns(SQLiteTables):
         return None, NO_CHANGE
 
     async def recover_runs(
-        self, *, rerun_flows: Sequence[str], orphaned: bool = False
+        self, *, rerun_flows: Sequence[str], orphaned: bool = False,
+        run_ids: Sequence[str] | None = None,
     ) -> list[RunRecord]:
         """This node's runs left ``active`` by a crash (or, with *orphaned*, other nodes'
         whose lease ran out): ``interrupted += 1``, then ``new`` again (flows in
-        *rerun_flows*) or ``error`` "interrupted" with their unfinished tasks ``cancelled``."""
+        *rerun_flows*) or ``error`` "interrupted" with their unfinished tasks ``cancelled``;
+        with *run_ids*, only those of this node's."""
         return await self._submit(Op(partial(
-            self._tx_recover_runs, frozenset(rerun_flows), orphaned)))
+            self._tx_recover_runs, frozenset(rerun_flows), orphaned,
+            None if run_ids is None else tuple(run_ids))))
 
     def _tx_recover_runs(
-        self, rerun: frozenset[str], orphaned: bool, conn: sqlite3.Connection, now: float
+        self, rerun: frozenset[str], orphaned: bool, run_ids: Sequence[str] | None,
+        conn: sqlite3.Connection, now: float,
     ) -> tuple[list[RunRecord], Delta]:
         params: tuple[Any, ...]
         if orphaned:
             where, params = ORPHANED_RUNS, (self._node, now)
+        elif run_ids is not None:
+            where = f"status = 'active' AND node = ? AND run_id IN ({marks(len(run_ids))})"
+            params = (self._node, *run_ids)
         else:  # a run without node: claimed before nodes were recorded (schema 4)
             where, params = "status = 'active' AND (node = ? OR node IS NULL)", (self._node,)
         found = conn.execute(
