@@ -16,8 +16,8 @@ for the answer) instead of httpx: ~1.5 ms of CPU per event with httpx, a fractio
 * the ``mfo_upstream_*`` metrics counted as the client counts them.
 
 One deadline per send: a single cancel scope whose deadline is ``send_by`` while admitting
-and the nearer of ``send_by`` and ``client.timeout`` while an exchange runs; which one fired
-decides between ``failed`` (timeout) and ``late``.
+and the nearer of ``send_by`` and ``client.timeout`` from the exchange's start; which one
+fired decides between ``failed`` (timeout) and ``late``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from mfo_actors.client import (
 )
 from mfo_actors.http import ClientResponse, ExchangeError, UpstreamPool, header_line
 from mfo_actors.observability import get_logger
+from mfo_actors.runtime import SystemClock
 
 if TYPE_CHECKING:
     import ssl
@@ -90,14 +91,16 @@ class LeanSender:
         self._clock = clock
         self._timeout = timeout
         self._metrics = metrics
+        self._anyio_clock = isinstance(clock, SystemClock)  # its monotonic() is anyio's
         self._auth_value: str | None = None
         self._auth_line = b""
 
     async def send(self, event: Event, body: bytes, *, send_by: float) -> Sent:
         clock = self._clock
         at, started = clock.now(), clock.monotonic()
-        scope = anyio.CancelScope(deadline=anyio.current_time() + max(0.0, send_by - started))
-        state = _Attempt(scope)
+        now = started if self._anyio_clock else anyio.current_time()
+        state = _Attempt(now + max(0.0, send_by - started))
+        scope = state.scope
         try:
             with scope:
                 await self._attempt(event, body, state)
@@ -117,6 +120,7 @@ class LeanSender:
             lines = self._lines(event.id, admission.header)
             response = await self._exchange(body, lines, state)
             if response.status == 401:
+                state.widen()  # the re-login waits under the send's deadline
                 new_header = await admission.reauth()
                 if new_header is not None:
                     log.info("client.relogin", reason="401")
@@ -149,25 +153,19 @@ class LeanSender:
         raise error
 
     async def _exchange(self, body: bytes, lines: bytes, state: _Attempt) -> ClientResponse:
-        scope = state.scope
-        outer = scope.deadline
-        if self._timeout is not None:
-            bound = anyio.current_time() + self._timeout
-            if bound < outer:
-                scope.deadline = bound  # restored below, unless it fires
-                state.exchange_bound = True
+        state.narrow(self._timeout)
         state.exchanging = True
         started = time.perf_counter()
         try:
             response = await self._pool.post(body, header_lines=lines, cap=ERROR_BODY_CAP)
         except ExchangeError as exc:
+            state.exchanging = False
             self._metrics.exchange(EVENTS_PATH, None, time.perf_counter() - started)
-            state.end_exchange(outer)
             raise RetryableError(f"{_KIND_WORDS[exc.kind]}: {exc.detail}") from exc
         except BaseException:
             state.elapsed = time.perf_counter() - started
             raise
-        state.end_exchange(outer)
+        state.exchanging = False
         self._metrics.exchange(EVENTS_PATH, response.status, time.perf_counter() - started,
                                len(response.body))
         return response
@@ -190,23 +188,39 @@ class LeanSender:
 
 class _Attempt:
     """Where one send is: its cancel scope, its admission while unsettled, and whether the
-    scope's deadline is ``client.timeout`` (an exchange running) or ``send_by``."""
+    scope's deadline is ``client.timeout``'s (set when an exchange starts) or ``send_by``'s.
 
-    __slots__ = ("admission", "elapsed", "exchange_bound", "exchanging", "scope")
+    The deadline is narrowed when an exchange starts and left so after it (what follows,
+    settling the outcome, does not wait), but for a re-login (:meth:`widen`): a deadline
+    change costs a timer on asyncio, and this keeps it to one per send.
+    """
 
-    def __init__(self, scope: anyio.CancelScope) -> None:
-        self.scope = scope
+    __slots__ = ("admission", "elapsed", "exchange_bound", "exchanging", "scope", "send_by")
+
+    def __init__(self, send_by: float) -> None:
+        self.send_by = send_by  # on anyio's clock
+        self.scope = anyio.CancelScope(deadline=send_by)
         self.admission: Admission | None = None
         self.exchange_bound = False  # the deadline is client.timeout's, not send_by's
         self.exchanging = False
         self.elapsed = 0.0
 
-    def end_exchange(self, outer: float) -> None:
-        """The exchange ended before the deadline: the send's own deadline again."""
-        self.exchanging = False
+    def narrow(self, timeout: float | None) -> None:
+        """An exchange starts: bound it by *timeout* too (whichever comes first)."""
+        if timeout is None:
+            return
+        bound = anyio.current_time() + timeout
+        if bound < self.send_by:
+            self.scope.deadline = bound
+            self.exchange_bound = True
+        elif self.exchange_bound:
+            self.widen()
+
+    def widen(self) -> None:
+        """Back to the send's own deadline (before a wait that is not an exchange)."""
         if self.exchange_bound:
             self.exchange_bound = False
-            self.scope.deadline = outer
+            self.scope.deadline = self.send_by
 
     async def timed_out(self, sender: LeanSender) -> None:
         """The scope's deadline passed: a ``timeout`` failure of the exchange (settled as
