@@ -1,12 +1,16 @@
 """``mfo-actors mock-server``: run the reference MFO server until SIGTERM or Ctrl-C.
 
-Logs one structlog line per request (``mock.request`` with method, path, status, time).
+Logs one structlog line per request (``mock.request`` with method, path, status, time), but
+accepted events, which are counted in one ``mock.events`` line per second. Runs on uvloop
+under asyncio when it is installed (as the daemon does): the server is the yardstick of the
+delivery benchmarks, so it must not be their bottleneck.
 Faults given here are the start-up faults; ``POST /_mock/faults`` changes them at run time.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -104,5 +108,8 @@ async def _main(options: MockOptions, host: str, port: int) -> None:
 def run_mock_server(args: argparse.Namespace) -> int:
     configure_logging(level=args.log_level, fmt=args.log_format, stream=sys.stderr)
     options = _options(args)
-    anyio.run(_main, options, args.host, args.port, backend=args.backend)
+    backend_options = ({"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+                       if args.backend == "asyncio" else {})
+    anyio.run(_main, options, args.host, args.port, backend=args.backend,
+              backend_options=backend_options)
     return 0

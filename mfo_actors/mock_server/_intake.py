@@ -8,8 +8,9 @@ records a payment (deduped by ``Idempotency-Key``), ``GET /api/pay/{id}`` reads 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from mfo_actors.client import models as m
 from mfo_actors.http import Request, Response
@@ -18,7 +19,6 @@ from mfo_actors.mock_server._base import (
     HTTPError,
     MockPart,
     allow,
-    decode_json,
     decode_typed,
     iso,
     json_response,
@@ -27,14 +27,43 @@ from mfo_actors.mock_server._base import (
 __all__ = ["IntakeRoutes"]
 
 
-@dataclass(slots=True)
 class _Event:
-    key: str
-    id: str
-    received_at: float
-    body: Any
-    headers: dict[str, str]
-    count: int = 1
+    """One unique event as received: its raw body and headers, decoded only when read
+    (``/_mock/events``, :attr:`IntakeRoutes.events`), never on the request path."""
+
+    __slots__ = ("_body", "_headers", "count", "id", "key", "raw", "received_at")
+
+    def __init__(self, key: str, id: str, received_at: float, raw: bytes,
+                 headers: dict[str, str]) -> None:
+        self.key = key
+        self.id = id
+        self.received_at = received_at
+        self.raw = raw
+        self._headers = headers  # the request's own dict (it is not reused)
+        self._body: Any = _UNREAD
+        self.count = 1
+
+    @property
+    def body(self) -> Any:
+        if self._body is _UNREAD:
+            self._body = msgspec.json.decode(self.raw)
+        return self._body
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The request headers but ``Authorization`` (never kept in what we serve)."""
+        return {k: v for k, v in self._headers.items() if k != "authorization"}
+
+
+class _Probe(msgspec.Struct):
+    """What the events route reads of a body: is it an object, and its ``id`` (any type;
+    the other fields are skipped, not built)."""
+
+    id: Any = None
+
+
+_UNREAD: Any = object()
+_decode_probe = msgspec.json.Decoder(_Probe).decode
 
 
 class IntakeRoutes(MockPart):
@@ -57,27 +86,32 @@ class IntakeRoutes(MockPart):
         allow(method, "POST")
         if rest:
             raise HTTPError(404, "not_found", "no such events endpoint")
-        body = decode_json(request)
-        if not isinstance(body, dict):
-            raise HTTPError(400, "invalid_request", "the event must be a JSON object")
-        key = request.header("idempotency-key") or body.get("id")
+        try:
+            probe = _decode_probe(request.body)
+        except msgspec.ValidationError:
+            raise HTTPError(400, "invalid_request", "the event must be a JSON object") from None
+        except msgspec.DecodeError:
+            if not request.body.strip():
+                raise HTTPError(400, "invalid_request",
+                                "the event must be a JSON object") from None
+            raise HTTPError(400, "invalid_request", "body is not valid JSON") from None
+        raw_id = probe.id
+        key = request.headers.get("idempotency-key") or raw_id
         if not isinstance(key, str) or not key:
             raise HTTPError(400, "invalid_request",
                             "an Idempotency-Key header (or an event id) is required")
-        self.stats.events_received += 1
-        raw_id = body.get("id")
-        event_id: str = raw_id if isinstance(raw_id, str) and raw_id else key
+        stats = self.stats
+        stats.events_received += 1
         seen = self._events.get(key)
         if seen is not None:
             seen.count += 1
-            self.stats.duplicates += 1
+            stats.duplicates += 1
             return json_response(m.EventAck(id=seen.id, status="duplicate", duplicate=True))
-        headers = {k: v for k, v in request.headers.items() if k != "authorization"}
-        event = _Event(key=key, id=event_id, received_at=self._clock(), body=body,
-                       headers=headers)
+        event_id: str = raw_id if isinstance(raw_id, str) and raw_id else key
+        event = _Event(key, event_id, self._clock(), request.body, request.headers)
         self._events[key] = event
         self._event_log.append(event)
-        self.stats.unique_event_ids += 1
+        stats.unique_event_ids += 1
         return json_response(m.EventAck(id=event_id, status="accepted"), status=202)
 
     async def _api_pay(self, method: str, rest: list[str], request: Request) -> Response:
