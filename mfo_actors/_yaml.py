@@ -32,6 +32,7 @@ __all__ = [
     "parse_duration",
     "parse_port",
     "parse_size",
+    "parse_value",
     "parse_yaml",
     "split_validation_error",
     "validation_error",
@@ -282,6 +283,33 @@ def parse_yaml(
         # PyYAML's parser (and the walks above) recurse once per nesting level.
         raise ConfigError("invalid YAML: nested too deeply", file=file) from None
     return data, lines
+
+
+def parse_value(text: str, file: str) -> Any:
+    """One YAML value written outside a file (an environment override such as
+    ``MFO_WEBHOOK_LISTENER__ROUTES='[...]'``), bounded like :func:`parse_yaml`: a value is
+    read by the same loader as the files, so it gets the same alias bound (a bomb in a
+    variable made ``check`` run for minutes) and nesting limit.
+
+    Raises:
+      yaml.YAMLError: *text* is not YAML (the caller may take it as plain text).
+      ConfigError: aliases expanding past :data:`MAX_EXPANDED_NODES`, a key that is not a
+        plain value, or nesting too deep, naming *file*.
+    """
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            unusable = _node_problem(node)
+            if unusable is not None:
+                raise ConfigError(unusable[0], file=file)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", file=file) from None
 
 
 _AT_PATH = re.compile(r" - at `\$(.*)`$")

@@ -60,6 +60,7 @@ from mfo_actors._yaml import (
     dotted,
     parse_duration,
     parse_size,
+    parse_value,
     parse_yaml,
 )
 from mfo_actors.errors import ConfigError
@@ -502,16 +503,20 @@ class _Where:
                            line=self.lines.line(path))
 
 
-def _env_value(text: str, target: Any) -> Any:
+def _env_value(text: str, target: Any, variable: str) -> Any:
     """An override's value: a flow collection (``{a: 1}``, ``[1, 2]``) is read as YAML; text
     for a key that takes text (a password, a path, a level) stays exactly as written, so
     ``0123``, ``yes`` or ``#hunter2`` are not turned into numbers, booleans or nothing; for
     other keys (numbers, booleans, durations...) the text is read as a YAML scalar, so
-    ``3`` is a number and ``true`` a boolean."""
+    ``3`` is a number and ``true`` a boolean. YAML read here has the files' alias bound.
+
+    Raises:
+      ConfigError: an alias bomb (or nesting too deep) in *variable*.
+    """
     if text == "" or (not text.startswith(("{", "[")) and _takes_text(target)):
         return text
     try:
-        return yaml.safe_load(text)
+        return parse_value(text, f"environment {variable}")
     except yaml.YAMLError:
         return text
 
@@ -587,7 +592,7 @@ def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dic
                                   file=f"environment {variable}", key=dotted(path))
             node = child
         last = path[-1]
-        value = _env_value(environ[variable], _type_at(path))
+        value = _env_value(environ[variable], _type_at(path), variable)
         if isinstance(value, str) and is_sensitive_key(str(last)):
             register_secret(value)
         if isinstance(node, list):

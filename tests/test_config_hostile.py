@@ -3,6 +3,8 @@ errors or turned into metric labels."""
 
 from __future__ import annotations
 
+import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -27,25 +29,71 @@ def alias_bomb(levels: int, *, top: str = "extra") -> str:
     return "\n".join(lines) + "\n"
 
 
+def flow_style_bomb(levels: int) -> str:
+    """The same bomb as one flow-style YAML value (what an environment variable holds)."""
+    items = ['&a0 ["lol"]']
+    for i in range(1, levels + 1):
+        items.append(f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    return "[" + ", ".join(items) + "]"
+
+
+# In-process bombs have 5 levels (59,049 nodes, past the 20,000 bound): a loader that lost
+# the bound expands them in about a second and fails the test, where 9 levels would hang it.
+IN_PROCESS_LEVELS = 5
+
+
 class TestAliasBombs:
     def test_config_alias_bomb_is_refused_at_once(self) -> None:
         """Item 6: a 7-level bomb took ``check`` 47 s and 2 GB; deeper ones never ended."""
         with pytest.raises(ConfigError, match="alias"):
-            load_config_text(alias_bomb(9), file="bomb.yaml")
+            load_config_text(alias_bomb(IN_PROCESS_LEVELS), file="bomb.yaml")
 
     def test_flow_alias_bomb_is_refused_at_once(self) -> None:
-        text = "name: f\ntasks: []\n" + alias_bomb(9, top="description")
+        text = "name: f\ntasks: []\n" + alias_bomb(IN_PROCESS_LEVELS, top="description")
         with pytest.raises(ConfigError, match="alias"):
             load_flow_text(text, default_registry(), file="bomb.yaml")
 
+    def test_alias_bomb_in_an_environment_override_is_refused(self) -> None:
+        """A YAML value in an ``MFO_...__...`` variable was read with ``yaml.safe_load``,
+        without the bound: ``check`` ran for minutes on a 9-level bomb there."""
+        variable = "MFO_WEBHOOK_LISTENER__ROUTES"
+        with pytest.raises(ConfigError, match="alias") as info:
+            load_config_text("instance: x\n",
+                             environ={variable: flow_style_bomb(IN_PROCESS_LEVELS)})
+        assert info.value.file == f"environment {variable}"
+
+    def test_deeply_nested_environment_override_is_a_config_error(self) -> None:
+        """Nesting past the parser's recursion was a RecursionError traceback."""
+        with pytest.raises(ConfigError, match="nested too deeply"):
+            load_config_text("instance: x\n",
+                             environ={"MFO_WEBHOOK_LISTENER__ROUTES": "[" * 5000})
+
     def test_check_refuses_a_9_level_bomb_with_one_line(self, tmp_path: Path) -> None:
+        """Acceptance: ``check`` refuses a 9-level bomb in under 1 s. Measured in CPU seconds
+        of the ``check`` process (interpreter start included, about 0.3 s), so that other
+        work on the machine cannot fail it; before the fix it never finished."""
         path = tmp_path / "bomb.yaml"
         path.write_text(alias_bomb(9))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         done = subprocess.run([sys.executable, "-m", "mfo_actors", "check", "--config",
                                str(path)], capture_output=True, text=True, timeout=60)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         assert done.returncode == 1
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 1 and "alias" in lines[0] and "bomb.yaml" in lines[0]
+        assert "Traceback" not in done.stderr
+        assert cpu < 1.0, f"check took {cpu:.2f} s of CPU"
+
+    def test_check_refuses_a_9_level_bomb_in_a_variable(self, tmp_path: Path) -> None:
+        path = tmp_path / "c.yaml"
+        path.write_text(f"state_dir: {tmp_path / 'state'}\n")
+        env = {**os.environ, "MFO_WEBHOOK_LISTENER__ROUTES": flow_style_bomb(9)}
+        done = subprocess.run([sys.executable, "-m", "mfo_actors", "check", "--config",
+                               str(path)], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "alias" in done.stdout and "MFO_WEBHOOK_LISTENER__ROUTES" in done.stdout
         assert "Traceback" not in done.stderr
 
     @pytest.mark.parametrize("text", ["? name: x\n: 1\n", "? [a, b]\n: 1\n", "{[1]: 2}\n"])
