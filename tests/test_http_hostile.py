@@ -163,6 +163,22 @@ class TestFraming:
             assert (await client.reply()).json()["path"] == "/"  # type: ignore[index]
 
 
+class TestHalfClose:
+    @pytest.mark.parametrize("expect", [False, True])
+    async def test_body_cut_short_by_a_half_close_is_400(self, expect: bool) -> None:
+        """A client that half-closes before its body is complete can still read: it gets a
+        400, as for a head cut short (the httptools core closed without a word; with
+        ``Expect: 100-continue`` it sent only the 100, which the fuzzer found)."""
+        extra = b"Expect: 100-continue\r\n" if expect else b""
+        async with running() as server, connect(server) as client:
+            await client.send_raw(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n"
+                                  + extra + b"\r\nabc")
+            await client.stream.send_eof()
+            reply = await client.reply()
+            assert reply.status == 400 and "body" in reply.json()["error"]  # type: ignore[index]
+            assert await client.closed_by_server(5)
+
+
 class TestConnectionSlots:
     async def test_idle_connections_do_not_lock_out_a_new_request(self) -> None:
         """At max_connections, a new connection evicts the longest-idle one (keep-alive

@@ -272,7 +272,8 @@ class HttpConnection:
         """The whole body.
 
         Raises:
-          HttpError: 413 past *limit* bytes; 400 for a malformed (chunked) body.
+          HttpError: 413 past *limit* bytes; 400 for a malformed (chunked) body, or one the
+            client cut short by closing its side.
         """
         chunks: list[bytes] = []
         size = 0
@@ -288,7 +289,10 @@ class HttpConnection:
                 try:
                     data = await stream.receive(RECEIVE_SIZE)
                 except anyio.EndOfStream:
-                    raise anyio.BrokenResourceError from None  # gone mid-body: nobody to answer
+                    # A half-close: the client can still read our answer (a reset raises
+                    # BrokenResourceError, and nobody is left to answer).
+                    raise HttpError(
+                        400, "the connection closed in the middle of a request body") from None
                 if self.scope.cancel_called:
                     raise _Expired
                 parser.feed(data)
