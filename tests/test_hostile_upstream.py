@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from mfo_actors.actors.forwarder import ForwarderActor
+from mfo_actors.actors.scheduler import SchedulerActor
 from mfo_actors.client._auth import NoAuth
 from mfo_actors.client._base import BaseClient
 from mfo_actors.client._breaker import CircuitBreaker
@@ -25,8 +27,11 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import register_secret
 from mfo_actors.runtime import Clock, FakeClock, ReadySignal, SystemClock
-from mfo_actors.store import EventStore, open_sqlite_store
+from mfo_actors.store import EventStore, RunRequest, open_sqlite_store
+from mfo_actors.taskflow import EmptyConfig, TaskContext, builtin_registry, load_flow_text
 from tests.helpers import poll
+from tests.test_scheduler import running as running_scheduler
+from tests.test_scheduler import settled_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -198,6 +203,32 @@ class TestEchoedSecrets:
             stored = await store.get_event(ev.id)
         assert stored is not None and stored.last_error is not None
         assert token not in stored.last_error and "[REDACTED]" in stored.last_error
+
+
+    async def test_token_echoed_into_a_flow_error_is_not_stored(self, tmp_path: Path) -> None:
+        """The same echo reaching a flow (an ``mfo.*`` task's error carries the upstream's
+        error body) was stored as written: in the task's and the run's ``error``."""
+        token = "tok-" + new_id()
+        register_secret(token)
+        registry = builtin_registry()
+
+        @registry.task("echoing", config=EmptyConfig)
+        async def echoing(ctx: TaskContext, config: EmptyConfig) -> dict[str, Any]:
+            raise RuntimeError(f"400 bad_token: Bearer {token} is not allowed; raw {token}")
+
+        flow = load_flow_text("name: Echo\ntasks:\n  - {id: call, type: echoing}\n", registry)
+        async with open_sqlite_store(tmp_path / "store.sqlite3") as store:
+            await store.create_runs([RunRequest(flow="Echo", run_id=new_id(), trigger="manual")])
+            actor = SchedulerActor(InstanceConfig(instance="echo"), store, {"Echo": flow},
+                                   client=None)
+            async with running_scheduler(actor):
+                [run] = await settled_runs(store, 1)
+            found = await store.get_run(run.run_id)
+        assert found is not None
+        record, tasks = found
+        stored = [record.error, *(t.error for t in tasks)]
+        assert all(e is not None and token not in e and "[REDACTED]" in e for e in stored), \
+            stored
 
 
 @asynccontextmanager

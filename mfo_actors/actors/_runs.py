@@ -10,6 +10,9 @@ store fails (Postgres restarting, a lock timeout, a full disk): giving up would 
 ``active``, to be run again by the next start's recovery (or another node) although it ran,
 or record it ``error`` although it succeeded. :func:`retry_store` is the loop itself (the
 scheduler also uses it to give back runs whose lease it lost).
+
+Error texts are stored redacted (:func:`stored_error`), like an event's ``last_error``: a
+task calling the MFO server fails with the server's error body, which may echo our token.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from typing import Any, Literal, TypeVar
 import anyio
 
 from mfo_actors.metrics import TASK_DURATION
-from mfo_actors.observability import get_logger
+from mfo_actors.observability import get_logger, redact
 from mfo_actors.store import EventStore, StoreClosedError, StoreError, TaskRunRecord
 
 __all__ = ["SETTLE_BACKOFF_FIRST", "SETTLE_BACKOFF_MAX", "StoreRecorder", "finish_run_retrying",
-           "retry_store"]
+           "retry_store", "stored_error"]
 
 log = get_logger(__name__)
 
@@ -37,6 +40,12 @@ SETTLE_BACKOFF_MAX = 5.0  # ... doubling up to this
 
 # Task states that end a task (the engine calls task_finished exactly once with one of these).
 _TIMED_STATES = frozenset({"done", "error"})
+
+
+def stored_error(error: str | None) -> str | None:
+    """*error* as a run or task record keeps it: without any secret (a token the upstream
+    echoed back in its error body, which an ``mfo.*`` task's error carries)."""
+    return None if error is None else str(redact(error))
 
 
 class StoreRecorder:
@@ -94,8 +103,8 @@ class StoreRecorder:
             started_at = self._first_start.get(task_id)
         await self._write(TaskRunRecord(
             run_id=self._run_id, task_id=task_id, state=state,  # type: ignore[arg-type]
-            attempts=attempts, started_at=started_at, finished_at=finished_at, error=error,
-            output=output,
+            attempts=attempts, started_at=started_at, finished_at=finished_at,
+            error=stored_error(error), output=output,
         ))
         if state in _TIMED_STATES and started_at is not None and finished_at is not None:
             TASK_DURATION.labels(instance=self._instance, flow=self._flow,
@@ -136,6 +145,7 @@ async def finish_run_retrying(
     error: str | None = None, outputs: dict[str, Any] | None = None,
     on_retry: Callable[[StoreError], None] | None = None,
 ) -> None:
-    """``store.finish_run`` under :func:`retry_store`."""
-    await retry_store(partial(store.finish_run, run_id, status=status, error=error,
-                              outputs=outputs), what="settle", run_id=run_id, on_retry=on_retry)
+    """``store.finish_run`` under :func:`retry_store`, the error redacted (:func:`stored_error`)."""
+    await retry_store(partial(store.finish_run, run_id, status=status,
+                              error=stored_error(error), outputs=outputs),
+                      what="settle", run_id=run_id, on_retry=on_retry)

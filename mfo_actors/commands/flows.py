@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from mfo_actors.actors._runs import StoreRecorder
+from mfo_actors.actors._runs import StoreRecorder, stored_error
 from mfo_actors.actors.scheduler import load_instance_flows
 from mfo_actors.actors.sessions import StoreSessions
 from mfo_actors.commands._common import common_parser, print_json, table, with_store
@@ -110,8 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             recorder = StoreRecorder(store, run_id, flow.name, instance=cfg.instance)
             outcome = await executor.run(flow, run_id=run_id, input=run_input,
                                          recorder=recorder, progress=progress)
-            await store.finish_run(run_id, status=outcome.status, error=outcome.error,
-                                   outputs=outcome.outputs)
+            await store.finish_run(run_id, status=outcome.status,
+                                   error=stored_error(outcome.error), outputs=outcome.outputs)
         except BaseException:
             with anyio.move_on_after(SETTLE_TIMEOUT, shield=True):
                 await store.finish_run(run_id, status="error",
