@@ -123,7 +123,7 @@ def _rss_growth_while(instance: Instance, attack: Any, seconds: float) -> int:
 @pytest.mark.slow
 def test_pipelining_without_reading_does_not_grow_the_daemon(instance: Instance) -> None:
     """Item 2: a client pipelining requests and never reading the answers grew the daemon
-    by ~1 GB in 13 s; now TCP flow control holds it back."""
+    by ~1 GB in 13 s; now TCP flow control holds it back. The acceptance's 10 s."""
     def attack(stop: float) -> list[threading.Thread]:
         def run() -> None:
             with socket.create_connection(("127.0.0.1", instance.port)) as sock:
@@ -140,7 +140,7 @@ def test_pipelining_without_reading_does_not_grow_the_daemon(instance: Instance)
         thread.start()
         return [thread]
 
-    assert _rss_growth_while(instance, attack, 3.0) < RSS_BUDGET
+    assert _rss_growth_while(instance, attack, 10.0) < RSS_BUDGET
     instance.assert_healthy()
 
 

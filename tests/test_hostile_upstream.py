@@ -127,9 +127,11 @@ class TestOutages:
         clock = FakeClock(start=time.time())
         up = False
         received: list[bytes] = []
+        refused: list[float] = []  # fake-clock times of the sends the outage refused
 
         async def upstream(request: httpx.Request) -> httpx.Response:
             if not up:
+                refused.append(clock.monotonic())
                 raise httpx.ConnectError("connection refused", request=request)
             received.append(request.content)
             return httpx.Response(202, json={"ok": True})
@@ -139,10 +141,16 @@ class TestOutages:
             events = [event(f"s{i % 4}", i, clock.now()) for i in range(20)]
             for ev in events:
                 await store.append(ev)
-            while clock.monotonic() < 600:
-                await clock.advance_to(clock.monotonic() + 5)
-                await anyio.sleep(0.01)
+            await poll(lambda: len(refused) > 0)
+            # One breaker period at a time: each ends with a half-open probe, which the
+            # outage refuses. Waiting for that send (not a fixed sleep) makes sure the
+            # forwarder really kept trying for the whole ten minutes.
+            for period in range(1, 21):
+                end = 30.0 * period
+                await clock.advance_to(end)
+                await poll(lambda end=end: any(t >= end for t in refused), deadline=20)
                 assert forwarder.dead == 0, (await store.list_events(status="dead"))[:1]
+            assert {int(t // 30) for t in refused} == set(range(21)), refused
             stats = await store.stats()
             assert stats.dead == 0 and stats.pending == 20
             # The send that found the outage is the only one that counted.
