@@ -1,14 +1,16 @@
-"""Write health of the SQLite store and the state-dir guard, in-process on both backends.
+"""Write health of the stores and the state-dir guard, in-process on both backends.
 
 The process-level behaviour (503, /readyz, exit 1) is in tests/test_e2e_state_faults.py;
-here: the store refuses writes into a file no path names and recovers on its own, and the
-guard's grace period and lock retake, on a fake clock.
+here: the SQLite store refuses writes into a file no path names and recovers on its own, the
+Postgres store reports writes that fail while the database turns it away and recovers on
+its own, and the guard's grace period and lock retake, on a fake clock.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 
 import anyio
@@ -19,7 +21,7 @@ from mfo_actors.daemon._statedir import LOST_GRACE, StateDirGuard
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.runtime import FakeClock
-from mfo_actors.store import StoreError, open_sqlite_store
+from mfo_actors.store import StoreError, open_postgres_store, open_sqlite_store
 from tests.helpers import poll
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +54,50 @@ async def test_store_refuses_writes_into_a_moved_file_and_recovers(tmp_path: Pat
         await poll(writable, deadline=20)
         await store.append(event())
         assert (await store.stats()).pending == 2
+
+
+@pytest.mark.postgres
+async def test_postgres_store_reports_failing_writes_and_recovers(pg_dsn: str,
+                                                                   pg_schema: str) -> None:
+    """Item 5 on the other backend: while the database turns the store away (its role may
+    not log in, its sessions killed) writes fail and ``stats().writable`` says so, which
+    ``/readyz`` reports; once logins work again the store's own maintenance write makes it
+    writable, without traffic. A role of its own, so the shared database is not touched."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    name = f"r14_{uuid.uuid4().hex[:12]}"
+    role = sql.Identifier(name)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        database = sql.Identifier(admin.execute("SELECT current_database()").fetchone()[0])
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(role))
+        try:
+            admin.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(database, role))
+            dsn = make_conninfo(pg_dsn, user=name)
+            async with open_postgres_store(dsn, schema=pg_schema) as store:
+                await store.append(event())
+                assert (await store.stats()).writable
+                admin.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(role))
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE usename = %s", (name,))
+                with pytest.raises(StoreError):
+                    await store.append(event())
+                stats = await store.stats()
+                assert not stats.writable and stats.write_error
+                admin.execute(sql.SQL("ALTER ROLE {} LOGIN").format(role))
+
+                async def writable() -> bool:
+                    return (await store.stats()).writable
+
+                await poll(writable, deadline=20)
+                await store.append(event())
+        finally:
+            admin.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                sql.Identifier(pg_schema)))
+            admin.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(database, role))
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(role))
+            admin.execute(sql.SQL("DROP ROLE {}").format(role))
 
 
 async def test_guard_exits_after_the_grace_unless_the_dir_comes_back(tmp_path: Path) -> None:
