@@ -97,6 +97,7 @@ __all__ = [
     "load_config_text",
     "mask_dsn",
     "parse_duration",
+    "parse_ordering_key",
     "parse_size",
     "signing_key",
 ]
@@ -198,6 +199,8 @@ class RouteConfig(_Base, frozen=True):
     body: Literal["json", "raw"] = "json"
     dedupe_header: str | None = None  # delivery-id header, besides webhook-id / X-GitHub-Delivery
     rate_limit: RateLimitConfig | None = None  # requests to this route; over it: 429
+    # forwarder.ordering: key: "json:/pointer" or "header:NAME"; None: forwarder.ordering_key
+    ordering_key: str | None = None
 
 
 class TlsConfig(_Base, frozen=True):
@@ -270,7 +273,10 @@ class ForwarderConfig(_Base, frozen=True):
 
     enabled: bool = True
     concurrency: int = 8
-    ordering: Literal["source", "none"] = "source"
+    # source: one event in flight per source; key: one per ordering key (routes'
+    # ordering_key, else the one below, else the source); none: up to concurrency, any order
+    ordering: Literal["source", "none", "key"] = "source"
+    ordering_key: str | None = None  # ordering: key: the default of routes without their own
     batch_size: int = 64  # events claimed per store round trip
     lease: Duration = Duration(60.0)  # a claim not settled by then becomes due again
     poll_interval: Duration = Duration(1.0)  # idle wake-up when no append signal arrives
@@ -395,6 +401,33 @@ def signing_key(scheme: str, secret: str) -> bytes:
             key = b""
         return key or text.encode("utf-8")
     return secret.encode("utf-8")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110 5.6.2)
+
+
+def parse_ordering_key(spec: str) -> tuple[Literal["json", "header"], str]:
+    """``json:/pointer`` -> ``("json", "/pointer")``; ``header:NAME`` -> ``("header", "name")``.
+
+    Raises:
+      ValueError: *spec* is neither (the message says what is wrong, for ``check``).
+    """
+    kind, sep, arg = spec.partition(":")
+    if sep and kind == "header":
+        name = arg.strip()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{spec!r}: header:NAME needs a header name")
+        return "header", name.lower()
+    if sep and kind == "json":
+        if not arg.startswith("/"):
+            raise ValueError(f"{spec!r}: json: needs a JSON pointer starting with '/' "
+                             "(RFC 6901), like json:/user/id")
+        if re.search(r"~(?![01])", arg):
+            raise ValueError(f"{spec!r}: in a JSON pointer '~' must be written ~0 and '/' "
+                             "inside a name ~1")
+        return "json", arg
+    raise ValueError(f"{spec!r}: must be 'json:/pointer' (like json:/user/id) or "
+                     "'header:NAME'")
+
+
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def _struct_of(tp: Any) -> type[msgspec.Struct] | None:
     """The Struct type of a section field (``RetryConfig`` or ``RateLimitConfig | None``)."""
@@ -795,6 +828,42 @@ class _Problems:
         self.found.append(self.where.error(message, path))
 
 
+def _check_ordering_key(spec: str, route: RouteConfig | None, fail: Any, *path: str | int
+                        ) -> None:
+    """The syntax of an ``ordering_key``; a route's must be readable from its body."""
+    where = f"route {route.path}: " if route is not None else ""
+    try:
+        kind, _ = parse_ordering_key(spec)
+    except ValueError as exc:
+        fail(f"{where}{exc}", *path)
+        return
+    if route is not None and kind == "json" and route.body == "raw":
+        fail(f"{where}{spec!r} reads the JSON body, but this route takes raw bodies "
+             "(body: raw); use header:NAME", *path)
+
+
+def _ordering_warnings(cfg: InstanceConfig, where: Any) -> list[str]:
+    """Ordering keys that will not do what they seem to: set but unused, or missing."""
+    fwd = cfg.forwarder
+    routes = cfg.webhook_listener.effective_routes()
+    keyed = [r for r in routes if r.ordering_key is not None]
+    if fwd.ordering != "key":
+        if keyed or fwd.ordering_key is not None:
+            path = (("forwarder", "ordering_key") if fwd.ordering_key is not None else
+                    ("webhook_listener", "routes",
+                     cfg.webhook_listener.routes.index(keyed[0]), "ordering_key"))
+            return [f"{where.error('', path)}ordering_key is used only with "
+                    f"forwarder.ordering: key (it is {fwd.ordering}): ignored"]
+        return []
+    if fwd.ordering_key is None:
+        unkeyed = [r.path for r in routes if r.ordering_key is None]
+        if unkeyed:
+            return [f"{where.error('', ('forwarder', 'ordering'))}ordering: key, but routes "
+                    f"{', '.join(unkeyed)} have no ordering_key (and forwarder.ordering_key "
+                    "is not set): their events are ordered by source"]
+    return []
+
+
 def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool = True
                      ) -> None:
     fail = problems.add
@@ -842,10 +911,15 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool
         if route.type_from is not None and not route.type_from.startswith(("header:", "json:/")):
             fail("must be 'header:NAME' or 'json:/pointer'",
                  "webhook_listener", "routes", i, "type_from")
+        if route.ordering_key is not None:
+            _check_ordering_key(route.ordering_key, route, fail,
+                                "webhook_listener", "routes", i, "ordering_key")
         if route.verify and route.verify.scheme == "hmac-sha256" and not route.verify.header:
             fail("hmac-sha256 needs the signature header name",
                  "webhook_listener", "routes", i, "verify", "header")
         _check_rate_limit(route.rate_limit, fail, "webhook_listener", "routes", i, "rate_limit")
+    if cfg.forwarder.ordering_key is not None:
+        _check_ordering_key(cfg.forwarder.ordering_key, None, fail, "forwarder", "ordering_key")
     for name in ("concurrency", "batch_size"):
         if getattr(cfg.forwarder, name) < 1:
             fail("must be at least 1", "forwarder", name)
@@ -939,6 +1013,8 @@ def check_config_text(
         semantic = _Problems(where, [*set_aside, *removed])
         _check_secrets(cfg, semantic, origins, warnings if warnings is not None else [])
         _check_semantics(cfg, semantic, load_tls=need_secrets)
+        if warnings is not None:
+            warnings.extend(_ordering_warnings(cfg, where))
         problems.extend(semantic.found)
     problems = [_scrub(p, origins) for p in problems]
     problems.sort(key=lambda p: p.line or 0)

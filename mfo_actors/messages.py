@@ -59,6 +59,15 @@ class Event(Message, frozen=True):
     content_type: str = "application/json"
     is_json: bool = True
     dedupe_key: str | None = None  # the provider's delivery id, when one was sent
+    # ``forwarder.ordering: key``: the key taken from the request at acceptance (events with
+    # the same key are delivered in acceptance order). None: ordered with its source.
+    ordering_key: str | None = None
+
+    @property
+    def lane(self) -> str:
+        """The delivery lane: events of one lane reach the server one at a time, in
+        acceptance order (ordered modes). The ordering key, else the source."""
+        return self.source if self.ordering_key is None else self.ordering_key
 
 
 class DeliveryOutcome(Message, frozen=True):

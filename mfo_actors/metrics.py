@@ -25,6 +25,7 @@ __all__ = [
     "EVENTS_RETRIED",
     "FLOW_RUNS",
     "FORWARD_LATENCY",
+    "ORDERING_KEY_MISSING",
     "OUTBOX_DEPTH",
     "REGISTRY",
     "SESSIONS_ACTIVE",
@@ -56,6 +57,12 @@ EVENTS_RECEIVED = Counter(
 EVENTS_REJECTED = Counter(
     "mfo_events_rejected", "Webhook requests refused, by reason (signature, json, size, full...).",
     ["instance", "source", "reason"], registry=REGISTRY,
+)
+ORDERING_KEY_MISSING = Counter(
+    "mfo_ordering_key_missing",
+    "Events accepted with forwarder.ordering: key whose key could not be read (missing JSON "
+    "field or header, not a string or number): ordered by their source instead.",
+    ["instance", "source"], registry=REGISTRY,
 )
 EVENTS_FORWARDED = Counter(
     "mfo_events_forwarded", "Events delivered to the MFO server (2xx).",

@@ -65,16 +65,19 @@ attempt history). The sender is pluggable (``senders=``): the default sends with
 (:mod:`~mfo_actors.actors._lean_sender`: kept-alive connections, a prebuilt head, httptools)
 over the same gate, with the same outcomes.
 
-Ordering guarantee under retries: with ``forwarder.ordering: source`` (the default) the store
-lets only the oldest undelivered event of a source be claimed, together with up to
-``batch_size`` due events right behind it; one worker sends that run one event after the
-other (the next only once the previous was answered 2xx), so events of one source reach
-the server in acceptance order, one at a time, without a store round trip per claim. When an
-event of the run is rescheduled, the rest of the run is given back unsent (no attempt
-counted) and waits behind it: an event being retried holds back the later
-events of its source until it is delivered or dead-lettered (head-of-line blocking, by
+Ordering guarantee under retries: events travel in **lanes** (``Event.lane``). With
+``forwarder.ordering: source`` (the default) an event's lane is its source; with ``ordering:
+key`` it is the ordering key the listener read at acceptance (``routes[].ordering_key`` or
+``forwarder.ordering_key``), else its source. One code path serves both: the store lets only
+the oldest undelivered event of a lane be claimed, together with up to ``batch_size`` due
+events right behind it; one worker sends that run one event after the other (the next only
+once the previous was answered 2xx), so events of one lane reach the server in acceptance
+order, one at a time, without a store round trip per claim, and up to ``concurrency`` lanes
+are in flight at once. When an event of the run is rescheduled, the rest of the run is given
+back unsent (no attempt counted) and waits behind it: an event being retried holds back the
+later events of its lane until it is delivered or dead-lettered (head-of-line blocking, by
 design). A dead-lettered event no longer holds them back, so after a replay it arrives after
-its successors. Sources are independent of each other. With ``ordering: none`` events are
+its successors. Lanes are independent of each other. With ``ordering: none`` events are
 sent as they come due, up to ``concurrency`` at once, and a retried event is overtaken by
 later ones. Delivery is at least once: a crash or a shutdown past the deadline leaves claims
 unsettled, and the lease (or ``recover_claims`` at start-up) makes them due again, carrying
@@ -129,6 +132,7 @@ __all__ = ["EVENTS_PATH", "ForwarderActor", "WireEvent", "encode_event"]
 
 log = get_logger(__name__)
 
+ORDERED_MODES = ("source", "key")  # forwarder.ordering values that deliver lane by lane
 LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
 # A send still unanswered at this fraction of the lease is abandoned and rescheduled, so the
 # claim is settled before the lease could hand the event to another worker (which would send
@@ -226,7 +230,7 @@ class ForwarderActor:
         self._rng = rng
         self._instance = cfg.instance
         self._concurrency = max(1, self._fcfg.concurrency)
-        self._ordered = self._fcfg.ordering == "source"
+        self._ordered = self._fcfg.ordering in ORDERED_MODES
         self._dispatch_scope: anyio.CancelScope | None = None
         self._idle = self._concurrency
         self._freed = anyio.Event()
@@ -302,7 +306,7 @@ class ForwarderActor:
     async def _dispatch(self, send: Any) -> None:
         batch = max(1, self._fcfg.batch_size)
         lease = float(self._fcfg.lease)
-        ordered = self._fcfg.ordering == "source"
+        ordered = self._ordered
         poll = float(self._fcfg.poll_interval)
         while not self._stopping:
             if self._idle == 0:
@@ -317,7 +321,7 @@ class ForwarderActor:
             allowance = self._gate.allowance()
             if allowance is not None:
                 workers = min(workers, max(1, allowance))
-            # Each idle worker gets a run: ordered, a source's next events; unordered, a
+            # Each idle worker gets a run: ordered, a lane's next events; unordered, a
             # share of the oldest due events (one each while the breaker is counting calls).
             per_worker = 1 if allowance is not None else max(1, batch // self._concurrency)
             try:
@@ -332,7 +336,7 @@ class ForwarderActor:
                 await self._clock.sleep(poll)
                 continue
             claimed_at = self._clock.monotonic()
-            runs = (_runs_by_source(claimed) if ordered
+            runs = (_runs_by_lane(claimed) if ordered
                     else [claimed[i::workers] for i in range(min(workers, len(claimed)))])
             for run in runs:
                 self._idle -= 1
@@ -349,8 +353,8 @@ class ForwarderActor:
     async def _work(self, receive: Any, sender: EventSender) -> None:
         async with receive:
             async for claimed_at, run in receive:
-                # One claim: a single event, or (ordering: source) consecutive events of one
-                # source, sent one after another in acceptance order.
+                # One claim: a single event, or (ordering: source or key) consecutive events
+                # of one lane, sent one after another in acceptance order.
                 hold_until = claimed_at + float(self._fcfg.lease) * LEASE_HOLD_FRACTION
                 sent = 0
                 try:
@@ -365,7 +369,7 @@ class ForwarderActor:
                             sent += 1
                             delivered = await self._deliver(stored, sender, hold_until, settles)
                             if not delivered and self._ordered:
-                                break  # rescheduled: the rest of its source waits behind it
+                                break  # rescheduled: the rest of its lane waits behind it
                     if sent < len(run):
                         await self._release(run[sent:])
                 except* StoreError as group:
@@ -387,14 +391,14 @@ class ForwarderActor:
         for stored in rest:
             await self._store.reschedule(
                 stored.event.id, stored.claim_token or "", next_attempt_at=now,
-                error="not sent yet: an earlier event of its source was not delivered",
+                error="not sent yet: an earlier event of its lane was not delivered",
                 count_attempt=False)
 
     async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
                        settles: TaskGroup) -> bool:
         """Send one claimed event (once, or again while the breaker holds it and the lease
         allows) and settle the outcome; True when settled for good (delivered or dead),
-        False when rescheduled (later events of its source must wait)."""
+        False when rescheduled (later events of its lane must wait)."""
         body = encode_event(stored.event)
         lease = float(self._fcfg.lease)
         send_by = hold_until + lease * (LEASE_SEND_FRACTION - LEASE_HOLD_FRACTION)
@@ -532,9 +536,9 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-def _runs_by_source(claimed: list[StoredEvent]) -> list[list[StoredEvent]]:
-    """Group a claim by source, keeping acceptance order within each group."""
+def _runs_by_lane(claimed: list[StoredEvent]) -> list[list[StoredEvent]]:
+    """Group a claim by lane, keeping acceptance order within each group."""
     runs: dict[str, list[StoredEvent]] = {}
     for stored in claimed:
-        runs.setdefault(stored.event.source, []).append(stored)
+        runs.setdefault(stored.event.lane, []).append(stored)
     return list(runs.values())

@@ -22,6 +22,17 @@ Decisions (documented here because users see them):
   takes the value at that JSON pointer (RFC 6901; numbers and booleans become text). Without
   ``type_from``: the ``X-Event-Type`` header, else ``X-GitHub-Event``, else the top-level JSON
   field ``"type"`` when it is a string; whatever is not found is ``"unknown"``.
+* **Ordering key** (``forwarder.ordering: key``): the route's ``ordering_key``, else
+  ``forwarder.ordering_key``: ``json:/pointer`` (the value at that pointer of the body, read
+  from the one decode of the body; strings, numbers and booleans, as for ``type_from``) or
+  ``header:NAME``. Computed once here and stored with the event (``Event.ordering_key``):
+  the forwarder delivers events of one key one at a time, in acceptance order. When it cannot
+  be read (field or header missing or empty, an object or a list, a body that is not a JSON
+  object) the event is ordered with its **source** instead (``ordering_key`` None: the lane
+  of ``ordering: source``), counted in ``mfo_ordering_key_missing_total{source}`` and logged
+  (``listener.ordering_key_missing``: the first, then every 1000th per route). A key longer
+  than :data:`MAX_KEY_LENGTH` is stored as ``sha256:`` and its hex digest. A route without
+  a key (or a raw route with a ``json:`` default) is ordered by source.
 * **Dedupe key.** The route's ``dedupe_header`` if configured and present, else
   ``webhook-id`` (Standard Webhooks), else ``X-GitHub-Delivery``. The store scopes it by
   source and the dedupe window.
@@ -49,6 +60,7 @@ Decisions (documented here because users see them):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import ssl
 import time
@@ -63,16 +75,18 @@ from mfo_actors.actors._server_actor import ServerActor
 from mfo_actors.actors._verify import SignatureError, verify
 from mfo_actors.actors.scheduler import RunMatcher
 from mfo_actors.config import (
+    ForwarderConfig,
     InstanceConfig,
     RouteConfig,
     VerifyConfig,
     WebhookListenerConfig,
+    parse_ordering_key,
 )
 from mfo_actors.errors import ConfigError
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
-from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED
+from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED, ORDERING_KEY_MISSING
 from mfo_actors.observability import get_logger
 from mfo_actors.store import (
     EventStore,
@@ -82,7 +96,7 @@ from mfo_actors.store import (
     StoreFullError,
 )
 
-__all__ = ["ListenerActor", "limits_from_config"]
+__all__ = ["ListenerActor", "limits_from_config", "route_ordering_key"]
 
 log = get_logger("mfo_actors.actors.listener")
 
@@ -94,6 +108,9 @@ HOP_BY_HOP = frozenset({
 DEFAULT_TYPE_HEADERS = ("x-event-type", "x-github-event")
 DELIVERY_ID_HEADERS = ("webhook-id", "x-github-delivery")
 UNKNOWN_TYPE = "unknown"
+# Keys are indexed in the store: a longer one is replaced by its digest (same key, same lane).
+MAX_KEY_LENGTH = 128
+MISSING_KEY_LOG_EVERY = 1000  # a route whose events lack their key logs the 1st, 1001st, ...
 
 _JSON_HEADERS = [("content-type", "application/json")]  # shared: never mutated
 
@@ -164,6 +181,26 @@ def _type_text(value: Any) -> str | None:
     return None
 
 
+def _key_text(value: str | None) -> str | None:
+    if value is None or len(value) <= MAX_KEY_LENGTH:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def route_ordering_key(fwd: ForwarderConfig, route: RouteConfig) -> str | None:
+    """The ``ordering_key`` spec that applies to *route*: its own, else the forwarder's
+    default; None when events are ordered by source (not ``ordering: key``, no key, or a
+    ``json:`` default on a raw route)."""
+    if fwd.ordering != "key":
+        return None
+    if route.ordering_key is not None:
+        return route.ordering_key
+    spec = fwd.ordering_key
+    if spec is not None and route.body == "raw" and spec.startswith("json:"):
+        return None
+    return spec
+
+
 def _parse_for_type(route: _Route, body: bytes, *, full: bool) -> Any:
     """Validate a JSON body and return what ``event_type`` needs of it (*full*: the whole
     document, decoded once for the type and the flow triggers).
@@ -205,13 +242,25 @@ class _Route:
     """
 
     __slots__ = (
-        "cfg", "dedupe_headers", "is_json", "limiter", "previous", "received", "rejected",
-        "source", "type_header", "type_pointer",
+        "cfg", "dedupe_headers", "is_json", "key_header", "key_missing", "key_pointer",
+        "key_spec", "limiter", "missing", "previous", "received", "rejected", "source",
+        "type_header", "type_pointer",
     )
 
     def __init__(self, cfg: RouteConfig, instance: str, *, before: _Route | None = None,
-                 now: float = 0.0) -> None:
+                 now: float = 0.0, ordering_key: str | None = None) -> None:
         self.cfg = cfg
+        self.key_spec = ordering_key
+        self.key_header: str | None = None
+        self.key_pointer: str | None = None
+        if ordering_key is not None:
+            key_kind, key_arg = parse_ordering_key(ordering_key)  # check validated it
+            if key_kind == "header":
+                self.key_header = key_arg
+            else:
+                self.key_pointer = key_arg
+        self.key_missing = ORDERING_KEY_MISSING.labels(instance, cfg.source)
+        self.missing: int = before.missing if before is not None else 0  # keys not found
         self.limiter: RateLimiter | None = None
         if cfg.rate_limit is not None:
             same = before is not None and before.limiter is not None \
@@ -275,6 +324,23 @@ class _Route:
             return _type_text(doc.get("type")) or UNKNOWN_TYPE
         return UNKNOWN_TYPE
 
+    def ordering_key(self, headers: dict[str, str], doc: Any) -> str | None:
+        """The event's ordering key, or None (ordered by source; counted when the route has
+        a key that could not be read)."""
+        if self.key_header is not None:
+            key = headers.get(self.key_header) or None
+        elif self.key_pointer is not None:
+            key = _type_text(_json_pointer(doc, self.key_pointer))
+        else:
+            return None
+        if key is None:
+            self.key_missing.inc()
+            self.missing += 1
+            if self.missing % MISSING_KEY_LOG_EVERY == 1:
+                log.warning("listener.ordering_key_missing", source=self.source,
+                            ordering_key=self.key_spec, count=self.missing, fallback="source")
+        return _key_text(key)
+
     def dedupe_key(self, headers: dict[str, str]) -> str | None:
         for name in self.dedupe_headers:
             value = headers.get(name)
@@ -309,7 +375,9 @@ class ListenerActor(ServerActor):
         self._store = store
         self._match_runs = match_runs
         instance = cfg.instance
-        self._routes = {r.path: _Route(r, instance) for r in self._lcfg.effective_routes()}
+        self._routes = {r.path: _Route(r, instance,
+                                       ordering_key=route_ordering_key(cfg.forwarder, r))
+                        for r in self._lcfg.effective_routes()}
         self._not_found = EVENTS_REJECTED.labels(instance, "", "not_found")
         self._limits = limits_from_config(self._lcfg)
         self._retry_after = [("retry-after", str(max(1, math.ceil(self._lcfg.retry_after))))]
@@ -337,7 +405,9 @@ class ListenerActor(ServerActor):
         lcfg = update.cfg.webhook_listener
         tls = _tls_context(lcfg)
         now = time.monotonic()
-        routes = {r.path: _Route(r, self._cfg.instance, before=self._routes.get(r.path), now=now)
+        # forwarder.* keeps its running values on a reload (the mode needs a restart).
+        routes = {r.path: _Route(r, self._cfg.instance, before=self._routes.get(r.path), now=now,
+                                 ordering_key=route_ordering_key(update.cfg.forwarder, r))
                   for r in lcfg.effective_routes()}
         rotated = sorted(path for path, route in routes.items()
                          if _secret(route) != _secret(self._routes.get(path)))
@@ -419,9 +489,10 @@ class ListenerActor(ServerActor):
                 return _json_response(401, {"error": f"invalid signature: {exc.reason}"})
         doc: Any = None
         match = self._match_runs
-        # Decoded once: fully when the type pointer or a flow's ``when:`` needs the body.
-        full = route.is_json and (route.type_pointer is not None or (
-            isinstance(match, RunMatcher) and match.needs_payload(route.source)))
+        # Decoded once: fully when the type or key pointer or a flow's ``when:`` needs the body.
+        full = route.is_json and (
+            route.type_pointer is not None or route.key_pointer is not None or (
+                isinstance(match, RunMatcher) and match.needs_payload(route.source)))
         if route.is_json:
             try:
                 doc = _parse_for_type(route, body, full=full)
@@ -439,6 +510,7 @@ class ListenerActor(ServerActor):
                 "application/json" if route.is_json else "application/octet-stream"),
             is_json=route.is_json,
             dedupe_key=route.dedupe_key(headers),
+            ordering_key=route.ordering_key(headers, doc),
         )
         runs: Sequence[RunRequest] = ()
         if match is not None:

@@ -50,7 +50,8 @@ OUTPUT_CAP = 64 * 1024  # task/run outputs above this many JSON bytes are replac
 
 EVENT_COLS = (
     "id, source, type, received_at, headers, body, content_type, is_json, dedupe_key, "
-    "status, attempts, next_attempt_at, last_error, delivered_at, claim_token, attempt_base"
+    "status, attempts, next_attempt_at, last_error, delivered_at, claim_token, attempt_base, "
+    "ordering_key"
 )
 ATTEMPT_COLS = "n, at, outcome, status, error, latency"
 RUN_COLS = (
@@ -140,7 +141,7 @@ def stored_event(row: Sequence[Any]) -> StoredEvent:
     event = Event(
         id=row[0], source=row[1], type=row[2], received_at=row[3],
         headers=_decode_headers(row[4]), body=bytes(row[5]), content_type=row[6],
-        is_json=bool(row[7]), dedupe_key=row[8],
+        is_json=bool(row[7]), dedupe_key=row[8], ordering_key=row[16],
     )
     return StoredEvent(
         event=event, status=row[9], attempts=row[10], next_attempt_at=row[11],

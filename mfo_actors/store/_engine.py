@@ -84,11 +84,11 @@ class Op(Generic[T]):
     ops with one ``executemany``; ``fn`` must do the same as that insert.
     """
 
-    __slots__ = ("completed", "delta", "done", "error", "fn", "is_append", "reserved",
-                 "result", "row", "source")
+    __slots__ = ("completed", "delta", "done", "error", "fn", "is_append", "lane",
+                 "reserved", "result", "row")
 
     def __init__(self, fn: OpFn[T], *, reserved: int | None = None,
-                 source: str | None = None, row: tuple[Any, ...] | None = None) -> None:
+                 lane: str | None = None, row: tuple[Any, ...] | None = None) -> None:
         self.fn = fn
         self.row = row
         self.done = anyio.Event()
@@ -98,7 +98,7 @@ class Op(Generic[T]):
         self.completed = False  # the writer ran it (successfully or not)
         self.reserved = reserved  # bytes of a backpressure reservation (appends), until settled
         self.is_append = reserved is not None
-        self.source = source  # the event source the op writes, when known before it runs
+        self.lane = lane  # the delivery lane the op writes (Event.lane), when known before it runs
 
 
 class Latch:

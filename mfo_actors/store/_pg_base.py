@@ -24,7 +24,7 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 class Tx:
-    """One batch's transaction as an op sees it: the connection, and the sources to wake."""
+    """One batch's transaction as an op sees it: the connection, and the lanes to wake."""
 
     __slots__ = ("conn", "cursors", "ready")
 
@@ -33,24 +33,35 @@ class Tx:
         self.ready: dict[str, float] = {}
         self.cursors: dict[str, int] = {}
 
-    def touch(self, source: str, ready_at: float, cursor: int | None = None) -> None:
-        """Have claimers look at *source* from *ready_at* on (and from *cursor*, if lower)."""
-        self.ready[source] = min(self.ready.get(source, math.inf), ready_at)
+    def touch(self, lane: str, ready_at: float, cursor: int | None = None) -> None:
+        """Have claimers look at *lane* from *ready_at* on (and from *cursor*, if lower)."""
+        self.ready[lane] = min(self.ready.get(lane, math.inf), ready_at)
         if cursor is not None:
-            self.cursors[source] = min(self.cursors.get(source, cursor), cursor)
+            self.cursors[lane] = min(self.cursors.get(lane, cursor), cursor)
 
     def flush(self) -> None:
-        """Write the batch's wake-ups to ``sources`` (one statement)."""
+        """Write the batch's wake-ups to ``lanes`` (upserts: an idle lane's row may have been
+        pruned; one statement for lanes whose cursor moves down, one for the others)."""
         if not self.ready:
             return
         names = sorted(self.ready)
-        self.conn.execute(
-            "UPDATE sources SET ready_at = LEAST(sources.ready_at, u.r), "
-            "cursor = LEAST(sources.cursor, COALESCE(u.c, sources.cursor)) "
-            "FROM unnest(%s::text[], %s::float8[], %s::int8[]) AS u(s, r, c) "
-            "WHERE sources.source = u.s",
-            (names, [self.ready[n] for n in names], [self.cursors.get(n) for n in names]),
-        )
+        plain = [n for n in names if n not in self.cursors]
+        below = [n for n in names if n in self.cursors]
+        if plain:
+            self.conn.execute(
+                "INSERT INTO lanes AS l (lane, cursor, ready_at) "
+                "SELECT u.s, 0, u.r FROM unnest(%s::text[], %s::float8[]) AS u(s, r) "
+                "ORDER BY u.s ON CONFLICT (lane) "
+                "DO UPDATE SET ready_at = LEAST(l.ready_at, EXCLUDED.ready_at)",
+                (plain, [self.ready[n] for n in plain]))
+        if below:
+            self.conn.execute(
+                "INSERT INTO lanes AS l (lane, cursor, ready_at) "
+                "SELECT u.s, u.c, u.r FROM unnest(%s::text[], %s::float8[], %s::int8[]) "
+                "AS u(s, r, c) ORDER BY u.s ON CONFLICT (lane) "
+                "DO UPDATE SET ready_at = LEAST(l.ready_at, EXCLUDED.ready_at), "
+                "cursor = LEAST(l.cursor, EXCLUDED.cursor)",
+                (below, [self.ready[n] for n in below], [self.cursors[n] for n in below]))
 
 
 def locked(conn: Conn, query: str, params: tuple[Any, ...]) -> list[int]:

@@ -3,16 +3,16 @@ nodes.
 
 An event is appended ``pending``, claimed (``claimed``, with a token, a lease and this node's
 id) by a forwarder, and settled with that token: ``delivered``, ``pending`` again with a later
-due time (``reschedule``), or ``dead``. The ``sources`` table keeps each source's order across
-nodes: an ordered claim locks ready sources (``FOR UPDATE SKIP LOCKED``), reads each one's
-head events from its cursor and claims the due ones; appends and settles say when to look at a
-source again (:meth:`Tx.touch`). Each settle records the attempt (``_pg_attempts.py``) in the
+due time (``reschedule``), or ``dead``. The ``lanes`` table keeps each lane's order across
+nodes (``Event.lane``: the ordering key, else the source): an ordered claim locks ready lanes
+(``FOR UPDATE SKIP LOCKED``), reads each one's head events from its cursor and claims the due
+ones (``_tables.claim_lanes``); appends, settles and replays say when to look at a lane again
+(:meth:`Tx.touch`). Each settle records the attempt (``_pg_attempts.py``) in the
 same transaction; dedupe keys live in ``dedupe``, so two nodes agree on the first.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -30,6 +30,8 @@ from mfo_actors.store._pg_runs import insert_runs
 from mfo_actors.store._protocol import AppendResult, EventStatus, RunRequest, StoredEvent
 from mfo_actors.store._tables import (
     PRUNE_CHUNK,
+    LaneHead,
+    claim_lanes,
     in_seq_order,
     prune_in_chunks,
     stale_settle,
@@ -39,27 +41,20 @@ __all__ = ["PostgresEvents"]
 
 log = get_logger("mfo_actors.store.postgres")
 
-_CLAIMED_MEMORY = 100_000  # event id -> source of this node's claims, for settles' lock order
-
-
-def _claimable(status: str, due: float, lease_until: float | None, now: float) -> bool:
-    """A pending event that is due, or a claim whose lease ran out."""
-    if status == "pending":
-        return due <= now
-    return lease_until is not None and lease_until <= now
+_CLAIMED_MEMORY = 100_000  # event id -> lane of this node's claims, for settles' lock order
 
 
 class PostgresEvents(PostgresTables):
     """Appending, claiming, settling, replaying and pruning events."""
 
-    _claimed: dict[str, str]  # event id -> source, for events this node claimed
+    _claimed: dict[str, str]  # event id -> lane, for events this node claimed
 
     async def append(self, event: Event, *, runs: Sequence[RunRequest] = ()) -> AppendResult:
         """Store *event* (and *runs*) in the next group commit; return once it is on disk."""
         size = len(event.body)
         self._reserve(size)
         op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size,
-                source=event.source)
+                lane=event.lane)
         return await self._submit(op)
 
     def _tx_append(
@@ -85,12 +80,13 @@ class PostgresEvents(PostgresTables):
                 return AppendResult(first[0], duplicate=True), NO_CHANGE
         conn.execute(
             "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
-            "is_json, dedupe_key, size, status, next_attempt_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s)",
+            "is_json, dedupe_key, size, status, next_attempt_at, ordering_key, lane) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
             (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
-             event.body, event.content_type, event.is_json, event.dedupe_key, size, now),
+             event.body, event.content_type, event.is_json, event.dedupe_key, size, now,
+             event.ordering_key, event.lane),
         )
-        tx.touch(event.source, now)
+        tx.touch(event.lane, now)
         created = insert_runs(conn, runs, now) if runs else []
         return AppendResult(event.id), Delta(
             pending=1, bytes=size, wake_events=True, wake_runs=bool(created))
@@ -110,51 +106,33 @@ class PostgresEvents(PostgresTables):
         self, limit: int, lease: float, per_source: int, tx: Tx, now: float
     ) -> tuple[list[StoredEvent], Delta]:
         conn = tx.conn
-        ready = conn.execute(
-            "SELECT source, cursor FROM sources WHERE ready_at <= %s "
-            "ORDER BY ready_at, source LIMIT %s FOR UPDATE SKIP LOCKED", (now, limit),
-        ).fetchall()
-        if not ready:
-            return [], NO_CHANGE
-        names = [r[0] for r in ready]
-        heads: dict[str, list[tuple[int, str, float, float | None]]] = {n: [] for n in names}
-        for source, seq, status, due, lease_until in conn.execute(
-            "SELECT s.source, e.seq, e.status, e.next_attempt_at, e.lease_until "
-            "FROM unnest(%s::text[], %s::int8[]) AS s(source, cursor) CROSS JOIN LATERAL ("
-            "  SELECT seq, status, next_attempt_at, lease_until FROM events "
-            "  WHERE events.source = s.source AND events.seq > s.cursor "
-            "    AND events.status IN ('pending', 'claimed') "
-            "  ORDER BY events.seq LIMIT %s) AS e",
-            (names, [r[1] for r in ready], per_source),
-        ):
-            heads[source].append((seq, status, due, lease_until))
-        seqs: list[int] = []
-        cursors: list[int | None] = []
-        next_look: list[float] = []
-        for source in names:
-            rows = sorted(heads[source])
-            if not rows:  # nothing pending: look again when an append says so
-                cursors.append(None)
-                next_look.append(math.inf)
-                continue
-            cursors.append(rows[0][0] - 1)
-            taken = 0
-            for seq, status, due, lease_until in rows:
-                if not _claimable(status, due, lease_until, now):
-                    break
-                seqs.append(seq)
-                taken += 1
-            _, status, due, lease_until = rows[0]
-            if taken:
-                next_look.append(now + lease)
-            elif status == "claimed":
-                next_look.append(lease_until if lease_until is not None else now + lease)
-            else:
-                next_look.append(due)
-        conn.execute(
-            "UPDATE sources SET cursor = COALESCE(u.c, sources.cursor), ready_at = u.r "
-            "FROM unnest(%s::text[], %s::int8[], %s::float8[]) AS u(s, c, r) "
-            "WHERE sources.source = u.s", (names, cursors, next_look))
+
+        def ready(n: int) -> list[tuple[str, int]]:
+            return conn.execute(
+                "SELECT lane, cursor FROM lanes WHERE ready_at <= %s "
+                "ORDER BY ready_at, lane LIMIT %s FOR UPDATE SKIP LOCKED", (now, n)).fetchall()
+
+        def heads(rows: Sequence[tuple[str, int]]) -> dict[str, list[LaneHead]]:
+            found: dict[str, list[LaneHead]] = {}
+            for lane, seq, status, due, lease_until in conn.execute(
+                "SELECT s.lane, e.seq, e.status, e.next_attempt_at, e.lease_until "
+                "FROM unnest(%s::text[], %s::int8[]) AS s(lane, cursor) CROSS JOIN LATERAL ("
+                "  SELECT seq, status, next_attempt_at, lease_until FROM events "
+                "  WHERE events.lane = s.lane AND events.seq > s.cursor "
+                "    AND events.status IN ('pending', 'claimed') "
+                "  ORDER BY events.seq LIMIT %s) AS e",
+                ([r[0] for r in rows], [r[1] for r in rows], per_source),
+            ):
+                found.setdefault(lane, []).append((seq, status, due, lease_until))
+            return found
+
+        def update(lanes: list[str], cursors: list[int | None], looks: list[float]) -> None:
+            conn.execute(
+                "UPDATE lanes SET cursor = COALESCE(u.c, lanes.cursor), ready_at = u.r "
+                "FROM unnest(%s::text[], %s::int8[], %s::float8[]) AS u(s, c, r) "
+                "WHERE lanes.lane = u.s", (lanes, cursors, looks))
+
+        seqs = claim_lanes(ready, heads, update, limit=limit, lease=lease, now=now)
         return self._take(conn, seqs, lease, now), NO_CHANGE
 
     def _tx_claim_unordered(
@@ -187,12 +165,12 @@ class PostgresEvents(PostgresTables):
         if len(self._claimed) > _CLAIMED_MEMORY:  # settles that never came (leases ran out)
             self._claimed.clear()
         for c in claimed:
-            self._claimed[c.event.id] = c.event.source
+            self._claimed[c.event.id] = c.event.lane
         return claimed
 
     def _settle_op(self, fn: Callable[..., tuple[None, Delta]], event_id: str,
                    *args: Any) -> Op[None]:
-        return Op(partial(fn, event_id, *args), source=self._claimed.pop(event_id, None))
+        return Op(partial(fn, event_id, *args), lane=self._claimed.pop(event_id, None))
 
     def _settle(
         self, tx: Tx, event_id: str, token: str, action: str, set_sql: str,
@@ -200,11 +178,11 @@ class PostgresEvents(PostgresTables):
         error: str | None,
     ) -> int | None:
         """Update a claimed event by id and token, record the attempt (*send*, as
-        *action*), and wake its source at *next_look*; the event's size, or None (stale)."""
+        *action*), and wake its lane at *next_look*; the event's size, or None (stale)."""
         row = tx.conn.execute(
             f"UPDATE events SET {set_sql}, claim_token = NULL, claimed_by = NULL, "
             f"lease_until = NULL WHERE id = %s AND status = 'claimed' AND claim_token = %s "
-            f"RETURNING size, source, attempts",
+            f"RETURNING size, lane, attempts",
             (*params, event_id, token),
         ).fetchone()
         if row is None:
@@ -268,7 +246,7 @@ class PostgresEvents(PostgresTables):
                             (reason,), now, now, send, reason)
         if size is None:
             return None, NO_CHANGE
-        # Wakes the forwarder: the next event of this source may now be claimable.
+        # Wakes the forwarder: the next event of this lane may now be claimable.
         return None, Delta(pending=-1, bytes=-size, dead=1, wake_events=True)
 
     async def oldest_pending_at(self) -> float | None:
@@ -295,10 +273,10 @@ class PostgresEvents(PostgresTables):
         rows = tx.conn.execute(
             "UPDATE events SET status = 'pending', next_attempt_at = %s, claim_token = NULL, "
             "claimed_by = NULL, lease_until = NULL "
-            "WHERE status = 'claimed' AND claimed_by = %s RETURNING source",
+            "WHERE status = 'claimed' AND claimed_by = %s RETURNING lane",
             (now, self._node)).fetchall()
-        for (source,) in rows:
-            tx.touch(source, now)
+        for (lane,) in rows:
+            tx.touch(lane, now)
         if rows:
             log.info("store.claims_recovered", count=len(rows), node=self._node)
         return len(rows), Delta(wake_events=bool(rows))
@@ -338,10 +316,10 @@ class PostgresEvents(PostgresTables):
         rows = tx.conn.execute(
             "UPDATE events SET status = 'pending', attempt_base = attempts, "
             "next_attempt_at = %s, claim_token = NULL, claimed_by = NULL, lease_until = NULL "
-            "WHERE status = 'dead' AND (%s OR id = ANY(%s)) RETURNING size, source, seq",
+            "WHERE status = 'dead' AND (%s OR id = ANY(%s)) RETURNING size, lane, seq",
             (now, all_dead, ids)).fetchall()
-        for _, source, seq in rows:
-            tx.touch(source, now, cursor=seq - 1)  # a replayed event may sit below the cursor
+        for _, lane, seq in rows:
+            tx.touch(lane, now, cursor=seq - 1)  # a replayed event may sit below the cursor
         n = len(rows)
         if n:
             log.info("store.replayed", count=n)
@@ -365,4 +343,12 @@ class PostgresEvents(PostgresTables):
         tx.conn.execute(
             "DELETE FROM dedupe WHERE ctid IN (SELECT ctid FROM dedupe WHERE received_at < %s "
             "LIMIT %s)", (horizon, PRUNE_CHUNK))
+        # Lanes with nothing unsettled since a claim last looked (one per past user id, with
+        # user-id keys). SKIP LOCKED: a lane a batch is writing is not idle; a batch that
+        # needs a lane later upserts its row again (see _postgres.py).
+        idle = [r[0] for r in tx.conn.execute(
+            "SELECT lane FROM lanes WHERE ready_at = 'Infinity' LIMIT %s "
+            "FOR UPDATE SKIP LOCKED", (PRUNE_CHUNK,))]
+        if idle:
+            tx.conn.execute("DELETE FROM lanes WHERE lane = ANY(%s)", (idle,))
         return n, Delta(delivered=-n)

@@ -9,12 +9,15 @@ intact. A new version appends a step to :data:`MIGRATIONS`; released steps are n
 Why the tables look as they do (see ``_postgres.py`` for the queries):
 
 - ``events.seq`` comes from an identity column and is the acceptance order. An append locks
-  its source's ``sources`` row before inserting, so within a source, seq order is commit order
-  (a later commit never slips below a claimer's cursor).
-- ``sources`` has one row per source: ``ready_at`` is when a claimer should look at it next
-  (infinity while it has nothing to do) and ``cursor`` the seq below which all its events are
-  settled, so an ordered claim reads a source's head straight from ``events_outbox`` without
-  walking entries of delivered rows. Claimers lock these rows with ``FOR UPDATE SKIP LOCKED``.
+  its lane's ``lanes`` row before inserting, so within a lane, seq order is commit order
+  (a later commit never slips below a claimer's cursor). ``events.lane`` is the delivery
+  lane: the ordering key (``forwarder.ordering: key``), else the source.
+- ``lanes`` (``sources`` before version 2) has one row per lane: ``ready_at`` is when a
+  claimer should look at it next (infinity while it has nothing to do) and ``cursor`` the seq
+  below which all its events are settled, so an ordered claim reads a lane's head straight
+  from ``events_lanes`` without walking entries of delivered rows. Claimers lock these rows
+  with ``FOR UPDATE SKIP LOCKED``. Idle rows are pruned (one per user id, with user-id keys);
+  every write that needs one upserts it.
 - ``dedupe`` holds one row per (source, dedupe key): ``INSERT ... ON CONFLICT`` decides, under
   concurrency, which delivery is the first.
 - ``counts`` holds one row of counters per node, changed in the node's own transactions: their
@@ -164,8 +167,28 @@ def _v1(conn: psycopg.Connection[tuple[object, ...]]) -> None:
             conn.execute(statement.encode())
 
 
+_V2 = """
+ALTER TABLE events ADD COLUMN ordering_key text;
+ALTER TABLE events ADD COLUMN lane text;
+UPDATE events SET lane = source WHERE status <> 'delivered';
+DROP INDEX events_outbox;
+CREATE INDEX events_lanes ON events (lane, seq) WHERE status IN ('pending', 'claimed');
+ALTER TABLE sources RENAME TO lanes;
+ALTER TABLE lanes RENAME COLUMN source TO lane;
+ALTER INDEX sources_ready RENAME TO lanes_ready
+"""
+
+
+def _v2(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Ordering keys: each event's delivery lane (its ordering key, else its source), and
+    ``sources`` generalised to ``lanes`` (a source's row becomes its lane's: same cursor)."""
+    for statement in _V2.split(";"):
+        if statement.strip():
+            conn.execute(statement.encode())
+
+
 # MIGRATIONS[i] brings a schema from version i to version i + 1.
-MIGRATIONS: list[Callable[[psycopg.Connection[tuple[object, ...]]], None]] = [_v1]
+MIGRATIONS: list[Callable[[psycopg.Connection[tuple[object, ...]]], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

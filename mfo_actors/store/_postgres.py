@@ -15,16 +15,18 @@ caller answers 503 (the provider retries), a settle's event comes back by its le
 result is retried by the scheduler. Such a failure does not count as the database being away.
 
 Writes. The group-commit writer of ``_engine.py``: one transaction per batch, a savepoint per
-op. Before its ops run, a batch locks the ``sources`` rows of the events it appends or
-settles, in sorted order: two nodes' batches then never wait on each other in a cycle, and an
-append's seq is drawn only once its source is locked, so within a source seq order is commit
-order (see ``_pg_schema.py``). Each batch sends at most one NOTIFY per channel.
+op. Before its ops run, a batch locks the ``lanes`` rows of the events it appends or
+settles (``Event.lane``: the ordering key, else the source), in sorted order: two nodes'
+batches then never wait on each other in a cycle, and an append's seq is drawn only once its
+lane is locked, so within a lane seq order is commit order (see ``_pg_schema.py``). Each
+batch sends at most one NOTIFY per channel.
 
-Claims. An ordered claim locks up to *limit* ready ``sources`` rows with ``FOR UPDATE SKIP
+Claims. An ordered claim locks up to *limit* ready ``lanes`` rows with ``FOR UPDATE SKIP
 LOCKED`` (other nodes skip them), reads each one's head events from its cursor, claims the
-due ones and sets when to look at the source again: the claim's lease, the head's backoff, or
-never (empty) until an append or settle says otherwise. Sources are taken by how long they
-have been ready, so an idle source costs nothing and a busy one cannot starve the others.
+due ones and sets when to look at the lane again: the claim's lease, the head's backoff, or
+never (empty) until an append or settle says otherwise (``_tables.claim_lanes``). Lanes are
+taken by how long they have been ready, so an idle lane (an idle key) costs nothing and a
+busy one cannot starve the others.
 Every claim and active run records its node; start-up recovery takes back only this node's.
 
 Counts. Each node keeps its own row in ``counts`` (changed in its own transactions, so no row
@@ -37,7 +39,7 @@ the server, or at a session-mode pool.
 
 This module holds the pool, the writer's transaction, the background tasks and opening; the
 tables are in their own modules, each a part of :class:`PostgresStore`: ``_pg_events.py``
-(the outbox and its sources), ``_pg_attempts.py`` (delivery history), ``_pg_runs.py`` (runs
+(the outbox and its lanes), ``_pg_attempts.py`` (delivery history), ``_pg_runs.py`` (runs
 and tasks) and ``_pg_sessions.py`` (chat sessions), over ``_pg_base.py``.
 """
 
@@ -198,7 +200,7 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         self._runs_channel = f"{schema}_runs"
         self._counted_at = time.monotonic()
         self._renewed_at = time.monotonic()
-        self._claimed: dict[str, str] = {}  # event id -> source, for events this node claimed
+        self._claimed: dict[str, str] = {}  # event id -> lane, for events this node claimed
         self._down = False  # the last batch could not reach the database
         self._transient_retries = 0
 
@@ -282,15 +284,16 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         with conn.transaction():
             if time.monotonic() - self._counted_at >= COUNTS_REFRESH:
                 resync = _sums(conn)  # before this batch's changes, which _complete adds
-            sources = sorted({op.source for op in batch if op.source is not None})
-            if sources:
-                # Lock every source this batch writes, in one order for all nodes.
+            lanes = sorted({op.lane for op in batch if op.lane is not None})
+            if lanes:
+                # Lock every lane this batch writes, in one order for all nodes. An upsert
+                # that updates locks the row whether it existed, was just pruned, or is new
+                # (INSERT ... DO NOTHING then SELECT ... FOR UPDATE could find it pruned in
+                # between, and draw a seq without the lock).
                 conn.execute(
-                    "INSERT INTO sources (source, ready_at) SELECT s, 'Infinity' "
-                    "FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT (source) DO NOTHING",
-                    (sources,))
-                conn.execute("SELECT 1 FROM sources WHERE source = ANY(%s) ORDER BY source "
-                             "FOR UPDATE", (sources,))
+                    "INSERT INTO lanes AS l (lane, ready_at) SELECT s, 'Infinity' "
+                    "FROM unnest(%s::text[]) AS s ORDER BY s ON CONFLICT (lane) "
+                    "DO UPDATE SET ready_at = l.ready_at", (lanes,))
             tx = Tx(conn)
             total = Delta()
             for op in batch:

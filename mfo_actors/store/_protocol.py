@@ -245,10 +245,13 @@ class EventStore(Protocol):
         """Claim up to *limit* pending events whose next attempt is due, oldest first.
 
         A claim expires after *lease* seconds and the event becomes due again. With
-        *ordered_by_source*, an event is claimable only when no older event of its source is
-        pending or claimed (one source in flight at a time, in acceptance order), and
-        *limit* counts sources: for each, up to *per_source* consecutive due events are
-        claimed together, oldest first, for one caller to send in that order.
+        *ordered_by_source*, an event is claimable only when no older event of its **lane**
+        (``Event.lane``: its ordering key, else its source) is pending or claimed (one event
+        per lane in flight at a time, in acceptance order), and *limit* counts lanes: for
+        each, up to *per_source* consecutive due events are claimed together, oldest first,
+        for one caller to send in that order. (The names predate ordering keys: a lane is a
+        source when events carry no key.) An ordered claim costs the lanes it looks at, not
+        the backlog, the delivered rows or the number of idle lanes.
         """
         ...
 

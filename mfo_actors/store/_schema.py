@@ -151,6 +151,38 @@ def _v5(conn: sqlite3.Connection) -> None:
     _run_script(conn, "ALTER TABLE runs ADD COLUMN lease_until REAL")
 
 
+def _v6(conn: sqlite3.Connection) -> None:
+    """Ordering keys: each event's delivery lane, and one ``lanes`` row per lane.
+
+    ``lane`` is the event's ordering key, else its source (``forwarder.ordering: source`` is
+    the lane = source case); delivered rows are never claimed again, so only the others are
+    backfilled. ``lanes`` tells an ordered claim which lanes to look at (``ready_at``: when
+    next; infinity while idle) and from where (``cursor``: every event of the lane at or
+    below it is settled), so a claim costs the lanes it takes, not the backlog or the number
+    of idle keys. It replaces the loose index scan over ``events_outbox``, which probed every
+    lane with pending events on each claim (one per user id, with user-id keys).
+    """
+    _run_script(
+        conn,
+        """
+        ALTER TABLE events ADD COLUMN ordering_key TEXT;
+        ALTER TABLE events ADD COLUMN lane TEXT;
+        UPDATE events SET lane = source WHERE status <> 'delivered';
+        DROP INDEX events_outbox;
+        -- Each lane's outbox in acceptance order: ordered claims read heads from here.
+        CREATE INDEX events_lanes ON events (lane, seq) WHERE status IN ('pending', 'claimed');
+        CREATE TABLE lanes (
+            lane     TEXT    PRIMARY KEY,
+            cursor   INTEGER NOT NULL DEFAULT 0,
+            ready_at REAL    NOT NULL
+        );
+        CREATE INDEX lanes_ready ON lanes (ready_at);
+        INSERT INTO lanes (lane, cursor, ready_at)
+            SELECT DISTINCT lane, 0, 0 FROM events WHERE status IN ('pending', 'claimed')
+        """
+    )
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it COMMITs the open transaction first, and migrations must be atomic.
     for statement in script.split(";"):
@@ -159,7 +191,7 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
 
 
 # MIGRATIONS[i] brings a file from version i to version i + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -2,13 +2,17 @@
 
 An event is appended ``pending``, claimed (``claimed``, with a token and a lease) by the
 forwarder, and settled with that token: ``delivered``, ``pending`` again with a later due
-time (``reschedule``), or ``dead``. Claims keep each source's order: only a source's oldest
-unsettled event (its head) and the due ones right behind it are claimed. Each settle records
-the attempt (``_sqlite_attempts.py``) in the same transaction.
+time (``reschedule``), or ``dead``. Ordered claims keep each lane's order (``Event.lane``: the
+ordering key, else the source): only a lane's oldest unsettled event (its head) and the due
+ones right behind it are claimed. The ``lanes`` table says which lanes to look at and from
+where (``_tables.claim_lanes``, shared with Postgres); every append, settle and replay
+touches its lane's row in the same transaction. Each settle records the attempt
+(``_sqlite_attempts.py``) in the same transaction.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Sequence
 from functools import partial
@@ -27,6 +31,8 @@ from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
 from mfo_actors.store._sqlite_runs import insert_runs
 from mfo_actors.store._tables import (
     PRUNE_CHUNK,
+    LaneHead,
+    claim_lanes,
     in_seq_order,
     prune_in_chunks,
     stale_settle,
@@ -36,44 +42,35 @@ __all__ = ["SQLiteEvents", "insert_events"]
 
 log = get_logger("mfo_actors.store.sqlite")
 
-# Each source's head (its oldest pending-or-claimed event), found with a loose index scan over
-# events_outbox: one index probe per distinct source, whatever the outbox depth. INDEXED BY is
-# needed because the planner otherwise prefers events_status and scans every pending row.
+# A lane's oldest unsettled events above its cursor, in acceptance order (ordered claims).
 _HEADS_SQL = """
-WITH RECURSIVE src(s) AS (
-    SELECT (SELECT source FROM events INDEXED BY events_outbox
-            WHERE status IN ('pending', 'claimed') ORDER BY source LIMIT 1)
-    UNION ALL
-    SELECT (SELECT source FROM events INDEXED BY events_outbox
-            WHERE status IN ('pending', 'claimed') AND source > src.s ORDER BY source LIMIT 1)
-    FROM src WHERE src.s IS NOT NULL
-),
-heads(seq) AS (
-    SELECT (SELECT seq FROM events INDEXED BY events_outbox
-            WHERE status IN ('pending', 'claimed') AND source = src.s ORDER BY seq LIMIT 1)
-    FROM src WHERE src.s IS NOT NULL
+SELECT seq, status, next_attempt_at, lease_until FROM events INDEXED BY events_lanes
+WHERE lane = ? AND seq > ? AND status IN ('pending', 'claimed') ORDER BY seq LIMIT ?
+"""
+# Have claimers look at a lane from ready_at on (creating its row: lanes idle for a long time
+# are pruned). Appends leave the cursor alone; a replay lowers it (_TOUCH_BELOW).
+_TOUCH = (
+    "INSERT INTO lanes (lane, cursor, ready_at) VALUES (?, 0, ?) ON CONFLICT (lane) "
+    "DO UPDATE SET ready_at = MIN(ready_at, excluded.ready_at)"
 )
-SELECT e.seq, e.source FROM heads JOIN events e ON e.seq = heads.seq
-WHERE e.status = 'pending' AND e.next_attempt_at <= ?
-ORDER BY e.seq LIMIT ?
-"""
-# The events of one source right after its head, in acceptance order.
-_FOLLOWERS_SQL = """
-SELECT seq, status, next_attempt_at FROM events INDEXED BY events_outbox
-WHERE source = ? AND seq > ? AND status IN ('pending', 'claimed') ORDER BY seq LIMIT ?
-"""
+_TOUCH_BELOW = (
+    "INSERT INTO lanes (lane, cursor, ready_at) VALUES (?, ?, ?) ON CONFLICT (lane) "
+    "DO UPDATE SET ready_at = MIN(ready_at, excluded.ready_at), "
+    "cursor = MIN(cursor, excluded.cursor)"
+)
 
 
 _INSERT_EVENT = (
     "INSERT INTO events (id, source, type, received_at, headers, body, content_type, "
-    "is_json, dedupe_key, size, status, next_attempt_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)"
+    "is_json, dedupe_key, size, status, next_attempt_at, ordering_key, lane) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)"
 )
 
 
 def _event_row(event: Event, size: int, now: float) -> tuple[Any, ...]:
     return (event.id, event.source, event.type, event.received_at, json_bytes(event.headers),
-            event.body, event.content_type, int(event.is_json), event.dedupe_key, size, now)
+            event.body, event.content_type, int(event.is_json), event.dedupe_key, size, now,
+            event.ordering_key, event.lane)
 
 
 def insert_events(conn: sqlite3.Connection, ops: list[Op[Any]], now: float) -> None:
@@ -81,9 +78,27 @@ def insert_events(conn: sqlite3.Connection, ops: list[Op[Any]], now: float) -> N
     calls it for each run of them in a batch)."""
     rows: list[tuple[Event, int]] = [op.row for op in ops]  # type: ignore[misc]
     conn.executemany(_INSERT_EVENT, [_event_row(event, size, now) for event, size in rows])
+    conn.executemany(_TOUCH, [(lane, now) for lane in {event.lane for event, _ in rows}])
     for op, (event, size) in zip(ops, rows, strict=True):
         op.result = AppendResult(event.id)
         op.delta = Delta(pending=1, bytes=size, wake_events=True)
+
+
+def _ready_lanes(conn: sqlite3.Connection, now: float, n: int) -> list[tuple[str, int]]:
+    return conn.execute("SELECT lane, cursor FROM lanes WHERE ready_at <= ? "
+                        "ORDER BY ready_at, lane LIMIT ?", (now, n)).fetchall()
+
+
+def _lane_heads(conn: sqlite3.Connection, run: int, ready: Sequence[tuple[str, int]]
+                ) -> dict[str, list[LaneHead]]:
+    return {lane: conn.execute(_HEADS_SQL, (lane, cursor, run)).fetchall()
+            for lane, cursor in ready}
+
+
+def _update_lanes(conn: sqlite3.Connection, lanes: list[str], cursors: list[int | None],
+                  looks: list[float]) -> None:
+    conn.executemany("UPDATE lanes SET cursor = COALESCE(?, cursor), ready_at = ? "
+                     "WHERE lane = ?", zip(cursors, looks, lanes, strict=True))
 
 
 class SQLiteEvents(SQLiteTables):
@@ -112,6 +127,7 @@ class SQLiteEvents(SQLiteTables):
             if row is not None:
                 return AppendResult(row[0], duplicate=True), NO_CHANGE
         conn.execute(_INSERT_EVENT, _event_row(event, size, now))
+        conn.execute(_TOUCH, (event.lane, now))
         created = insert_runs(conn, runs, now) if runs else []
         return AppendResult(event.id), Delta(
             pending=1, bytes=size, wake_events=True, wake_runs=bool(created)
@@ -139,16 +155,10 @@ class SQLiteEvents(SQLiteTables):
         if expired:
             log.warning("store.leases_expired", count=expired)
         if ordered:
-            seqs = []
-            for head, source in conn.execute(_HEADS_SQL, (now, limit)).fetchall():
-                seqs.append(head)
-                if per_source > 1:
-                    # The head's followers, while they are due (a rescheduled one stops the run).
-                    for seq, status, due in conn.execute(_FOLLOWERS_SQL,
-                                                         (source, head, per_source - 1)):
-                        if status != "pending" or due > now:
-                            break
-                        seqs.append(seq)
+            seqs = claim_lanes(partial(_ready_lanes, conn, now),
+                               partial(_lane_heads, conn, per_source),
+                               partial(_update_lanes, conn),
+                               limit=limit, lease=lease, now=now)
         else:
             seqs = [r[0] for r in conn.execute(
                 "SELECT seq FROM events WHERE status = 'pending' AND next_attempt_at <= ? "
@@ -165,18 +175,22 @@ class SQLiteEvents(SQLiteTables):
 
     def _settle(
         self, conn: sqlite3.Connection, event_id: str, token: str, outcome: str, set_sql: str,
-        params: tuple[Any, ...], now: float, send: Send | None, error: str | None,
+        params: tuple[Any, ...], now: float, send: Send | None, error: str | None, *,
+        next_look: float,
     ) -> int | None:
-        """Update a claimed event by id and token (``SET`` *set_sql*) and record the attempt
-        (*send*, as *outcome*); the event's size, or None when the token is stale."""
+        """Update a claimed event by id and token (``SET`` *set_sql*), record the attempt
+        (*send*, as *outcome*) and have claimers look at its lane from *next_look*; the
+        event's size, or None when the token is stale."""
         row = conn.execute(
             f"UPDATE events SET {set_sql}, claim_token = NULL, lease_until = NULL "
-            f"WHERE id = ? AND status = 'claimed' AND claim_token = ? RETURNING size, attempts",
+            f"WHERE id = ? AND status = 'claimed' AND claim_token = ? "
+            f"RETURNING size, attempts, lane",
             (*params, event_id, token),
         ).fetchone()
         if row is None:
             stale_settle(event_id, outcome)
             return None
+        conn.execute(_TOUCH, (row[2], next_look))
         if send is not None:
             record_attempt(conn, send, event_id, row[1], now, outcome, error)
         return int(row[0])
@@ -195,7 +209,7 @@ class SQLiteEvents(SQLiteTables):
         size = self._settle(
             conn, event_id, token, "delivered",
             "status = 'delivered', delivered_at = ?, attempts = attempts + 1, last_error = NULL",
-            (now,), now, send, None)
+            (now,), now, send, None, next_look=now)
         if size is None:
             return None, NO_CHANGE
         return None, Delta(pending=-1, bytes=-size, delivered=1, wake_events=True)
@@ -217,7 +231,8 @@ class SQLiteEvents(SQLiteTables):
         size = self._settle(
             conn, event_id, token, "retry",
             "status = 'pending', next_attempt_at = ?, last_error = ?, attempts = attempts + ?",
-            (next_at, error, int(send is not None)), now, send, error)
+            (next_at, error, int(send is not None)), now, send, error,
+            next_look=max(next_at, now))
         return None, Delta(wake_events=size is not None and next_at <= now)
 
     async def dead_letter(
@@ -234,10 +249,10 @@ class SQLiteEvents(SQLiteTables):
     ) -> tuple[None, Delta]:
         size = self._settle(conn, event_id, token, "dead",
                             "status = 'dead', last_error = ?, attempts = attempts + 1",
-                            (reason,), now, send, reason)
+                            (reason,), now, send, reason, next_look=now)
         if size is None:
             return None, NO_CHANGE
-        # Wakes the forwarder: the next event of this source may now be claimable.
+        # Wakes the forwarder: the next event of this lane may now be claimable.
         return None, Delta(pending=-1, bytes=-size, dead=1, wake_events=True)
 
     async def oldest_pending_at(self) -> float | None:
@@ -260,12 +275,14 @@ class SQLiteEvents(SQLiteTables):
         return await self._submit(Op(self._tx_recover_claims))
 
     def _tx_recover_claims(self, conn: sqlite3.Connection, now: float) -> tuple[int, Delta]:
-        n = conn.execute(
+        lanes = conn.execute(
             "UPDATE events SET status = 'pending', next_attempt_at = ?, claim_token = NULL, "
             "lease_until = NULL, claimed_by = NULL "
-            "WHERE status = 'claimed' AND (claimed_by = ? OR claimed_by IS NULL)",
+            "WHERE status = 'claimed' AND (claimed_by = ? OR claimed_by IS NULL) RETURNING lane",
             (now, self._node),
-        ).rowcount
+        ).fetchall()
+        n = len(lanes)
+        conn.executemany(_TOUCH, [(lane, now) for lane in {r[0] for r in lanes}])
         if n:
             log.info("store.claims_recovered", count=n)
         return n, Delta(wake_events=n > 0)
@@ -311,12 +328,19 @@ class SQLiteEvents(SQLiteTables):
         sql = ("UPDATE events SET status = 'pending', attempt_base = attempts, "
                "next_attempt_at = ?, claim_token = NULL, lease_until = NULL "
                "WHERE status = 'dead'")
-        sizes: list[int] = []
+        back = " RETURNING size, lane, seq"
+        rows: list[tuple[int, str, int]] = []
         if all_dead:
-            sizes += [r[0] for r in conn.execute(sql + " RETURNING size", (now,))]
+            rows += conn.execute(sql + back, (now,)).fetchall()
         for chunk in chunks(ids):
-            sizes += [r[0] for r in conn.execute(
-                sql + f" AND id IN ({marks(len(chunk))}) RETURNING size", (now, *chunk))]
+            rows += conn.execute(
+                sql + f" AND id IN ({marks(len(chunk))})" + back, (now, *chunk)).fetchall()
+        # A replayed event sits below its lane's cursor: claimers must read from it again.
+        below: dict[str, int] = {}
+        for _, lane, seq in rows:
+            below[lane] = min(below.get(lane, seq), seq)
+        conn.executemany(_TOUCH_BELOW, [(lane, seq - 1, now) for lane, seq in below.items()])
+        sizes = [r[0] for r in rows]
         n = len(sizes)
         if n:
             log.info("store.replayed", count=n)
@@ -339,4 +363,8 @@ class SQLiteEvents(SQLiteTables):
             (now - age, now - self._dedupe_window, PRUNE_CHUNK),
         )]
         forget_attempts(conn, ids)
+        # Lanes with nothing unsettled since the last claim looked (one per past user id, with
+        # user-id keys): an append or a replay creates the row again.
+        conn.execute("DELETE FROM lanes WHERE lane IN (SELECT lane FROM lanes "
+                     "WHERE ready_at = ? LIMIT ?)", (math.inf, PRUNE_CHUNK))
         return len(ids), Delta(delivered=-len(ids))

@@ -6,8 +6,9 @@ they do with the rows: these helpers are that common part.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -17,14 +18,98 @@ from mfo_actors.store._codec import capped_list, json_bytes, load_json
 from mfo_actors.store._engine import Delta, GroupCommitStore, Op
 from mfo_actors.store._protocol import StoreClosedError, StoreError
 
-__all__ = ["ORPHANED_RUNS", "PRUNE_CHUNK", "PRUNE_SESSIONS", "RENEW_RUNS", "RunLeases",
-           "in_seq_order", "prune_in_chunks", "stale_settle", "turn_update"]
+__all__ = [
+    "CLAIM_ROUNDS",
+    "ORPHANED_RUNS",
+    "PRUNE_CHUNK",
+    "PRUNE_SESSIONS",
+    "RENEW_RUNS",
+    "LaneHead",
+    "RunLeases",
+    "claim_lanes",
+    "in_seq_order",
+    "prune_in_chunks",
+    "stale_settle",
+    "turn_update",
+]
 
 log = get_logger("mfo_actors.store")
 
 R = TypeVar("R")
 
 PRUNE_CHUNK = 5_000  # rows deleted per transaction, so appends interleave with a big prune
+# Ordered claims look at ready lanes in rounds of at most the lanes still wanted; a lane found
+# blocked (its head in flight or backing off) is pushed to its next look, so the next round
+# sees others. A few rounds fill the claim in practice; the cap bounds one transaction.
+CLAIM_ROUNDS = 4
+
+# (seq, status, next_attempt_at, lease_until) of a lane's oldest unsettled events.
+LaneHead = tuple[int, str, float, float | None]
+
+
+def _claimable(status: str, due: float, lease_until: float | None, now: float) -> bool:
+    """A pending event that is due, or a claim whose lease ran out."""
+    if status == "pending":
+        return due <= now
+    return lease_until is not None and lease_until <= now
+
+
+def claim_lanes(
+    ready: Callable[[int], Sequence[tuple[str, int]]],
+    heads: Callable[[Sequence[tuple[str, int]]], Mapping[str, list[LaneHead]]],
+    update: Callable[[list[str], list[int | None], list[float]], None],
+    *, limit: int, lease: float, now: float,
+) -> list[int]:
+    """The seqs an ordered claim takes: the algorithm both backends run over ``lanes``.
+
+    Each round takes up to the lanes still wanted that are ready (``ready(n)``: ``(lane,
+    cursor)`` rows by ``ready_at``, locked where the backend locks), reads each one's oldest
+    unsettled events above its cursor (``heads``, at most the run length, in seq order) and
+    claims its head with the claimable events right behind it. Then ``update`` moves each
+    lane's cursor to just below its head (None: unchanged) and sets when to look again: the
+    claim's lease (in flight), the head's due time or lease end (blocked), or never (empty,
+    until an append, settle or replay touches it). *limit* counts lanes that got events.
+
+    Why a lane table and not a scan of the outbox: a claim then costs the lanes it looks at,
+    whatever the backlog, the number of idle keys, or the delivered rows behind a cursor.
+    """
+    seqs: list[int] = []
+    taken = 0
+    for _ in range(CLAIM_ROUNDS):
+        want = limit - taken
+        rows = ready(want)
+        if not rows:
+            break
+        found = heads(rows)
+        names: list[str] = []
+        cursors: list[int | None] = []
+        next_look: list[float] = []
+        for lane, _cursor in rows:
+            names.append(lane)
+            events = sorted(found.get(lane, ()))
+            if not events:  # nothing unsettled: look again when something touches the lane
+                cursors.append(None)
+                next_look.append(math.inf)
+                continue
+            cursors.append(events[0][0] - 1)
+            run = 0
+            for seq, status, due, lease_until in events:
+                if not _claimable(status, due, lease_until, now):
+                    break
+                seqs.append(seq)
+                run += 1
+            _, status, due, lease_until = events[0]
+            if run:
+                taken += 1
+                next_look.append(now + lease)
+            elif status == "claimed":
+                next_look.append(lease_until if lease_until is not None else now + lease)
+            else:
+                next_look.append(due)
+        update(names, cursors, next_look)
+        if len(rows) < want or taken >= limit:
+            break
+    return seqs
 
 # One chunk of closed sessions closed before a cutoff (params: cutoff, cutoff, chunk; ?
 # placeholders; RETURNING, as a pipelined psycopg cursor has no rowcount). A session closes
