@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from mfo_actors.config import (
@@ -426,6 +427,133 @@ class TestClaim:
             await store.mark_delivered(event.id, second.claim_token or "")
             stored = await store.get_event(event.id)
             assert stored is not None and stored.status == "delivered"
+
+
+class TestOrderingKeys:
+    """Ordered claims go by lane: an event's ordering key, else its source."""
+
+    @staticmethod
+    def keyed(clock: FakeClock, key: str | None, source: str = "hooks") -> Event:
+        return msgspec.structs.replace(make_event(clock, source=source), ordering_key=key)
+
+    async def test_ordering_key_round_trips(self, opener: Opener, clock: FakeClock) -> None:
+        keyed, plain = self.keyed(clock, "user-7"), make_event(clock)
+        async with opener() as store:
+            await append_all(store, [keyed, plain])
+            got = [await store.get_event(e.id) for e in (keyed, plain)]
+        assert [g.event.ordering_key for g in got if g is not None] == ["user-7", None]
+        assert [g.event for g in got if g is not None] == [keyed, plain]
+
+    async def test_one_in_flight_per_key_keys_in_parallel(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """Two keys of one source go in parallel; an event without a key is in its
+        source's lane; each lane's next event waits for its head to settle."""
+        u1a, u2a, u1b, bare, u2b = (self.keyed(clock, k) for k in
+                                    ("u1", "u2", "u1", None, "u2"))
+        async with opener() as store:
+            for e in (u1a, u2a, u1b, bare, u2b):
+                await store.append(e)
+            first = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in first] == [u1a.id, u2a.id, bare.id]
+            assert await store.claim_due(limit=10, lease=30) == []
+            token = {c.event.id: c.claim_token or "" for c in first}
+            await store.mark_delivered(u2a.id, token[u2a.id])
+            second = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in second] == [u2b.id]
+
+    async def test_a_retried_head_holds_only_its_key(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """A rescheduled head keeps its key's successors back until it is delivered; other
+        keys go on meanwhile."""
+        a1, b1, a2, b2 = (self.keyed(clock, k) for k in ("a", "b", "a", "b"))
+        async with opener() as store:
+            for e in (a1, b1, a2, b2):
+                await store.append(e)
+            claimed = await store.claim_due(limit=10, lease=30)
+            token = {c.event.id: c.claim_token or "" for c in claimed}
+            await store.reschedule(a1.id, token[a1.id], next_attempt_at=clock() + 10,
+                                   error="503")
+            await store.mark_delivered(b1.id, token[b1.id])
+            assert [c.event.id for c in await store.claim_due(limit=10, lease=30)] == [b2.id]
+            clock.advance(10)
+            (again,) = await store.claim_due(limit=10, lease=30)
+            assert again.event.id == a1.id
+            await store.mark_delivered(a1.id, again.claim_token or "")
+            assert [c.event.id for c in await store.claim_due(limit=10, lease=30)] == [a2.id]
+
+    async def test_runs_per_key(self, opener: Opener, clock: FakeClock) -> None:
+        """per_source claims a key's head with the due events right behind it (the claim
+        lists them in acceptance order)."""
+        events = [self.keyed(clock, k) for k in ("a", "b", "a", "a", "b")]
+        async with opener() as store:
+            for e in events:
+                await store.append(e)
+            claimed = await store.claim_due(limit=10, lease=30, per_source=2)
+        assert [c.event.id for c in claimed] == [events[i].id for i in (0, 1, 2, 4)]
+
+    async def test_blocked_lanes_do_not_use_up_the_claim(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """Lanes that are ready but blocked (head in flight) are passed over: the claim
+        still takes *limit* lanes that have work."""
+        a1, a2, b1, b2 = (self.keyed(clock, k) for k in ("a", "a", "b", "b"))
+        async with opener() as store:
+            for e in (a1, a2, b1, b2):
+                await store.append(e)
+            claimed = await store.claim_due(limit=10, lease=30, per_source=2)
+            token = {c.event.id: c.claim_token or "" for c in claimed}
+            # Settling each run's first event makes its lane ready, its head still claimed.
+            await store.mark_delivered(a1.id, token[a1.id])
+            await store.mark_delivered(b1.id, token[b1.id])
+            c1, d1 = self.keyed(clock, "c"), self.keyed(clock, "d")
+            await append_all(store, [c1, d1])
+            got = await store.claim_due(limit=2, lease=30)
+        assert sorted(c.event.id for c in got) == sorted([c1.id, d1.id])
+
+    async def test_an_idle_key_pruned_comes_back(self, opener: Opener, clock: FakeClock) -> None:
+        """Prune forgets idle keys; a new event, or a replay, of one is claimed again."""
+        first, dead = self.keyed(clock, "k"), self.keyed(clock, "gone")
+        async with opener() as store:
+            await append_all(store, [first, dead])
+            claimed = await store.claim_due(limit=10, lease=30)
+            token = {c.event.id: c.claim_token or "" for c in claimed}
+            await store.mark_delivered(first.id, token[first.id])
+            await store.dead_letter(dead.id, token[dead.id], reason="400")
+            assert await store.claim_due(limit=10, lease=30) == []  # both lanes now idle
+            clock.advance(3600)
+            await store.prune(delivered_older_than=60)
+            second = self.keyed(clock, "k")
+            await store.append(second)
+            assert [c.event.id for c in await store.claim_due(limit=10, lease=30)] == [
+                second.id]
+            assert await store.replay([dead.id]) == 1
+            assert [c.event.id for c in await store.claim_due(limit=10, lease=30)] == [dead.id]
+
+    async def test_many_keys_deliver_in_order_per_key(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """40 keys interleaved, claimed and settled in rounds: each key's events come out
+        in acceptance order, and a round has many keys in flight."""
+        events = [self.keyed(clock, f"k{i % 40}") for i in range(200)]
+        out: list[Event] = []
+        widest = 0
+        async with opener() as store:
+            await append_all(store, events)  # concurrently: the store's order is acceptance
+            accepted = [s.event.id for s in reversed(await store.list_events(limit=1000))]
+            while len(out) < len(events):
+                claimed = await store.claim_due(limit=16, lease=30)
+                assert claimed
+                widest = max(widest, len({c.event.ordering_key for c in claimed}))
+                for c in claimed:
+                    await store.mark_delivered(c.event.id, c.claim_token or "")
+                out += [c.event for c in claimed]
+        stored_order = {event_id: i for i, event_id in enumerate(accepted)}
+        for key in {e.ordering_key for e in events}:
+            ids = [e.id for e in out if e.ordering_key == key]
+            assert ids == sorted(ids, key=stored_order.__getitem__)
+        assert widest == 16
 
 
 class TestSettle:

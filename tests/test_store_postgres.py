@@ -25,6 +25,7 @@ from mfo_actors.store import (
     StoreError,
     open_postgres_store,
 )
+from mfo_actors.store._pg_schema import MIGRATIONS
 from tests.helpers import free_port, poll
 from tests.test_store_contract import T0, FakeClock
 
@@ -313,3 +314,30 @@ async def test_a_lock_held_elsewhere_times_out_and_the_batch_is_retried(
         ids = {s.event.id for s in await a.list_events(limit=10)}
         assert ids == {first.id, later.id}  # the failed append left nothing
         assert (await a.stats()).writable
+
+
+async def test_a_version_1_schema_keeps_its_order_per_source(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """Version 2 (ordering keys) turns each ``sources`` row into its source's lane, cursor
+    kept: the waiting events of an older schema are claimed in order, one per source."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(f"CREATE SCHEMA {pg_schema}")
+        conn.execute(f"SET LOCAL search_path TO {pg_schema}")
+        MIGRATIONS[0](conn)
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        for n, (source, status) in enumerate(
+                [("a", "delivered"), ("a", "pending"), ("a", "pending"), ("b", "pending")]):
+            conn.execute(
+                "INSERT INTO events (id, source, type, received_at, headers, body, "
+                "content_type, is_json, size, status, next_attempt_at) "
+                "VALUES (%s, %s, 't', 0, '{}', '', 'text/plain', false, 0, %s, 0)",
+                (f"0{n}", source, status))
+        conn.execute("INSERT INTO sources (source, cursor, ready_at) "
+                     "VALUES ('a', 1, 0), ('b', 0, 0)")
+    async with open_postgres_store(pg_dsn, schema=pg_schema) as store:
+        first = await store.claim_due(limit=10, lease=30)
+        assert [c.event.id for c in first] == ["01", "03"]
+        await store.mark_delivered("01", first[0].claim_token or "")
+        (second,) = await store.claim_due(limit=10, lease=30)
+    assert second.event.id == "02"

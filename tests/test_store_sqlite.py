@@ -260,6 +260,32 @@ class TestFile:
             (claimed,) = await store.claim_due(limit=1, lease=30)
         assert claimed.event.id == "01OLD"
 
+    async def test_a_version_4_outbox_keeps_its_order_per_source(self, tmp_path: Path) -> None:
+        """Version 6 (ordering keys) puts the waiting events of an older file in their
+        source's lane: they are claimed in order, one per source, as before."""
+        path = tmp_path / "s.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN")
+        for step in MIGRATIONS[:4]:
+            step(conn)
+        conn.execute("PRAGMA user_version = 4")
+        for n, (source, status) in enumerate(
+                [("a", "delivered"), ("a", "pending"), ("a", "pending"), ("b", "pending")]):
+            conn.execute(
+                "INSERT INTO events (id, source, type, received_at, headers, body, "
+                "content_type, is_json, size, status, next_attempt_at) "
+                "VALUES (?, ?, 't', 0, '{}', x'', 'text/plain', 0, 0, ?, 0)",
+                (f"0{n}", source, status))
+        conn.execute("COMMIT")
+        conn.close()
+        async with open_sqlite_store(path) as store:
+            first = await store.claim_due(limit=10, lease=30)
+            assert [c.event.id for c in first] == ["01", "03"]
+            assert all(c.event.ordering_key is None for c in first)
+            await store.mark_delivered("01", first[0].claim_token or "")
+            (second,) = await store.claim_due(limit=10, lease=30)
+        assert second.event.id == "02"
+
 
 async def test_second_process_writes_are_noticed(tmp_path: Path) -> None:
     """The CLI replaying while the daemon runs: the daemon's counts follow."""
