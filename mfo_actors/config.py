@@ -858,9 +858,11 @@ def _ordering_warnings(cfg: InstanceConfig, where: Any) -> list[str]:
     if fwd.ordering_key is None:
         unkeyed = [r.path for r in routes if r.ordering_key is None]
         if unkeyed:
-            return [f"{where.error('', ('forwarder', 'ordering'))}ordering: key, but routes "
-                    f"{', '.join(unkeyed)} have no ordering_key (and forwarder.ordering_key "
-                    "is not set): their events are ordered by source"]
+            which = (f"routes {', '.join(unkeyed)} have" if len(unkeyed) > 1
+                     else f"route {unkeyed[0]} has")
+            return [f"{where.error('', ('forwarder', 'ordering'))}ordering: key, but {which} "
+                    "no ordering_key (and forwarder.ordering_key is not set): their events "
+                    "are ordered by source"]
     return []
 
 

@@ -402,3 +402,72 @@ webhook_listener:
         cfg = load_config_text("client:\n  rate_limit:\n  timeout: 5s\n")
         assert cfg.client.rate_limit is None
         assert cfg.client.timeout == 5.0
+
+
+class TestOrderingKeys:
+    """``forwarder.ordering: key`` and ``ordering_key`` (routes, forwarder default)."""
+
+    ROUTES = (
+        "webhook_listener:\n"
+        "  routes:\n"
+        "    - {path: /a, source: a, ordering_key: 'json:/user/id'}\n"
+        "    - {path: /b, source: b, ordering_key: 'header:X-Tenant'}\n"
+        "    - {path: /c, source: c}\n"
+    )
+
+    def test_keys_load_per_route_and_as_default(self) -> None:
+        cfg = load_config_text(
+            self.ROUTES + "forwarder: {ordering: key, ordering_key: 'json:/account'}\n")
+        assert cfg.forwarder.ordering == "key"
+        assert cfg.forwarder.ordering_key == "json:/account"
+        assert [r.ordering_key for r in cfg.webhook_listener.routes] == [
+            "json:/user/id", "header:X-Tenant", None]
+
+    @pytest.mark.parametrize("spec", ["user/id", "json:user/id", "json:", "header:",
+                                      "header:bad name", "json:/a~2b", "body:/x"])
+    def test_bad_syntax_names_the_route(self, spec: str) -> None:
+        text = ("forwarder: {ordering: key}\nwebhook_listener:\n  routes:\n"
+                "    - {path: /ok, source: ok}\n"
+                f"    - {{path: /hooks/x, source: x, ordering_key: '{spec}'}}\n")
+        _cfg, problems = check_config_text(text, file="inst.yaml")
+        assert [(p.key, p.line) for p in problems] == [
+            ("webhook_listener.routes[1].ordering_key", 5)]
+        assert "route /hooks/x:" in problems[0].message
+        assert spec in problems[0].message
+
+    def test_bad_default_syntax(self) -> None:
+        _cfg, problems = check_config_text(
+            "forwarder: {ordering: key, ordering_key: 'json:id'}\n", file="inst.yaml")
+        assert [p.key for p in problems] == ["forwarder.ordering_key"]
+        assert "json:/user/id" in problems[0].message  # says what a pointer looks like
+
+    def test_a_raw_route_cannot_take_a_json_key(self) -> None:
+        _cfg, problems = check_config_text(
+            "forwarder: {ordering: key}\nwebhook_listener:\n  routes:\n"
+            "    - {path: /r, source: r, body: raw, ordering_key: 'json:/id'}\n")
+        assert [p.key for p in problems] == ["webhook_listener.routes[0].ordering_key"]
+        assert "body: raw" in problems[0].message and "header:NAME" in problems[0].message
+
+    def test_routes_without_a_key_are_warned_about(self) -> None:
+        """ordering: key with a route that has no key (and no default): it works, ordered
+        by source, and check says so."""
+        warnings: list[str] = []
+        _cfg, problems = check_config_text(self.ROUTES + "forwarder: {ordering: key}\n",
+                                           file="inst.yaml", warnings=warnings)
+        assert problems == []
+        assert len(warnings) == 1 and "/c" in warnings[0] and "by source" in warnings[0]
+        warnings.clear()
+        check_config_text(self.ROUTES + "forwarder: {ordering: key, ordering_key: header:K}\n",
+                          warnings=warnings)
+        assert warnings == []
+
+    def test_a_key_without_ordering_key_is_warned_about(self) -> None:
+        warnings: list[str] = []
+        _cfg, problems = check_config_text(self.ROUTES, file="inst.yaml", warnings=warnings)
+        assert problems == []
+        assert len(warnings) == 1
+        assert "routes[0].ordering_key" in warnings[0] and "ignored" in warnings[0]
+
+    def test_unknown_mode_is_refused(self) -> None:
+        err = load_error("forwarder: {ordering: keys}\n")
+        assert err.key == "forwarder.ordering"

@@ -228,6 +228,39 @@ async def test_order_per_source_holds_under_retries(tmp_path: Path) -> None:
         assert 60 <= total <= 60 + r.forwarder.retried
 
 
+async def test_order_per_key_holds_under_retries_with_keys_in_parallel(
+    tmp_path: Path
+) -> None:
+    """ordering: key, with a third of the calls failing: each key's events reach the server
+    in acceptance order (a failed head holds back its key only), and several keys are in
+    flight at once (the server answers after 20 ms, so concurrent sends overlap)."""
+    keys = [f"user-{k}" for k in range(8)]
+    async with rig(tmp_path, threshold=1000, ordering="key") as r:
+        r.srv.app.set_faults(fail_rate=0.3, fail_status=503, latency=0.02)
+        events = [msgspec.structs.replace(make_event("hooks", n=i), ordering_key=keys[i % 8])
+                  for i in range(80)]
+        widest = 0
+
+        async def watch() -> None:
+            nonlocal widest
+            while True:
+                widest = max(widest, r.forwarder.health()["in_flight"])
+                await anyio.sleep(0.002)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await r.append(events)
+            await r.wait_delivered(80, deadline=60)
+            tg.cancel_scope.cancel()
+        got = r.srv.app.events
+        by_id = {e.id: e.ordering_key for e in events}
+        for key in keys:
+            assert [e["id"] for e in got if by_id[e["id"]] == key] == \
+                [e.id for e in events if e.ordering_key == key]
+        assert r.forwarder.retried > 0  # failures did happen mid-run
+        assert widest > 1  # keys went in parallel (one source: ordering: source could not)
+
+
 async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
     tmp_path: Path
 ) -> None:

@@ -27,7 +27,7 @@ import mfo_actors.store as store_pkg
 from mfo_actors.actors.listener import ListenerActor
 from mfo_actors.config import InstanceConfig, load_config_text
 from mfo_actors.messages import Event
-from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED
+from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED, ORDERING_KEY_MISSING
 from mfo_actors.runtime import ReadySignal
 from mfo_actors.store import (
     AppendResult,
@@ -446,3 +446,80 @@ def test_listener_satisfies_actor_protocol(tmp_path: Path) -> None:
     actor = ListenerActor(make_config(tmp_path), FakeStore())  # type: ignore[arg-type]
     assert isinstance(actor, Actor)
     assert actor.name == "listener"
+
+
+KEYED_CONFIG = """
+instance: ktest
+state_dir: {state_dir}
+forwarder: {{ordering: key, ordering_key: "json:/account"}}
+webhook_listener:
+  host: 127.0.0.1
+  port: 0
+  routes:
+    - {{path: /hooks/user, source: users, ordering_key: "json:/user/id"}}
+    - {{path: /hooks/tenant, source: tenants, ordering_key: "header:X-Tenant"}}
+    - {{path: /hooks/default, source: defaults}}
+    - {{path: /hooks/raw, source: raws, body: raw}}
+"""
+
+
+@asynccontextmanager
+async def keyed_listener(tmp_path: Path, ordering: str = "key") -> AsyncIterator[Harness]:
+    text = KEYED_CONFIG.format(state_dir=tmp_path / "state")
+    cfg = load_config_text(text.replace("ordering: key", f"ordering: {ordering}"))
+    store = FakeStore()
+    actor = ListenerActor(cfg, store)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        ready = ReadySignal()
+        tg.start_soon(actor.run, ready)
+        with anyio.fail_after(5):
+            await ready.wait()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{actor.port}") as client:
+            yield Harness(actor, store, client, [])
+        actor.request_stop()
+
+
+class TestOrderingKey:
+    """forwarder.ordering: key: the listener reads each event's key once, at acceptance."""
+
+    async def key_of(self, h: Harness, path: str, body: str, **headers: str) -> str | None:
+        r = await h.post(path, body, **headers)
+        assert r.status_code == 202, r.text
+        event = await h.stored(r.json()["id"])
+        assert event is not None
+        return event.ordering_key
+
+    async def test_json_pointer_header_and_default(self, tmp_path: Path) -> None:
+        async with keyed_listener(tmp_path) as h:
+            assert await self.key_of(h, "/hooks/user", '{"user": {"id": "u-1"}}') == "u-1"
+            assert await self.key_of(h, "/hooks/user", '{"user": {"id": 42}}') == "42"
+            assert await self.key_of(h, "/hooks/tenant", "{}", x_tenant="acme") == "acme"
+            assert await self.key_of(h, "/hooks/default", '{"account": "ac-9"}') == "ac-9"
+            # A raw route cannot read the json: default: ordered by its source.
+            assert await self.key_of(h, "/hooks/raw", "a=1", content_type="text/plain") is None
+
+    async def test_missing_key_falls_back_to_the_source_and_is_counted(
+        self, tmp_path: Path
+    ) -> None:
+        """No value (missing, empty, an object, a body that is not an object): the event is
+        stored without a key, so it is ordered with its source; counted per source."""
+        before = counter(ORDERING_KEY_MISSING, "ktest", "users")
+        async with keyed_listener(tmp_path) as h:
+            for body in ('{"user": {}}', '{"user": {"id": ""}}', '{"user": {"id": {}}}',
+                         "[1, 2]", '"text"'):
+                assert await self.key_of(h, "/hooks/user", body) is None, body
+            assert await self.key_of(h, "/hooks/tenant", "{}") is None
+            event = h.store.events[0]
+            assert event.lane == "users"
+        assert counter(ORDERING_KEY_MISSING, "ktest", "users") == before + 5
+
+    async def test_long_keys_are_stored_as_a_digest(self, tmp_path: Path) -> None:
+        long = "x" * 500
+        async with keyed_listener(tmp_path) as h:
+            key = await self.key_of(h, "/hooks/user", json.dumps({"user": {"id": long}}))
+            again = await self.key_of(h, "/hooks/user", json.dumps({"user": {"id": long}}))
+        assert key == again == "sha256:" + hashlib.sha256(long.encode()).hexdigest()
+
+    async def test_other_modes_store_no_key(self, tmp_path: Path) -> None:
+        async with keyed_listener(tmp_path, ordering="source") as h:
+            assert await self.key_of(h, "/hooks/user", '{"user": {"id": "u-1"}}') is None
