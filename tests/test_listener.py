@@ -140,9 +140,9 @@ class Harness:
 @asynccontextmanager
 async def running_listener(
     tmp_path: Path, *, store: Any = None, real: bool = False, max_pending: int = 1000,
-    match_runs: Any = None,
+    match_runs: Any = None, cfg: InstanceConfig | None = None,
 ) -> AsyncIterator[Harness]:
-    cfg = make_config(tmp_path, max_pending=max_pending)
+    cfg = cfg if cfg is not None else make_config(tmp_path, max_pending=max_pending)
     async with AsyncExitStack() as stack:
         if store is None:
             if real:
@@ -467,16 +467,8 @@ webhook_listener:
 async def keyed_listener(tmp_path: Path, ordering: str = "key") -> AsyncIterator[Harness]:
     text = KEYED_CONFIG.format(state_dir=tmp_path / "state")
     cfg = load_config_text(text.replace("ordering: key", f"ordering: {ordering}"))
-    store = FakeStore()
-    actor = ListenerActor(cfg, store)  # type: ignore[arg-type]
-    async with anyio.create_task_group() as tg:
-        ready = ReadySignal()
-        tg.start_soon(actor.run, ready)
-        with anyio.fail_after(5):
-            await ready.wait()
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{actor.port}") as client:
-            yield Harness(actor, store, client, [])
-        actor.request_stop()
+    async with running_listener(tmp_path, cfg=cfg) as h:
+        yield h
 
 
 class TestOrderingKey:
