@@ -207,7 +207,9 @@ def _summary(stored: StoredEvent) -> dict[str, Any]:
 def _detail(stored: StoredEvent) -> dict[str, Any]:
     e = stored.event
     out = _summary(stored)
-    out.update(content_type=e.content_type, dedupe_key=e.dedupe_key, size=len(e.body),
+    out.update(content_type=e.content_type, dedupe_key=e.dedupe_key,
+               ordering_key=None if e.ordering_key is None else redact(e.ordering_key),
+               size=len(e.body),
                headers=_redact_headers(e.headers), payload=_payload(stored))
     return out
 
