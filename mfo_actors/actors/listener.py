@@ -96,7 +96,7 @@ from mfo_actors.store import (
     StoreFullError,
 )
 
-__all__ = ["ListenerActor", "limits_from_config", "route_ordering_key"]
+__all__ = ["ListenerActor", "limits_from_config"]
 
 log = get_logger("mfo_actors.actors.listener")
 
@@ -187,7 +187,7 @@ def _key_text(value: str | None) -> str | None:
     return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def route_ordering_key(fwd: ForwarderConfig, route: RouteConfig) -> str | None:
+def _route_ordering_key(fwd: ForwarderConfig, route: RouteConfig) -> str | None:
     """The ``ordering_key`` spec that applies to *route*: its own, else the forwarder's
     default; None when events are ordered by source (not ``ordering: key``, no key, or a
     ``json:`` default on a raw route)."""
@@ -376,7 +376,7 @@ class ListenerActor(ServerActor):
         self._match_runs = match_runs
         instance = cfg.instance
         self._routes = {r.path: _Route(r, instance,
-                                       ordering_key=route_ordering_key(cfg.forwarder, r))
+                                       ordering_key=_route_ordering_key(cfg.forwarder, r))
                         for r in self._lcfg.effective_routes()}
         self._not_found = EVENTS_REJECTED.labels(instance, "", "not_found")
         self._limits = limits_from_config(self._lcfg)
@@ -407,7 +407,7 @@ class ListenerActor(ServerActor):
         now = time.monotonic()
         # forwarder.* keeps its running values on a reload (the mode needs a restart).
         routes = {r.path: _Route(r, self._cfg.instance, before=self._routes.get(r.path), now=now,
-                                 ordering_key=route_ordering_key(update.cfg.forwarder, r))
+                                 ordering_key=_route_ordering_key(update.cfg.forwarder, r))
                   for r in lcfg.effective_routes()}
         rotated = sorted(path for path, route in routes.items()
                          if _secret(route) != _secret(self._routes.get(path)))
