@@ -16,6 +16,10 @@ from mfo_actors.client._transport import total_timeout
 from mfo_actors.runtime import Clock
 from tests.test_forwarder import *  # noqa: F403  (the same tests, collected again here)
 
+# The whole rerun is in the slow set (~25 s): the fast set keeps the lean sender's own tests
+# (test_lean_sender.py compares it with ClientSender answer by answer, test_http_client.py).
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
 
 @pytest.fixture(autouse=True)
 def _lean_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,6 +58,8 @@ async def outage(store: EventStore) -> AsyncIterator[None]:
         del store._apply_batch  # type: ignore[attr-defined]
 
 
+# Real lease expiry (about 5 s each, 8 variants): the slow set.
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["fail", "rerun"])
 async def test_a_node_cut_off_stops_its_runs_before_their_lease_runs_out(
     opener: Opener, policy: str
