@@ -268,7 +268,8 @@ class TestDocs:
         [tests] = [b for b in blocks if "pytest" in b and b.startswith("python3 -m venv .venv")]
         assert "\n" not in tests
         assert tests in (REPO / ".ci" / "run").read_text()
-        # Any other pytest line is the fast set: CI's own pytest command, slow tests left out.
+        # Any other pytest line is the fast set: CI's own pytest command, slow tests left out,
+        # in four worker processes (pytest-xdist, one of the test extras).
         ci_pytest = tests.split(" && ")[-1]
         others = [b for b in blocks if "pytest" in b and b != tests]
-        assert others == [f'{ci_pytest} -m "not slow"']
+        assert others == [f'{ci_pytest} -m "not slow" -n 4']
