@@ -458,6 +458,18 @@ class BacklogSampler:
 
 
 # --------------------------------------------------------------------------------------------
+# CPU of a process (all its threads), for the CPU per delivered event
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of *pid* so far (``/proc``; 0.0 where there is no ``/proc``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # py-spy
 
 
@@ -559,6 +571,7 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
             wait_ok(client, f"{admin_url}/readyz", daemon, daemon_log, "daemon")
             if args.py_spy:
                 spy = start_py_spy(daemon.pid, args.py_spy)
+            cpu_before = {"daemon": cpu_seconds(daemon.pid), "mock": cpu_seconds(mock.pid)}
             with BacklogSampler(admin_url, mock_url) as sampler:
                 if steady:
                     load = run_python(listen_port, args, row.events, rate=args.steady_rate)
@@ -589,6 +602,8 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
                             f"reached the server {DELIVERY_DEADLINE}s after the load "
                             f"stopped\n{tail(daemon_log)}")
                     time.sleep(0.1)  # polling another process's progress
+            cpu = {"daemon": cpu_seconds(daemon.pid) - cpu_before["daemon"],
+                   "mock": cpu_seconds(mock.pid) - cpu_before["mock"]}
             if spy is not None:
                 stop_py_spy(spy)
                 spy = None
@@ -625,6 +640,9 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
             "max": round(max(latency) * 1000, 1),
             "mean": round(statistics.fmean(latency) * 1000, 1),
         },
+        # CPU of each process from the first request to the last delivery, per event.
+        "cpu_us_per_event": {name: round(seconds / max(1, len(events)) * 1e6, 1)
+                             for name, seconds in cpu.items()},
         "backlog": {"max": max(backlog, default=0),
                     "max_during_load": max(backlog[:load_samples], default=0),
                     "samples": backlog},
@@ -818,7 +836,9 @@ def main() -> None:
                   f"delivered, {res['delivered_per_s']:,.0f}/s, p50 "
                   f"{res['accept_to_delivered_ms']['p50']} ms, p99 "
                   f"{res['accept_to_delivered_ms']['p99']} ms, tail "
-                  f"{res['tail_after_last_accept_s']} s", flush=True)
+                  f"{res['tail_after_last_accept_s']} s, ingest {res['ingest_per_s']:,.0f}/s, "
+                  f"CPU µs/event daemon {res['cpu_us_per_event']['daemon']:,.0f} mock "
+                  f"{res['cpu_us_per_event']['mock']:,.0f}", flush=True)
         return res
 
     by_row: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rows}

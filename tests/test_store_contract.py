@@ -28,6 +28,7 @@ from mfo_actors.messages import Event
 from mfo_actors.store import (
     OUTPUT_CAP,
     AppendResult,
+    Delivered,
     EventStore,
     RunRequest,
     StoreClosedError,
@@ -572,6 +573,37 @@ class TestSettle:
         assert stored.claim_token is None
         assert (stats.pending, stats.pending_bytes, stats.delivered) == (0, 0, 1)
         assert [s.event.id for s in listed] == [event.id]
+
+    async def test_mark_delivered_many_settles_each_as_one_would(
+        self, opener: Opener, clock: FakeClock
+    ) -> None:
+        """One write for a run; a stale token in it is skipped alone; the lanes move on."""
+        a1, a2, b1 = (make_event(clock, source=s, body=b"123") for s in ("a", "a", "b"))
+        async with opener() as store:
+            for e in (a1, a2, b1):
+                await store.append(e)
+            claimed = {c.event.id: c for c in await store.claim_due(
+                limit=10, lease=30, ordered_by_source=True, per_source=2)}
+            assert set(claimed) == {a1.id, a2.id, b1.id}
+            clock.advance(1)
+            await store.mark_delivered_many([
+                Delivered(event_id=a1.id, claim_token=claimed[a1.id].claim_token or "",
+                          latency=0.02, status=202),
+                Delivered(event_id=b1.id, claim_token="stale"),
+                Delivered(event_id=a2.id, claim_token=claimed[a2.id].claim_token or "",
+                          sent_at=clock() - 0.5, latency=0.01, status=200),
+            ])
+            await store.mark_delivered_many([])  # nothing to do
+            states = {e.id: await store.get_event(e.id) for e in (a1, a2, b1)}
+            attempts = {e.id: await store.list_attempts(e.id) for e in (a1, a2, b1)}
+            stats = await store.stats()
+        assert {i: s.status for i, s in states.items() if s is not None} == {
+            a1.id: "delivered", a2.id: "delivered", b1.id: "claimed"}
+        assert (stats.pending, stats.pending_bytes, stats.delivered) == (1, 3, 2)
+        assert [(a.number, a.outcome, a.status) for a in attempts[a1.id]] == [
+            (1, "delivered", 202)]
+        assert attempts[a2.id][0].at == pytest.approx(T0 + 0.5)
+        assert attempts[a2.id][0].status == 200 and attempts[b1.id] == []
 
     async def test_stale_token_is_ignored(self, opener: Opener, clock: FakeClock) -> None:
         event = make_event(clock)

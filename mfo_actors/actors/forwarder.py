@@ -1,15 +1,18 @@
 """The forwarder: delivers stored events to ``POST {base_url}/api/events``, durably.
 
 One dispatcher task claims due events from the store and hands them to a fixed pool of
-``forwarder.concurrency`` worker tasks over a bounded channel (cheaper than a task per event);
-it never claims more than there are idle workers, so a claimed event is sent right away and
-its lease is not spent waiting in a queue. Each worker POSTs one event (one attempt,
+``forwarder.concurrency`` worker tasks over a bounded channel (cheaper than a task per event).
+While the upstream is healthy it keeps at most one claimed run queued per worker beside the
+one the worker is sending (so a worker never waits for a store round trip between runs, and
+a queued run waits one run's time, a small part of its lease); while the breaker counts
+failures it claims only for idle workers. Each worker POSTs one event (one attempt,
 ``retry=False``: retries are durable reschedules, not in-memory loops) and settles it:
 
-* 2xx: ``mark_delivered`` (``mfo_events_forwarded_total``, ``mfo_forward_latency_seconds``
-  from acceptance to delivery). A 2xx whose body is not the expected JSON still counts as
-  delivered: the server took the event. Only a 2xx: a 3xx (a redirect at a load balancer)
-  is a retryable error, never followed.
+* 2xx: delivered (``mark_delivered_many``, one store write per claimed run, while the
+  worker goes on; ``mfo_events_forwarded_total``, ``mfo_forward_latency_seconds`` from
+  acceptance to delivery, counted once it is durable). A 2xx whose body is not the
+  expected JSON still counts as delivered: the server took the event. Only a 2xx: a 3xx
+  (a redirect at a load balancer) is a retryable error, never followed.
 * :class:`RetryableError` (network, timeout, 3xx, 408, 429, 5xx): ``reschedule`` at
   ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
   as a floor; ``mfo_events_retried_total``), or ``dead_letter`` once ``client.retry.max_attempts``
@@ -60,8 +63,15 @@ still open it, so an outage costs about ``failure_threshold`` requests, then
 Each delivery is two steps: *send once* (an :class:`~mfo_actors.actors._delivery.EventSender`
 returns a ``Sent`` outcome and never raises for what the upstream did) and *settle that
 outcome* (:meth:`ForwarderActor._settle`: delivered, rescheduled or dead-lettered, with its
-attempt history). The sender is pluggable (``senders=``): the default sends with the MFO
-``BaseClient`` (httpx); the daemon plugs in the lean sender
+attempt history). A failure is settled before the worker sends anything else; the events of
+a run the upstream took are settled together when the run is sent, in the background
+(``settling``, at most one such write per worker outstanding), so a worker takes its next
+claim while the last one's settle commits. Until that commit each of those events is still
+claimed, so its lane stays blocked behind it and nothing is claimed twice; a crash before it
+re-sends them (same ``Idempotency-Key``).
+
+The sender is pluggable (``senders=``): the default sends with the MFO ``BaseClient``
+(httpx); the daemon plugs in the lean sender
 (:mod:`~mfo_actors.actors._lean_sender`: kept-alive connections, a prebuilt head, httptools)
 over the same gate, with the same outcomes.
 
@@ -94,7 +104,7 @@ import base64
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import httpx
@@ -117,7 +127,7 @@ from mfo_actors.metrics import (
 )
 from mfo_actors.observability import get_logger, redact
 from mfo_actors.runtime import RestartPolicy, SystemClock
-from mfo_actors.store import StoreError
+from mfo_actors.store import Delivered, StoreError
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -133,6 +143,7 @@ __all__ = ["EVENTS_PATH", "ForwarderActor", "WireEvent", "encode_event"]
 log = get_logger(__name__)
 
 ORDERED_MODES = ("source", "key")  # forwarder.ordering values that deliver lane by lane
+PREFETCH_RUNS = 2  # runs claimed per worker while healthy: the one it sends and the next
 LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
 # A send still unanswered at this fraction of the lease is abandoned and rescheduled, so the
 # claim is settled before the lease could hand the event to another worker (which would send
@@ -232,7 +243,9 @@ class ForwarderActor:
         self._concurrency = max(1, self._fcfg.concurrency)
         self._ordered = self._fcfg.ordering in ORDERED_MODES
         self._dispatch_scope: anyio.CancelScope | None = None
-        self._idle = self._concurrency
+        self._settling: TaskGroup | None = None  # background settles of delivered runs
+        self._unsettled_runs = 0  # of those, not yet durable
+        self._busy = 0  # runs handed to workers (queued or being sent), not finished
         self._freed = anyio.Event()
         self._stopping = False
         self._stop = anyio.Event()
@@ -245,6 +258,8 @@ class ForwarderActor:
         self.retried = 0
         self.dead = 0
         self._last_error: str | None = None
+        self._forwarded = EVENTS_FORWARDED.labels(instance=self._instance)
+        self._latency = FORWARD_LATENCY.labels(instance=self._instance)
 
     # -- status ------------------------------------------------------------------------
 
@@ -259,10 +274,11 @@ class ForwarderActor:
         return apply
 
     def health(self) -> dict[str, Any]:
-        """For ``/readyz``: busy workers and counts (the forwarder is ready while running)."""
+        """For ``/readyz``: work in flight (busy workers, and runs sent whose delivered
+        settle is not durable yet) and counts (the forwarder is ready while running)."""
         return {
             "ok": True,
-            "in_flight": self._concurrency - self._idle,
+            "in_flight": self._busy + self._unsettled_runs,
             "delivered": self.delivered,
             "retried": self.retried,
             "dead": self.dead,
@@ -275,23 +291,28 @@ class ForwarderActor:
     async def run(self, ready: ReadySignal) -> None:
         """Deliver until asked to stop; then finish the requests in flight and return."""
         self._stopping = False
-        self._idle = self._concurrency
+        self._busy = 0
         send, receive = anyio.create_memory_object_stream[tuple[float, list["StoredEvent"]]](
-            self._concurrency)
-        async with anyio.create_task_group() as workers:
-            async with receive:
-                for n in range(self._concurrency):
-                    workers.start_soon(self._worker, receive.clone(), name=f"forwarder-{n}")
-            async with send:
-                ready.set()
-                log.info("forwarder.started", concurrency=self._concurrency,
-                         ordering=self._fcfg.ordering, upstream=self._upstream)
-                with anyio.CancelScope() as dispatch_scope:
-                    self._dispatch_scope = dispatch_scope
-                    if self._stopping:
-                        dispatch_scope.cancel()
-                    await self._dispatch(send)
-            # The send side is closed: workers finish what they hold, then see end-of-stream.
+            PREFETCH_RUNS * self._concurrency)
+        # Outside the workers: a run's delivered settle outlives the worker's turn with it.
+        async with anyio.create_task_group() as settling:
+            self._settling = settling
+            async with anyio.create_task_group() as workers:
+                async with receive:
+                    for n in range(self._concurrency):
+                        workers.start_soon(self._worker, receive.clone(),
+                                           name=f"forwarder-{n}")
+                async with send:
+                    ready.set()
+                    log.info("forwarder.started", concurrency=self._concurrency,
+                             ordering=self._fcfg.ordering, upstream=self._upstream)
+                    with anyio.CancelScope() as dispatch_scope:
+                        self._dispatch_scope = dispatch_scope
+                        if self._stopping:
+                            dispatch_scope.cancel()
+                        await self._dispatch(send)
+                # The send side is closed: workers finish what they hold, then see
+                # end-of-stream; the settles still in flight finish before run returns.
         log.info("forwarder.stopped", delivered=self.delivered, retried=self.retried,
                  dead=self.dead)
 
@@ -309,18 +330,24 @@ class ForwarderActor:
         ordered = self._ordered
         poll = float(self._fcfg.poll_interval)
         while not self._stopping:
-            if self._idle == 0:
+            # Healthy (no allowance counted): a run queued per worker besides the one it
+            # sends; failing: runs only for idle workers, within the breaker's allowance.
+            allowance = self._gate.allowance()
+            room = (self._concurrency * (PREFETCH_RUNS if allowance is None else 1)
+                    - self._busy)
+            if room <= 0:
                 freed = self._freed
-                if self._idle == 0:
-                    await freed.wait()
+                await freed.wait()
                 continue
             # Wait while the breaker is open (until the probe time) or there is no token
             # (logins failing): nothing is claimed.
             await self._gate.wait_ready()
-            workers = min(self._idle, batch)
+            workers = min(room, batch)
             allowance = self._gate.allowance()
             if allowance is not None:
-                workers = min(workers, max(1, allowance))
+                workers = min(workers, max(1, allowance), max(0, self._concurrency - self._busy))
+                if workers == 0:
+                    continue
             # Each idle worker gets a run: ordered, a lane's next events; unordered, a
             # share of the oldest due events (one each while the breaker is counting calls).
             per_worker = 1 if allowance is not None else max(1, batch // self._concurrency)
@@ -339,8 +366,8 @@ class ForwarderActor:
             runs = (_runs_by_lane(claimed) if ordered
                     else [claimed[i::workers] for i in range(min(workers, len(claimed)))])
             for run in runs:
-                self._idle -= 1
-                send.send_nowait((claimed_at, run))  # room guaranteed: at most `idle` queued
+                self._busy += 1
+                send.send_nowait((claimed_at, run))  # room guaranteed: busy <= the bound
             if not claimed:
                 await self._store.wait_for_events(poll)
 
@@ -351,37 +378,42 @@ class ForwarderActor:
             await self._work(receive, sender)
 
     async def _work(self, receive: Any, sender: EventSender) -> None:
+        settled: anyio.Event | None = None  # this worker's last background settle is durable
         async with receive:
             async for claimed_at, run in receive:
                 # One claim: a single event, or (ordering: source or key) consecutive events
                 # of one lane, sent one after another in acceptance order.
                 hold_until = claimed_at + float(self._fcfg.lease) * LEASE_HOLD_FRACTION
                 sent = 0
+                delivered: list[_Delivery] = []
                 try:
-                    # Settles of a run go to the store while the next event is sent (group
-                    # commit merges them); the run ends when all are durable. A crash before
-                    # that re-sends the event later, under the same Idempotency-Key.
-                    async with anyio.create_task_group() as settles:
-                        for stored in run:
-                            if sent and (self._stopping
-                                         or self._clock.monotonic() > hold_until):
-                                break
-                            sent += 1
-                            delivered = await self._deliver(stored, sender, hold_until, settles)
-                            if not delivered and self._ordered:
-                                break  # rescheduled: the rest of its lane waits behind it
+                    for stored in run:
+                        # Stopping: a run not started is given back unsent.
+                        if self._stopping or (sent and self._clock.monotonic() > hold_until):
+                            break
+                        sent += 1
+                        done = await self._deliver(stored, sender, hold_until, delivered)
+                        if not done and self._ordered:
+                            break  # rescheduled: the rest of its lane waits behind it
                     if sent < len(run):
                         await self._release(run[sent:])
-                except* StoreError as group:
+                except StoreError as exc:
                     # The settle failed: the claim stays and its lease makes the event due
-                    # again (at least once, same Idempotency-Key). except*: a settle raised
-                    # inside the `settles` task group arrives wrapped in an ExceptionGroup.
-                    exc = group.exceptions[0]
+                    # again (at least once, same Idempotency-Key).
                     self._last_error = f"settle failed: {exc}"
                     log.error("forwarder.settle_failed", event_id=run[0].event.id,
                               error=str(exc))
                 finally:
-                    self._idle += 1
+                    if delivered:
+                        # One write in flight per worker: a slow store slows the workers
+                        # down instead of piling up settles.
+                        if settled is not None:
+                            await settled.wait()
+                        settled = anyio.Event()
+                        assert self._settling is not None
+                        self._unsettled_runs += 1
+                        self._settling.start_soon(self._settle_delivered, delivered, settled)
+                    self._busy -= 1
                     freed, self._freed = self._freed, anyio.Event()
                     freed.set()
 
@@ -395,10 +427,11 @@ class ForwarderActor:
                 count_attempt=False)
 
     async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
-                       settles: TaskGroup) -> bool:
+                       delivered: list[_Delivery]) -> bool:
         """Send one claimed event (once, or again while the breaker holds it and the lease
-        allows) and settle the outcome; True when settled for good (delivered or dead),
-        False when rescheduled (later events of its lane must wait)."""
+        allows) and settle the outcome; True when settled for good (delivered: added to
+        *delivered*, or dead), False when rescheduled (later events of its lane must
+        wait)."""
         body = encode_event(stored.event)
         lease = float(self._fcfg.lease)
         send_by = hold_until + lease * (LEASE_SEND_FRACTION - LEASE_HOLD_FRACTION)
@@ -410,12 +443,13 @@ class ForwarderActor:
             if (sent.kind == "held" and not self._stopping and self._gate.allowance() == 0
                     and self._clock.monotonic() + sent.retry_in < hold_until):
                 continue  # nothing was sent: keep the event while the lease allows
-            return await self._settle(stored, sent, answers_before, settles)
+            return await self._settle(stored, sent, answers_before, delivered)
 
     async def _settle(self, stored: StoredEvent, sent: Sent, answers_before: int,
-                      settles: TaskGroup) -> bool:
+                      delivered: list[_Delivery]) -> bool:
         """Settle one send's outcome in the store (see the module docstring); True when
-        settled for good. A delivered event's settle runs in *settles*."""
+        settled for good. A delivered event is only added to *delivered* (its run's
+        settle)."""
         token = stored.claim_token or ""
         kind = sent.kind
         if kind == "delivered":
@@ -423,7 +457,7 @@ class ForwarderActor:
             if sent.error is not None:
                 log.warning("forwarder.unreadable_ack", event_id=stored.event.id,
                             error=sent.error)
-            settles.start_soon(self._settle_delivered, stored, token, sent)
+            delivered.append(_Delivery(stored, sent))
             return True
         if kind == "held":
             await self._reschedule(stored, token, delay=sent.retry_in,
@@ -454,22 +488,31 @@ class ForwarderActor:
         return await self._failed(stored, token, error or "failed", sent,
                                   retry_after=sent.retry_after, count=count)
 
-    async def _settle_delivered(self, stored: StoredEvent, token: str, send: Sent) -> None:
-        event = stored.event
+    async def _settle_delivered(self, delivered: list[_Delivery], settled: anyio.Event
+                                ) -> None:
+        """Settle a run's delivered events in one store write, then count them."""
         try:
-            await self._store.mark_delivered(event.id, token, sent_at=send.at,
-                                             latency=send.latency)
+            await self._store.mark_delivered_many([
+                Delivered(event_id=d.stored.event.id, claim_token=d.stored.claim_token or "",
+                          sent_at=d.sent.at, latency=d.sent.latency, status=d.sent.status)
+                for d in delivered])
         except StoreError as exc:
-            # The lease will make it due again: sent twice at worst, same Idempotency-Key.
+            # The lease will make them due again: sent twice at worst, same Idempotency-Key.
             self._last_error = f"settle failed: {exc}"
-            log.error("forwarder.settle_failed", event_id=event.id, error=str(exc))
-            return
-        self.delivered += 1
-        EVENTS_FORWARDED.labels(instance=self._instance).inc()
-        FORWARD_LATENCY.labels(instance=self._instance).observe(
-            max(0.0, self._clock.now() - event.received_at))
-        log.debug("forwarder.delivered", event_id=event.id, source=event.source,
-                  attempt=stored.attempts + 1, latency_ms=_ms(send.latency))
+            log.error("forwarder.settle_failed", event_id=delivered[0].stored.event.id,
+                      events=len(delivered), error=str(exc))
+        else:
+            now = self._clock.now()
+            self.delivered += len(delivered)
+            self._forwarded.inc(len(delivered))
+            for d in delivered:
+                event = d.stored.event
+                self._latency.observe(max(0.0, now - event.received_at))
+                log.debug("forwarder.delivered", event_id=event.id, source=event.source,
+                          attempt=d.stored.attempts + 1, latency_ms=_ms(d.sent.latency))
+        finally:
+            self._unsettled_runs -= 1
+            settled.set()
 
     def _is_attempt(self, failure: bool, answered_before: int) -> bool:
         """Whether a send that ended this way counts as an attempt (see the module doc);
@@ -530,6 +573,13 @@ class ForwarderActor:
         EVENTS_DEAD.labels(instance=self._instance).inc()
         log.warning("forwarder.dead_lettered", event_id=stored.event.id,
                     source=stored.event.source, attempts=stored.attempts + 1, reason=reason)
+
+
+class _Delivery(NamedTuple):
+    """A claimed event the upstream took, waiting for its run's settle."""
+
+    stored: StoredEvent
+    sent: Sent
 
 
 def _ms(seconds: float | None) -> float | None:

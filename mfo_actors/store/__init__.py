@@ -10,6 +10,7 @@ from mfo_actors.store._postgres import PostgresStore as PostgresStore
 from mfo_actors.store._postgres import open_postgres_store as open_postgres_store
 from mfo_actors.store._protocol import AppendResult as AppendResult
 from mfo_actors.store._protocol import AttemptOutcome as AttemptOutcome
+from mfo_actors.store._protocol import Delivered as Delivered
 from mfo_actors.store._protocol import DeliveryAttempt as DeliveryAttempt
 from mfo_actors.store._protocol import EventStatus as EventStatus
 from mfo_actors.store._protocol import EventStore as EventStore
@@ -36,6 +37,7 @@ __all__ = [
     "OUTPUT_CAP",
     "AppendResult",
     "AttemptOutcome",
+    "Delivered",
     "DeliveryAttempt",
     "EventStatus",
     "EventStore",

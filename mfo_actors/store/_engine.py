@@ -84,11 +84,11 @@ class Op(Generic[T]):
     ops with one ``executemany``; ``fn`` must do the same as that insert.
     """
 
-    __slots__ = ("completed", "delta", "done", "error", "fn", "is_append", "lane",
+    __slots__ = ("completed", "delta", "done", "error", "fn", "is_append", "lanes",
                  "reserved", "result", "row")
 
     def __init__(self, fn: OpFn[T], *, reserved: int | None = None,
-                 lane: str | None = None, row: tuple[Any, ...] | None = None) -> None:
+                 lanes: tuple[str, ...] = (), row: tuple[Any, ...] | None = None) -> None:
         self.fn = fn
         self.row = row
         self.done = anyio.Event()
@@ -98,7 +98,7 @@ class Op(Generic[T]):
         self.completed = False  # the writer ran it (successfully or not)
         self.reserved = reserved  # bytes of a backpressure reservation (appends), until settled
         self.is_append = reserved is not None
-        self.lane = lane  # the delivery lane the op writes (Event.lane), when known before it runs
+        self.lanes = lanes  # the delivery lanes the op writes (Event.lane), known before it runs
 
 
 class Latch:

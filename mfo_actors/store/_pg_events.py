@@ -27,7 +27,13 @@ from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_attempts import forget_attempts, record_attempt
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._pg_runs import insert_runs
-from mfo_actors.store._protocol import AppendResult, EventStatus, RunRequest, StoredEvent
+from mfo_actors.store._protocol import (
+    AppendResult,
+    Delivered,
+    EventStatus,
+    RunRequest,
+    StoredEvent,
+)
 from mfo_actors.store._tables import (
     PRUNE_CHUNK,
     LaneHead,
@@ -54,7 +60,7 @@ class PostgresEvents(PostgresTables):
         size = len(event.body)
         self._reserve(size)
         op = Op(partial(self._tx_append, event, tuple(runs), size), reserved=size,
-                lane=event.lane)
+                lanes=(event.lane,))
         return await self._submit(op)
 
     def _tx_append(
@@ -170,7 +176,8 @@ class PostgresEvents(PostgresTables):
 
     def _settle_op(self, fn: Callable[..., tuple[None, Delta]], event_id: str,
                    *args: Any) -> Op[None]:
-        return Op(partial(fn, event_id, *args), lane=self._claimed.pop(event_id, None))
+        lane = self._claimed.pop(event_id, None)
+        return Op(partial(fn, event_id, *args), lanes=() if lane is None else (lane,))
 
     def _settle(
         self, tx: Tx, event_id: str, token: str, action: str, set_sql: str,
@@ -195,21 +202,37 @@ class PostgresEvents(PostgresTables):
 
     async def mark_delivered(
         self, event_id: str, claim_token: str, *, sent_at: float | None = None,
-        latency: float | None = None,
+        latency: float | None = None, status: int | None = None,
     ) -> None:
         """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
-        await self._submit(self._settle_op(self._tx_delivered, event_id, claim_token,
-                                           Send(sent_at, None, latency)))
+        await self.mark_delivered_many([Delivered(
+            event_id=event_id, claim_token=claim_token, sent_at=sent_at, latency=latency,
+            status=status)])
 
-    def _tx_delivered(self, event_id: str, token: str, send: Send, tx: Tx, now: float
+    async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
+        """Settle claimed events as delivered, in one op (see the protocol)."""
+        if not deliveries:
+            await anyio.lowlevel.checkpoint()
+            return
+        popped = (self._claimed.pop(d.event_id, None) for d in deliveries)
+        lanes = tuple({lane for lane in popped if lane is not None})
+        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries)), lanes=lanes))
+
+    def _tx_delivered(self, deliveries: tuple[Delivered, ...], tx: Tx, now: float
                       ) -> tuple[None, Delta]:
-        size = self._settle(
-            tx, event_id, token, "delivered",
-            "status = 'delivered', delivered_at = %s, attempts = attempts + 1, last_error = NULL",
-            (now,), now, now, send, None)
-        if size is None:
-            return None, NO_CHANGE
-        return None, Delta(pending=-1, bytes=-size, delivered=1, wake_events=True)
+        delta = Delta()
+        for d in deliveries:
+            size = self._settle(
+                tx, d.event_id, d.claim_token, "delivered",
+                "status = 'delivered', delivered_at = %s, attempts = attempts + 1, "
+                "last_error = NULL", (now,), now, now, Send(d.sent_at, d.status, d.latency),
+                None)
+            if size is not None:
+                delta.pending -= 1
+                delta.bytes -= size
+                delta.delivered += 1
+                delta.wake_events = True
+        return None, delta
 
     async def reschedule(
         self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,

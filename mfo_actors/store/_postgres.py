@@ -284,7 +284,7 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         with conn.transaction():
             if time.monotonic() - self._counted_at >= COUNTS_REFRESH:
                 resync = _sums(conn)  # before this batch's changes, which _complete adds
-            lanes = sorted({op.lane for op in batch if op.lane is not None})
+            lanes = sorted({lane for op in batch for lane in op.lanes})
             if lanes:
                 # Lock every lane this batch writes, in one order for all nodes. An upsert
                 # that updates locks the row whether it existed, was just pruned, or is new

@@ -43,6 +43,7 @@ from mfo_actors.messages import Event, RunStatus, TriggerKind
 __all__ = [
     "AppendResult",
     "AttemptOutcome",
+    "Delivered",
     "DeliveryAttempt",
     "EventStatus",
     "EventStore",
@@ -110,6 +111,17 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     delivered_at: float | None = None
     claim_token: str | None = None  # set on claimed events; settle calls must pass it back
     attempt_base: int = 0  # attempts made before the last replay: the retry budget's zero
+
+
+class Delivered(msgspec.Struct, frozen=True, kw_only=True):
+    """One claimed event the upstream took (2xx), to settle with
+    :meth:`EventStore.mark_delivered_many`; the send's figures go to its attempt history."""
+
+    event_id: str
+    claim_token: str
+    sent_at: float | None = None  # wall clock, when the request started (None: now - latency)
+    latency: float | None = None  # seconds to the answer
+    status: int | None = None  # the answer's HTTP status, when known
 
 
 class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,13 +269,20 @@ class EventStore(Protocol):
 
     async def mark_delivered(
         self, event_id: str, claim_token: str, *, sent_at: float | None = None,
-        latency: float | None = None,
+        latency: float | None = None, status: int | None = None,
     ) -> None:
         """Settle a claimed event as delivered (clearing ``last_error``); records the attempt.
 
-        *sent_at* (wall clock, default: now less *latency*) and *latency* (seconds) describe
-        the send, for the attempt history.
+        *sent_at* (wall clock, default: now less *latency*), *latency* (seconds) and *status*
+        (the answer's) describe the send, for the attempt history. A stale *claim_token*
+        (the lease ran out and the event was claimed again) is ignored, and logged.
         """
+        ...
+
+    async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
+        """Settle several claimed events as delivered in one write, each exactly as
+        :meth:`mark_delivered` would (the forwarder's hot path: one store op per claimed
+        run instead of one per event)."""
         ...
 
     async def reschedule(

@@ -25,7 +25,13 @@ from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, newest_first, stored_event
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
-from mfo_actors.store._protocol import AppendResult, EventStatus, RunRequest, StoredEvent
+from mfo_actors.store._protocol import (
+    AppendResult,
+    Delivered,
+    EventStatus,
+    RunRequest,
+    StoredEvent,
+)
 from mfo_actors.store._sqlite_attempts import forget_attempts, record_attempt
 from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
 from mfo_actors.store._sqlite_runs import insert_runs
@@ -197,22 +203,35 @@ class SQLiteEvents(SQLiteTables):
 
     async def mark_delivered(
         self, event_id: str, claim_token: str, *, sent_at: float | None = None,
-        latency: float | None = None,
+        latency: float | None = None, status: int | None = None,
     ) -> None:
         """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
-        await self._submit(Op(partial(
-            self._tx_delivered, event_id, claim_token, Send(sent_at, None, latency))))
+        await self.mark_delivered_many([Delivered(
+            event_id=event_id, claim_token=claim_token, sent_at=sent_at, latency=latency,
+            status=status)])
 
-    def _tx_delivered(
-        self, event_id: str, token: str, send: Send, conn: sqlite3.Connection, now: float
-    ) -> tuple[None, Delta]:
-        size = self._settle(
-            conn, event_id, token, "delivered",
-            "status = 'delivered', delivered_at = ?, attempts = attempts + 1, last_error = NULL",
-            (now,), now, send, None, next_look=now)
-        if size is None:
-            return None, NO_CHANGE
-        return None, Delta(pending=-1, bytes=-size, delivered=1, wake_events=True)
+    async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
+        """Settle claimed events as delivered, in one op (see the protocol)."""
+        if not deliveries:
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries))))
+
+    def _tx_delivered(self, deliveries: tuple[Delivered, ...], conn: sqlite3.Connection,
+                      now: float) -> tuple[None, Delta]:
+        delta = Delta()
+        for d in deliveries:
+            size = self._settle(
+                conn, d.event_id, d.claim_token, "delivered",
+                "status = 'delivered', delivered_at = ?, attempts = attempts + 1, "
+                "last_error = NULL", (now,), now, Send(d.sent_at, d.status, d.latency), None,
+                next_look=now)
+            if size is not None:
+                delta.pending -= 1
+                delta.bytes -= size
+                delta.delivered += 1
+                delta.wake_events = True
+        return None, delta
 
     async def reschedule(
         self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
