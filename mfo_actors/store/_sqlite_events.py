@@ -23,7 +23,14 @@ import anyio.lowlevel
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
-from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, newest_first, stored_event
+from mfo_actors.store._codec import (
+    ATTEMPT_UPSERT,
+    EVENT_COLS,
+    Send,
+    json_bytes,
+    newest_first,
+    stored_event,
+)
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import (
     AppendResult,
@@ -219,19 +226,35 @@ class SQLiteEvents(SQLiteTables):
 
     def _tx_delivered(self, deliveries: tuple[Delivered, ...], conn: sqlite3.Connection,
                       now: float) -> tuple[None, Delta]:
-        delta = Delta()
-        for d in deliveries:
-            size = self._settle(
-                conn, d.event_id, d.claim_token, "delivered",
-                "status = 'delivered', delivered_at = ?, attempts = attempts + 1, "
-                "last_error = NULL", (now,), now, Send(d.sent_at, d.status, d.latency), None,
-                next_look=now)
-            if size is not None:
-                delta.pending -= 1
-                delta.bytes -= size
-                delta.delivered += 1
-                delta.wake_events = True
-        return None, delta
+        """Each delivery as :meth:`_settle` would do it, set-wise: one ``UPDATE ... FROM
+        (VALUES ...)`` per chunk (by id, through its index; only where the token still
+        holds), then the lanes touched and the attempts recorded with ``executemany``."""
+        by_id = {d.event_id: d for d in deliveries}
+        done: list[tuple[str, int, int, str]] = []
+        for chunk in chunks(list(by_id)):
+            params: list[Any] = [now]
+            for event_id in chunk:
+                params += (event_id, by_id[event_id].claim_token)
+            done += conn.execute(
+                "UPDATE events SET status = 'delivered', delivered_at = ?, "
+                "attempts = attempts + 1, last_error = NULL, claim_token = NULL, "
+                f"lease_until = NULL FROM (VALUES {','.join(['(?, ?)'] * len(chunk))}) AS s "
+                "WHERE events.id = s.column1 AND events.claim_token = s.column2 "
+                "AND events.status = 'claimed' RETURNING events.id, size, attempts, lane",
+                params).fetchall()
+        for event_id in by_id.keys() - {row[0] for row in done}:
+            stale_settle(event_id, "delivered")
+        if not done:
+            return None, NO_CHANGE
+        conn.executemany(_TOUCH, [(lane, now) for lane in {row[3] for row in done}])
+        attempts: list[tuple[Any, ...]] = []
+        for event_id, _, number, _ in done:
+            d = by_id[event_id]
+            send = Send(d.sent_at, d.status, d.latency)
+            attempts.append(send.params(event_id, number, now, "delivered", None))
+        conn.executemany(ATTEMPT_UPSERT, attempts)
+        return None, Delta(pending=-len(done), bytes=-sum(row[1] for row in done),
+                           delivered=len(done), wake_events=True)
 
     async def reschedule(
         self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
