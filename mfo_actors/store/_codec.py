@@ -64,7 +64,7 @@ SESSION_COLS = (
     "close_reason, context, metadata"
 )
 # Insert or replace one task's record, keeping its place in the run's order (an upsert, not a
-# delete and insert); with ? placeholders (SQLite; Postgres swaps them for %s).
+# delete and insert); ? placeholders, as in ``_tables.py`` (its Dialect gives Postgres's).
 TASK_UPSERT = (
     f"INSERT INTO task_runs ({TASK_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (run_id, task_id) DO UPDATE SET state = excluded.state, "

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from mfo_actors.store._codec import ATTEMPT_COLS, ATTEMPT_UPSERT, Send, attempt_record
 from mfo_actors.store._pg_base import Conn, PostgresTables
 from mfo_actors.store._protocol import DeliveryAttempt
+from mfo_actors.store._tables import POSTGRES
 
 __all__ = ["PostgresAttempts", "forget_attempts", "record_attempt"]
 
-_ATTEMPT_UPSERT = ATTEMPT_UPSERT.replace("?", "%s").encode()
+_ATTEMPT_UPSERT = POSTGRES.sql(ATTEMPT_UPSERT).encode()
 
 
 def record_attempt(conn: Conn, send: Send, event_id: str, number: int, now: float,

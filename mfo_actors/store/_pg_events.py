@@ -35,7 +35,9 @@ from mfo_actors.store._protocol import (
     StoredEvent,
 )
 from mfo_actors.store._tables import (
+    POSTGRES,
     PRUNE_CHUNK,
+    PRUNE_EVENTS,
     LaneHead,
     claim_lanes,
     in_seq_order,
@@ -48,6 +50,7 @@ __all__ = ["PostgresEvents"]
 log = get_logger("mfo_actors.store.postgres")
 
 _CLAIMED_MEMORY = 100_000  # event id -> lane of this node's claims, for settles' lock order
+_PRUNE_EVENTS = POSTGRES.sql(PRUNE_EVENTS).encode()
 
 
 class PostgresEvents(PostgresTables):
@@ -357,10 +360,7 @@ class PostgresEvents(PostgresTables):
     def _tx_prune(self, age: float, tx: Tx, now: float) -> tuple[int, Delta]:
         horizon = now - self._dedupe_window
         ids = [r[0] for r in tx.conn.execute(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
-            "AND delivered_at < %s AND (dedupe_key IS NULL OR received_at < %s) "
-            "ORDER BY seq LIMIT %s) RETURNING id",
-            (now - age, horizon, PRUNE_CHUNK)).fetchall()]
+            _PRUNE_EVENTS, (now - age, horizon, PRUNE_CHUNK)).fetchall()]
         n = len(ids)
         forget_attempts(tx.conn, ids)  # their attempt histories go with them
         tx.conn.execute(

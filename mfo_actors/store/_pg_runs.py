@@ -31,14 +31,14 @@ from mfo_actors.store._codec import (
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
-from mfo_actors.store._tables import ORPHANED_RUNS, in_seq_order
+from mfo_actors.store._tables import ORPHANED_RUNS, POSTGRES, in_seq_order
 
 __all__ = ["PostgresRuns", "insert_runs"]
 
 log = get_logger("mfo_actors.store.postgres")
 
-_TASK_UPSERT = TASK_UPSERT.replace("?", "%s").encode()
-_ORPHANED_RUNS = ORPHANED_RUNS.replace("?", "%s")
+_TASK_UPSERT = POSTGRES.sql(TASK_UPSERT).encode()
+_ORPHANED_RUNS = POSTGRES.sql(ORPHANED_RUNS)
 
 
 def insert_runs(conn: Conn, runs: Sequence[RunRequest], now: float, *,

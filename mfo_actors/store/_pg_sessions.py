@@ -21,6 +21,7 @@ from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
 from mfo_actors.store._tables import (
+    POSTGRES,
     PRUNE_CHUNK,
     PRUNE_SESSIONS,
     in_seq_order,
@@ -30,7 +31,7 @@ from mfo_actors.store._tables import (
 
 __all__ = ["PostgresSessions"]
 
-_PRUNE_SESSIONS = PRUNE_SESSIONS.replace("?", "%s").encode()
+_PRUNE_SESSIONS = POSTGRES.sql(PRUNE_SESSIONS).encode()
 
 
 def _close_sessions(conn: Conn, where: str, params: tuple[Any, ...], reason: str,

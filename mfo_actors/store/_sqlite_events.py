@@ -44,6 +44,7 @@ from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
 from mfo_actors.store._sqlite_runs import insert_runs
 from mfo_actors.store._tables import (
     PRUNE_CHUNK,
+    PRUNE_EVENTS,
     LaneHead,
     claim_lanes,
     in_seq_order,
@@ -399,11 +400,7 @@ class SQLiteEvents(SQLiteTables):
 
     def _tx_prune(self, age: float, conn: sqlite3.Connection, now: float) -> tuple[int, Delta]:
         ids = [r[0] for r in conn.execute(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
-            "AND delivered_at < ? AND (dedupe_key IS NULL OR received_at < ?) "
-            "ORDER BY seq LIMIT ?) RETURNING id",
-            (now - age, now - self._dedupe_window, PRUNE_CHUNK),
-        )]
+            PRUNE_EVENTS, (now - age, now - self._dedupe_window, PRUNE_CHUNK))]
         forget_attempts(conn, ids)
         # Lanes with nothing unsettled since the last claim looked (one per past user id, with
         # user-id keys): an append or a replay creates the row again.

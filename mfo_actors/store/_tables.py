@@ -1,7 +1,9 @@
-"""Table logic both SQL backends share, apart from the SQL itself.
+"""Table logic both SQL backends share, and the statements they can say alike.
 
 The backends differ in their dialect (placeholders, locking, ``ON CONFLICT``), not in what
-they do with the rows: these helpers are that common part.
+they do with the rows: these helpers are that common part. A statement written here uses
+``?`` placeholders; :class:`Dialect` turns it into a backend's (:data:`SQLITE`,
+:data:`POSTGRES`), the one place that difference is said.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -21,9 +24,13 @@ from mfo_actors.store._protocol import StoreClosedError, StoreError
 __all__ = [
     "CLAIM_ROUNDS",
     "ORPHANED_RUNS",
+    "POSTGRES",
     "PRUNE_CHUNK",
+    "PRUNE_EVENTS",
     "PRUNE_SESSIONS",
     "RENEW_RUNS",
+    "SQLITE",
+    "Dialect",
     "LaneHead",
     "RunLeases",
     "claim_lanes",
@@ -111,9 +118,33 @@ def claim_lanes(
             break
     return seqs
 
-# One chunk of closed sessions closed before a cutoff (params: cutoff, cutoff, chunk; ?
-# placeholders; RETURNING, as a pipelined psycopg cursor has no rowcount). A session closes
-# after its last activity, so ``last_activity < cutoff`` holds for each of them and lets the
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the statements written here leave to a backend: its driver's placeholder."""
+
+    mark: str
+
+    def sql(self, statement: str) -> str:
+        """*statement*, written with ``?`` placeholders, with this backend's."""
+        return statement if self.mark == "?" else statement.replace("?", self.mark)
+
+
+SQLITE = Dialect(mark="?")
+POSTGRES = Dialect(mark="%s")
+
+# One chunk of delivered events past retention (params: delivered cutoff, dedupe horizon,
+# chunk): an event with a dedupe key stays while a provider retry may still come. RETURNING
+# id: their attempt histories go with them.
+PRUNE_EVENTS = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE status = 'delivered' "
+    "AND delivered_at < ? AND (dedupe_key IS NULL OR received_at < ?) "
+    "ORDER BY seq LIMIT ?) RETURNING id"
+)
+
+# One chunk of closed sessions closed before a cutoff (params: cutoff, cutoff, chunk;
+# RETURNING, as a pipelined psycopg cursor has no rowcount). A session closes after its last
+# activity, so ``last_activity < cutoff`` holds for each of them and lets the
 # (status, last_activity) index find them.
 PRUNE_SESSIONS = (
     "DELETE FROM sessions WHERE seq IN (SELECT seq FROM sessions WHERE status = 'closed' "
@@ -121,7 +152,7 @@ PRUNE_SESSIONS = (
 )
 
 
-# This node's active runs, their lease moved on (params: lease_until, node; ? placeholders).
+# This node's active runs, their lease moved on (params: lease_until, node).
 RENEW_RUNS = "UPDATE runs SET lease_until = ? WHERE status = 'active' AND node = ?"
 # Other nodes' active runs whose lease ran out (params: node, now). A run without a lease was
 # claimed before leases were kept (SQLite before schema 5): nobody renews it, so it is out.
