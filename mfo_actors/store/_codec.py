@@ -182,12 +182,13 @@ def attempt_record(row: Sequence[Any]) -> DeliveryAttempt:
                            error=row[4], latency=row[5])
 
 
-def newest_first(cols: str, table: str, limit: int, mark: str = "?", **equal: str | None
+def newest_first(cols: str, table: str, limit: int, mark: str = "?", *,
+                 order: str = "seq DESC", **equal: str | None
                  ) -> tuple[str, tuple[str | int, ...]]:
-    """``SELECT cols FROM table WHERE k = ? ... ORDER BY seq DESC LIMIT ?`` and its parameters
+    """``SELECT cols FROM table WHERE k = ? ... ORDER BY order LIMIT ?`` and its parameters
     (*mark* is the driver's placeholder). Each keyword given a value is one ``k = ?`` filter."""
     given = {column: value for column, value in equal.items() if value is not None}
     query = f"SELECT {cols} FROM {table}"
     if given:
         query += " WHERE " + " AND ".join(f"{column} = {mark}" for column in given)
-    return f"{query} ORDER BY seq DESC LIMIT {mark}", (*given.values(), max(0, limit))
+    return f"{query} ORDER BY {order} LIMIT {mark}", (*given.values(), max(0, limit))

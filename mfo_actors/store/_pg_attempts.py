@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mfo_actors.store._codec import ATTEMPT_COLS, ATTEMPT_UPSERT, Send, attempt_record
+from mfo_actors.store._codec import ATTEMPT_UPSERT, Send
 from mfo_actors.store._pg_base import Conn, PostgresTables
-from mfo_actors.store._protocol import DeliveryAttempt
-from mfo_actors.store._tables import POSTGRES
+from mfo_actors.store._tables import POSTGRES, SharedAttempts
 
 __all__ = ["PostgresAttempts", "forget_attempts", "record_attempt"]
 
@@ -30,15 +29,5 @@ def forget_attempts(conn: Conn, event_ids: Sequence[str]) -> None:
         conn.execute("DELETE FROM attempts WHERE event_id = ANY(%s)", (list(event_ids),))
 
 
-class PostgresAttempts(PostgresTables):
+class PostgresAttempts(PostgresTables, SharedAttempts):
     """Reading the delivery history."""
-
-    async def list_attempts(self, event_id: str) -> list[DeliveryAttempt]:
-        """The event's attempts, oldest first."""
-
-        def read(conn: Conn) -> list[DeliveryAttempt]:
-            return [attempt_record(r) for r in conn.execute(
-                f"SELECT {ATTEMPT_COLS} FROM attempts WHERE event_id = %s ORDER BY n",
-                (event_id,))]
-
-        return await self._read(read)

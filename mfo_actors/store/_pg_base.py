@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 
-from mfo_actors.store._tables import RunLeases
+from mfo_actors.store._tables import POSTGRES, Dialect, SharedTables
 
 __all__ = ["Conn", "PostgresTables", "Tx", "locked"]
 
@@ -74,9 +74,10 @@ def locked(conn: Conn, query: str, params: tuple[Any, ...]) -> list[int]:
     return [int(r[0]) for r in conn.execute(query.encode(), params)]
 
 
-class PostgresTables(RunLeases):
+class PostgresTables(SharedTables):
     """The state every table of the Postgres store uses; :class:`PostgresStore` sets it."""
 
+    _dialect: ClassVar[Dialect] = POSTGRES
     _dedupe_window: float  # seconds within which a (source, dedupe_key) is a provider retry
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:  # pragma: no cover (abstract)

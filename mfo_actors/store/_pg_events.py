@@ -22,23 +22,18 @@ import anyio.lowlevel
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
-from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, newest_first, stored_event
+from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, stored_event
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_attempts import forget_attempts, record_attempt
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._pg_runs import insert_runs
-from mfo_actors.store._protocol import (
-    AppendResult,
-    Delivered,
-    EventStatus,
-    RunRequest,
-    StoredEvent,
-)
+from mfo_actors.store._protocol import AppendResult, Delivered, RunRequest, StoredEvent
 from mfo_actors.store._tables import (
     POSTGRES,
     PRUNE_CHUNK,
     PRUNE_EVENTS,
     LaneHead,
+    SharedEvents,
     claim_lanes,
     in_seq_order,
     prune_in_chunks,
@@ -53,7 +48,7 @@ _CLAIMED_MEMORY = 100_000  # event id -> lane of this node's claims, for settles
 _PRUNE_EVENTS = POSTGRES.sql(PRUNE_EVENTS).encode()
 
 
-class PostgresEvents(PostgresTables):
+class PostgresEvents(PostgresTables, SharedEvents):
     """Appending, claiming, settling, replaying and pruning events."""
 
     _claimed: dict[str, str]  # event id -> lane, for events this node claimed
@@ -306,28 +301,6 @@ class PostgresEvents(PostgresTables):
         if rows:
             log.info("store.claims_recovered", count=len(rows), node=self._node)
         return len(rows), Delta(wake_events=bool(rows))
-
-    async def get_event(self, event_id: str) -> StoredEvent | None:
-        """One event with its state, or None."""
-
-        def read(conn: Conn) -> StoredEvent | None:
-            row = conn.execute(f"SELECT {EVENT_COLS} FROM events WHERE id = %s",
-                               (event_id,)).fetchone()
-            return None if row is None else stored_event(row)
-
-        return await self._read(read)
-
-    async def list_events(
-        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
-    ) -> list[StoredEvent]:
-        """Events, newest first (acceptance order), filtered by status and source."""
-        query, params = newest_first(EVENT_COLS, "events", limit, "%s", status=status,
-                                     source=source)
-
-        def read(conn: Conn) -> list[StoredEvent]:
-            return [stored_event(r) for r in conn.execute(query.encode(), params)]
-
-        return await self._read(read)
 
     async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
         """Move dead events back to pending, due now, attempts reset; return how many moved."""

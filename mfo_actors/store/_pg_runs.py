@@ -15,23 +15,19 @@ from typing import Any, Literal
 
 import anyio.lowlevel
 
-from mfo_actors.messages import RunStatus
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import (
     RUN_COLS,
-    TASK_COLS,
     TASK_UPSERT,
     capped_json,
     json_bytes,
-    newest_first,
     run_record,
     task_params,
-    task_record,
 )
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
-from mfo_actors.store._tables import ORPHANED_RUNS, POSTGRES, in_seq_order
+from mfo_actors.store._tables import ORPHANED_RUNS, POSTGRES, SharedRuns, in_seq_order
 
 __all__ = ["PostgresRuns", "insert_runs"]
 
@@ -61,7 +57,7 @@ def insert_runs(conn: Conn, runs: Sequence[RunRequest], now: float, *,
     return created
 
 
-class PostgresRuns(PostgresTables):
+class PostgresRuns(PostgresTables, SharedRuns):
     """Runs and their tasks' records."""
 
     async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
@@ -175,39 +171,3 @@ class PostgresRuns(PostgresTables):
             log.info("store.runs_recovered", count=len(out), orphaned=orphaned,
                      rerun=len(out) - len(failed))
         return out, Delta(wake_runs=len(failed) < len(out))
-
-    async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
-        """One run and its task records (in the order they were first recorded), or None."""
-
-        def read(conn: Conn) -> tuple[RunRecord, list[TaskRunRecord]] | None:
-            row = conn.execute(f"SELECT {RUN_COLS} FROM runs WHERE run_id = %s",
-                               (run_id,)).fetchone()
-            if row is None:
-                return None
-            tasks = conn.execute(
-                f"SELECT {TASK_COLS} FROM task_runs WHERE run_id = %s ORDER BY seq", (run_id,)
-            ).fetchall()
-            return run_record(row), [task_record(t) for t in tasks]
-
-        return await self._read(read)
-
-    async def list_runs(
-        self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        """Runs, newest first."""
-        query, params = newest_first(RUN_COLS, "runs", limit, "%s", flow=flow, status=status)
-
-        def read(conn: Conn) -> list[RunRecord]:
-            return [run_record(r) for r in conn.execute(query.encode(), params)]
-
-        return await self._read(read)
-
-    async def last_tick(self, flow: str, schedule_key: str) -> float | None:
-        """The latest tick recorded for (flow, schedule_key) by any node, or None."""
-
-        def read(conn: Conn) -> float | None:
-            row = conn.execute("SELECT MAX(tick) FROM runs WHERE flow = %s AND schedule_key = %s",
-                               (flow, schedule_key)).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
-
-        return await self._read(read)

@@ -19,11 +19,12 @@ from mfo_actors.ids import new_id
 from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
-from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
+from mfo_actors.store._protocol import SessionOpen, SessionRecord
 from mfo_actors.store._tables import (
     POSTGRES,
     PRUNE_CHUNK,
     PRUNE_SESSIONS,
+    SharedSessions,
     in_seq_order,
     prune_in_chunks,
     turn_update,
@@ -45,7 +46,7 @@ def _close_sessions(conn: Conn, where: str, params: tuple[Any, ...], reason: str
     return in_seq_order(rows, session_record)
 
 
-class PostgresSessions(PostgresTables):
+class PostgresSessions(PostgresTables, SharedSessions):
     """Chat sessions."""
 
     async def open_session(
@@ -119,30 +120,6 @@ class PostgresSessions(PostgresTables):
         ).fetchone()
         return (None if updated is None else session_record(updated)), NO_CHANGE
 
-    async def get_session(self, key: str) -> SessionRecord | None:
-        """The active session of *key*, else its latest closed one."""
-
-        def read(conn: Conn) -> SessionRecord | None:
-            row = conn.execute(
-                f"SELECT {SESSION_COLS} FROM sessions WHERE key = %s "
-                f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1", (key,)).fetchone()
-            return None if row is None else session_record(row)
-
-        return await self._read(read)
-
-    async def list_sessions(
-        self, *, status: SessionStatus | None = None, limit: int = 100
-    ) -> list[SessionRecord]:
-        """Sessions, most recently active first."""
-
-        def read(conn: Conn) -> list[SessionRecord]:
-            return [session_record(r) for r in conn.execute(
-                f"SELECT {SESSION_COLS} FROM sessions WHERE (%s::text IS NULL OR status = %s) "
-                f"ORDER BY last_activity DESC, seq DESC LIMIT %s",
-                (status, status, max(0, limit)))]
-
-        return await self._read(read)
-
     async def close_session(self, key: str, *, reason: str = "closed") -> SessionRecord | None:
         """Close the active session of *key* (None if it had none)."""
 
@@ -170,13 +147,3 @@ class PostgresSessions(PostgresTables):
             return len(gone), NO_CHANGE
 
         return await prune_in_chunks(lambda: self._submit(Op(tx)), what="sessions")
-
-    async def count_sessions(self) -> int:
-        """Active sessions, cluster-wide."""
-
-        def read(conn: Conn) -> int:
-            row = conn.execute("SELECT count(*) FROM sessions WHERE status = 'active'"
-                               ).fetchone()
-            return int(row[0]) if row is not None else 0
-
-        return await self._read(read)

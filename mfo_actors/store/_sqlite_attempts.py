@@ -9,9 +9,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from mfo_actors.store._codec import ATTEMPT_COLS, ATTEMPT_UPSERT, Send, attempt_record
-from mfo_actors.store._protocol import DeliveryAttempt
+from mfo_actors.store._codec import ATTEMPT_UPSERT, Send
 from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
+from mfo_actors.store._tables import SharedAttempts
 
 __all__ = ["SQLiteAttempts", "forget_attempts", "record_attempt"]
 
@@ -28,18 +28,5 @@ def forget_attempts(conn: sqlite3.Connection, event_ids: Sequence[str]) -> None:
         conn.execute(f"DELETE FROM attempts WHERE event_id IN ({marks(len(chunk))})", chunk)
 
 
-class SQLiteAttempts(SQLiteTables):
+class SQLiteAttempts(SQLiteTables, SharedAttempts):
     """Reading the delivery history."""
-
-    async def list_attempts(self, event_id: str) -> list[DeliveryAttempt]:
-        """The event's attempts, oldest first."""
-
-        def read(conn: sqlite3.Connection) -> list[DeliveryAttempt]:
-            return [
-                attempt_record(r)
-                for r in conn.execute(
-                    f"SELECT {ATTEMPT_COLS} FROM attempts WHERE event_id = ? ORDER BY n",
-                    (event_id,))
-            ]
-
-        return await self._read(read)

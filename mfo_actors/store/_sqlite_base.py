@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import anyio
 
 from mfo_actors.store._protocol import StoreClosedError, StoreError
-from mfo_actors.store._tables import RunLeases
+from mfo_actors.store._tables import SQLITE, Dialect, SharedTables
 
 __all__ = ["SQLiteTables", "chunks", "marks"]
 
@@ -34,9 +34,10 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-class SQLiteTables(RunLeases):
+class SQLiteTables(SharedTables):
     """The state every table of the SQLite store uses; :class:`SQLiteStore` sets it."""
 
+    _dialect: ClassVar[Dialect] = SQLITE
     _dedupe_window: float  # seconds within which a (source, dedupe_key) is a provider retry
     _rconn: sqlite3.Connection | None  # the query_only connection
     _read_limiter: anyio.CapacityLimiter  # one reader at a time on it

@@ -23,22 +23,9 @@ import anyio.lowlevel
 from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
-from mfo_actors.store._codec import (
-    ATTEMPT_UPSERT,
-    EVENT_COLS,
-    Send,
-    json_bytes,
-    newest_first,
-    stored_event,
-)
+from mfo_actors.store._codec import ATTEMPT_UPSERT, EVENT_COLS, Send, json_bytes, stored_event
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
-from mfo_actors.store._protocol import (
-    AppendResult,
-    Delivered,
-    EventStatus,
-    RunRequest,
-    StoredEvent,
-)
+from mfo_actors.store._protocol import AppendResult, Delivered, RunRequest, StoredEvent
 from mfo_actors.store._sqlite_attempts import forget_attempts, record_attempt
 from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
 from mfo_actors.store._sqlite_runs import insert_runs
@@ -46,6 +33,7 @@ from mfo_actors.store._tables import (
     PRUNE_CHUNK,
     PRUNE_EVENTS,
     LaneHead,
+    SharedEvents,
     claim_lanes,
     in_seq_order,
     prune_in_chunks,
@@ -115,7 +103,7 @@ def _update_lanes(conn: sqlite3.Connection, lanes: list[str], cursors: list[int 
                      "WHERE lane = ?", zip(cursors, looks, lanes, strict=True))
 
 
-class SQLiteEvents(SQLiteTables):
+class SQLiteEvents(SQLiteTables, SharedEvents):
     """Appending, claiming, settling, replaying and pruning events."""
 
     async def append(self, event: Event, *, runs: Sequence[RunRequest] = ()) -> AppendResult:
@@ -329,28 +317,6 @@ class SQLiteEvents(SQLiteTables):
         if n:
             log.info("store.claims_recovered", count=n)
         return n, Delta(wake_events=n > 0)
-
-    async def get_event(self, event_id: str) -> StoredEvent | None:
-        """One event with its state, or None."""
-
-        def read(conn: sqlite3.Connection) -> StoredEvent | None:
-            row = conn.execute(
-                f"SELECT {EVENT_COLS} FROM events WHERE id = ?", (event_id,)
-            ).fetchone()
-            return None if row is None else stored_event(row)
-
-        return await self._read(read)
-
-    async def list_events(
-        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
-    ) -> list[StoredEvent]:
-        """Events, newest first (acceptance order), filtered by status and source."""
-        sql, params = newest_first(EVENT_COLS, "events", limit, status=status, source=source)
-
-        def read(conn: sqlite3.Connection) -> list[StoredEvent]:
-            return [stored_event(r) for r in conn.execute(sql, params)]
-
-        return await self._read(read)
 
     async def replay(self, event_ids: Sequence[str] = (), *, all_dead: bool = False) -> int:
         """Move dead events back to pending, due now, with a fresh retry budget; return how

@@ -18,23 +18,19 @@ from typing import Any, Literal
 
 import anyio.lowlevel
 
-from mfo_actors.messages import RunStatus
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import (
     RUN_COLS,
-    TASK_COLS,
     TASK_UPSERT,
     capped_json,
     json_bytes,
-    newest_first,
     run_record,
     task_params,
-    task_record,
 )
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import RunRecord, RunRequest, TaskRunRecord
 from mfo_actors.store._sqlite_base import SQLiteTables, marks
-from mfo_actors.store._tables import ORPHANED_RUNS, RENEW_RUNS, in_seq_order
+from mfo_actors.store._tables import ORPHANED_RUNS, RENEW_RUNS, SharedRuns, in_seq_order
 
 __all__ = ["SQLiteRuns", "insert_runs"]
 
@@ -60,7 +56,7 @@ def insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float
     return created
 
 
-class SQLiteRuns(SQLiteTables):
+class SQLiteRuns(SQLiteTables, SharedRuns):
     """Runs and their tasks' records."""
 
     async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
@@ -189,41 +185,3 @@ class SQLiteRuns(SQLiteTables):
     def _tx_renew_runs(self, conn: sqlite3.Connection, now: float) -> tuple[None, Delta]:
         conn.execute(RENEW_RUNS, (now + self._node_lease, self._node))
         return None, NO_CHANGE
-
-    async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
-        """One run and its task records (in the order they were first recorded), or None."""
-
-        def read(conn: sqlite3.Connection) -> tuple[RunRecord, list[TaskRunRecord]] | None:
-            row = conn.execute(f"SELECT {RUN_COLS} FROM runs WHERE run_id = ?",
-                               (run_id,)).fetchone()
-            if row is None:
-                return None
-            tasks = conn.execute(
-                f"SELECT {TASK_COLS} FROM task_runs WHERE run_id = ? ORDER BY rowid", (run_id,)
-            ).fetchall()
-            return run_record(row), [task_record(t) for t in tasks]
-
-        return await self._read(read)
-
-    async def list_runs(
-        self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
-    ) -> list[RunRecord]:
-        """Runs, newest first."""
-        sql, params = newest_first(RUN_COLS, "runs", limit, flow=flow, status=status)
-
-        def read(conn: sqlite3.Connection) -> list[RunRecord]:
-            return [run_record(r) for r in conn.execute(sql, params)]
-
-        return await self._read(read)
-
-    async def last_tick(self, flow: str, schedule_key: str) -> float | None:
-        """The latest tick recorded for (flow, schedule_key), or None."""
-
-        def read(conn: sqlite3.Connection) -> float | None:
-            (tick,) = conn.execute(
-                "SELECT MAX(tick) FROM runs WHERE flow = ? AND schedule_key = ?",
-                (flow, schedule_key),
-            ).fetchone()
-            return None if tick is None else float(tick)
-
-        return await self._read(read)

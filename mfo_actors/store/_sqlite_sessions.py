@@ -16,11 +16,12 @@ from typing import Any
 from mfo_actors.ids import new_id
 from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
-from mfo_actors.store._protocol import SessionOpen, SessionRecord, SessionStatus
+from mfo_actors.store._protocol import SessionOpen, SessionRecord
 from mfo_actors.store._sqlite_base import SQLiteTables
 from mfo_actors.store._tables import (
     PRUNE_CHUNK,
     PRUNE_SESSIONS,
+    SharedSessions,
     in_seq_order,
     prune_in_chunks,
     turn_update,
@@ -40,7 +41,7 @@ def _close_sessions(conn: sqlite3.Connection, where: str, params: tuple[Any, ...
     return in_seq_order(rows, session_record)
 
 
-class SQLiteSessions(SQLiteTables):
+class SQLiteSessions(SQLiteTables, SharedSessions):
     """Chat sessions."""
 
     async def open_session(
@@ -106,33 +107,6 @@ class SQLiteSessions(SQLiteTables):
         ).fetchone()
         return session_record(updated), NO_CHANGE
 
-    async def get_session(self, key: str) -> SessionRecord | None:
-        """The active session of *key*, else its latest closed one."""
-
-        def read(conn: sqlite3.Connection) -> SessionRecord | None:
-            row = conn.execute(
-                f"SELECT {SESSION_COLS} FROM sessions WHERE key = ? "
-                f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1", (key,)).fetchone()
-            return None if row is None else session_record(row)
-
-        return await self._read(read)
-
-    async def list_sessions(
-        self, *, status: SessionStatus | None = None, limit: int = 100
-    ) -> list[SessionRecord]:
-        """Sessions, most recently active first."""
-        sql = f"SELECT {SESSION_COLS} FROM sessions"
-        params: tuple[Any, ...] = ()
-        if status is not None:
-            sql += " WHERE status = ?"
-            params = (status,)
-        sql += " ORDER BY last_activity DESC, seq DESC LIMIT ?"
-
-        def read(conn: sqlite3.Connection) -> list[SessionRecord]:
-            return [session_record(r) for r in conn.execute(sql, (*params, max(0, limit)))]
-
-        return await self._read(read)
-
     async def close_session(self, key: str, *, reason: str = "closed") -> SessionRecord | None:
         """Close the active session of *key* (None if it had none)."""
 
@@ -160,13 +134,3 @@ class SQLiteSessions(SQLiteTables):
             return len(gone), NO_CHANGE
 
         return await prune_in_chunks(lambda: self._submit(Op(tx)), what="sessions")
-
-    async def count_sessions(self) -> int:
-        """Active sessions."""
-
-        def read(conn: sqlite3.Connection) -> int:
-            (n,) = conn.execute(
-                "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
-            return int(n)
-
-        return await self._read(read)

@@ -3,7 +3,9 @@
 The backends differ in their dialect (placeholders, locking, ``ON CONFLICT``), not in what
 they do with the rows: these helpers are that common part. A statement written here uses
 ``?`` placeholders; :class:`Dialect` turns it into a backend's (:data:`SQLITE`,
-:data:`POSTGRES`), the one place that difference is said.
+:data:`POSTGRES`), the one place that difference is said. The reads that are the same on
+both backends are written once too (:class:`SharedEvents`, :class:`SharedAttempts`,
+:class:`SharedRuns`, :class:`SharedSessions`): each backend's table class takes its table's.
 """
 
 from __future__ import annotations
@@ -12,17 +14,44 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 
+from mfo_actors.messages import RunStatus
 from mfo_actors.observability import get_logger
-from mfo_actors.store._codec import capped_list, json_bytes, load_json
+from mfo_actors.store._codec import (
+    ATTEMPT_COLS,
+    EVENT_COLS,
+    RUN_COLS,
+    SESSION_COLS,
+    TASK_COLS,
+    attempt_record,
+    capped_list,
+    json_bytes,
+    load_json,
+    newest_first,
+    run_record,
+    session_record,
+    stored_event,
+    task_record,
+)
 from mfo_actors.store._engine import Delta, GroupCommitStore, Op
-from mfo_actors.store._protocol import StoreClosedError, StoreError
+from mfo_actors.store._protocol import (
+    DeliveryAttempt,
+    EventStatus,
+    RunRecord,
+    SessionRecord,
+    SessionStatus,
+    StoreClosedError,
+    StoredEvent,
+    StoreError,
+    TaskRunRecord,
+)
 
 __all__ = [
     "CLAIM_ROUNDS",
+    "COUNT_SESSIONS",
     "ORPHANED_RUNS",
     "POSTGRES",
     "PRUNE_CHUNK",
@@ -33,6 +62,11 @@ __all__ = [
     "Dialect",
     "LaneHead",
     "RunLeases",
+    "SharedAttempts",
+    "SharedEvents",
+    "SharedRuns",
+    "SharedSessions",
+    "SharedTables",
     "claim_lanes",
     "in_seq_order",
     "prune_in_chunks",
@@ -121,17 +155,32 @@ def claim_lanes(
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """What the statements written here leave to a backend: its driver's placeholder."""
+    """What the statements written here leave to a backend: its driver's placeholder, and
+    the column that keeps ``task_runs`` in the order tasks were first recorded (SQLite's
+    table has no ``seq``; its ``rowid`` serves)."""
 
     mark: str
+    task_order: str
 
     def sql(self, statement: str) -> str:
-        """*statement*, written with ``?`` placeholders, with this backend's."""
-        return statement if self.mark == "?" else statement.replace("?", self.mark)
+        """*statement*, written with ``?`` placeholders (and ``{task_order}``), with this
+        backend's."""
+        return statement.replace("?", self.mark).replace("{task_order}", self.task_order)
 
 
-SQLITE = Dialect(mark="?")
-POSTGRES = Dialect(mark="%s")
+SQLITE = Dialect(mark="?", task_order="rowid")
+POSTGRES = Dialect(mark="%s", task_order="seq")
+
+# The reads of the Shared* classes below.
+_GET_EVENT = f"SELECT {EVENT_COLS} FROM events WHERE id = ?"
+_LIST_ATTEMPTS = f"SELECT {ATTEMPT_COLS} FROM attempts WHERE event_id = ? ORDER BY n"
+_GET_RUN = f"SELECT {RUN_COLS} FROM runs WHERE run_id = ?"
+_RUN_TASKS = f"SELECT {TASK_COLS} FROM task_runs WHERE run_id = ? ORDER BY {{task_order}}"
+_LAST_TICK = "SELECT MAX(tick) FROM runs WHERE flow = ? AND schedule_key = ?"
+# The active session of a key, else its latest closed one.
+_GET_SESSION = (f"SELECT {SESSION_COLS} FROM sessions WHERE key = ? "
+                f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1")
+COUNT_SESSIONS = "SELECT COUNT(*) FROM sessions WHERE status = 'active'"
 
 # One chunk of delivered events past retention (params: delivered cutoff, dedupe horizon,
 # chunk): an event with a dedupe key stays while a provider retry may still come. RETURNING
@@ -242,3 +291,127 @@ async def prune_in_chunks(chunk: Callable[[], Awaitable[int]], *, what: str = "e
     if total:
         log.info("store.pruned", table=what, count=total)
     return total
+
+
+class SharedTables(RunLeases):
+    """What the table classes of both backends have: the backend's :class:`Dialect` and its
+    ``_read`` (``fn(connection)`` in a worker thread). The Shared* classes below are written
+    against it; ``PostgresTables`` and ``SQLiteTables`` set it."""
+
+    _dialect: ClassVar[Dialect]
+
+    async def _read(self, fn: Callable[[Any], R]) -> R:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+
+class SharedEvents(SharedTables):
+    """The ``events`` reads, alike on both backends."""
+
+    async def get_event(self, event_id: str) -> StoredEvent | None:
+        """One event with its state, or None."""
+        sql = self._dialect.sql(_GET_EVENT)
+
+        def read(conn: Any) -> StoredEvent | None:
+            row = conn.execute(sql, (event_id,)).fetchone()
+            return None if row is None else stored_event(row)
+
+        return await self._read(read)
+
+    async def list_events(
+        self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
+    ) -> list[StoredEvent]:
+        """Events, newest first (acceptance order), filtered by status and source."""
+        sql, params = newest_first(EVENT_COLS, "events", limit, self._dialect.mark,
+                                   status=status, source=source)
+
+        def read(conn: Any) -> list[StoredEvent]:
+            return [stored_event(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+
+class SharedAttempts(SharedTables):
+    """The ``attempts`` reads, alike on both backends."""
+
+    async def list_attempts(self, event_id: str) -> list[DeliveryAttempt]:
+        """The event's attempts, oldest first."""
+        sql = self._dialect.sql(_LIST_ATTEMPTS)
+
+        def read(conn: Any) -> list[DeliveryAttempt]:
+            return [attempt_record(r) for r in conn.execute(sql, (event_id,))]
+
+        return await self._read(read)
+
+
+class SharedRuns(SharedTables):
+    """The ``runs`` and ``task_runs`` reads, alike on both backends."""
+
+    async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
+        """One run and its task records (in the order they were first recorded), or None."""
+        run_sql, tasks_sql = self._dialect.sql(_GET_RUN), self._dialect.sql(_RUN_TASKS)
+
+        def read(conn: Any) -> tuple[RunRecord, list[TaskRunRecord]] | None:
+            row = conn.execute(run_sql, (run_id,)).fetchone()
+            if row is None:
+                return None
+            tasks = conn.execute(tasks_sql, (run_id,)).fetchall()
+            return run_record(row), [task_record(t) for t in tasks]
+
+        return await self._read(read)
+
+    async def list_runs(
+        self, *, flow: str | None = None, status: RunStatus | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Runs, newest first."""
+        sql, params = newest_first(RUN_COLS, "runs", limit, self._dialect.mark, flow=flow,
+                                   status=status)
+
+        def read(conn: Any) -> list[RunRecord]:
+            return [run_record(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def last_tick(self, flow: str, schedule_key: str) -> float | None:
+        """The latest tick recorded for (flow, schedule_key), by any node, or None."""
+        sql = self._dialect.sql(_LAST_TICK)
+
+        def read(conn: Any) -> float | None:
+            row = conn.execute(sql, (flow, schedule_key)).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._read(read)
+
+
+class SharedSessions(SharedTables):
+    """The ``sessions`` reads, alike on both backends."""
+
+    async def get_session(self, key: str) -> SessionRecord | None:
+        """The active session of *key*, else its latest closed one."""
+        sql = self._dialect.sql(_GET_SESSION)
+
+        def read(conn: Any) -> SessionRecord | None:
+            row = conn.execute(sql, (key,)).fetchone()
+            return None if row is None else session_record(row)
+
+        return await self._read(read)
+
+    async def list_sessions(
+        self, *, status: SessionStatus | None = None, limit: int = 100
+    ) -> list[SessionRecord]:
+        """Sessions, most recently active first."""
+        sql, params = newest_first(SESSION_COLS, "sessions", limit, self._dialect.mark,
+                                   order="last_activity DESC, seq DESC", status=status)
+
+        def read(conn: Any) -> list[SessionRecord]:
+            return [session_record(r) for r in conn.execute(sql, params)]
+
+        return await self._read(read)
+
+    async def count_sessions(self) -> int:
+        """Active sessions (on Postgres, cluster-wide)."""
+
+        def read(conn: Any) -> int:
+            row = conn.execute(COUNT_SESSIONS).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return await self._read(read)
