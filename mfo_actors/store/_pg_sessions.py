@@ -18,14 +18,14 @@ from typing import Any
 from mfo_actors.ids import new_id
 from mfo_actors.store._codec import SESSION_COLS, json_bytes, session_record
 from mfo_actors.store._engine import NO_CHANGE, Delta, Op
-from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
+from mfo_actors.store._pg_base import PostgresTables, Tx, locked
 from mfo_actors.store._protocol import SessionOpen, SessionRecord
 from mfo_actors.store._tables import (
+    COUNT_SESSIONS,
     POSTGRES,
     PRUNE_CHUNK,
     PRUNE_SESSIONS,
     SharedSessions,
-    in_seq_order,
     prune_in_chunks,
     turn_update,
 )
@@ -33,17 +33,6 @@ from mfo_actors.store._tables import (
 __all__ = ["PostgresSessions"]
 
 _PRUNE_SESSIONS = POSTGRES.sql(PRUNE_SESSIONS).encode()
-
-
-def _close_sessions(conn: Conn, where: str, params: tuple[Any, ...], reason: str,
-                    now: float) -> list[SessionRecord]:
-    """Close the active sessions matching *where*; returns them as closed, oldest first."""
-    rows = conn.execute(
-        f"UPDATE sessions SET status = 'closed', closed_at = %s, close_reason = %s "
-        f"WHERE status = 'active' AND {where} RETURNING seq, {SESSION_COLS}".encode(),
-        (now, reason, *params),
-    ).fetchall()
-    return in_seq_order(rows, session_record)
 
 
 class PostgresSessions(PostgresTables, SharedSessions):
@@ -70,15 +59,15 @@ class PostgresSessions(PostgresTables, SharedSessions):
             current = session_record(row)
             if current.last_activity + ttl > now:
                 return SessionOpen(session=current, created=False), NO_CHANGE
-            closed += _close_sessions(conn, "session_id = %s", (current.session_id,),
-                                      "expired", now)
-        found = conn.execute("SELECT count(*) FROM sessions WHERE status = 'active'").fetchone()
+            closed += self._close_sessions(conn, "session_id = %s", (current.session_id,),
+                                           "expired", now)
+        found = conn.execute(COUNT_SESSIONS).fetchone()
         active = int(found[0]) if found is not None else 0
         if active >= max_active:
             idlest = locked(conn, "SELECT seq FROM sessions WHERE status = 'active' "
                             "ORDER BY last_activity, seq LIMIT %s FOR UPDATE SKIP LOCKED",
                             (active - max_active + 1,))
-            closed += _close_sessions(conn, "seq = ANY(%s)", (idlest,), "evicted", now)
+            closed += self._close_sessions(conn, "seq = ANY(%s)", (idlest,), "evicted", now)
         row = conn.execute(
             f"INSERT INTO sessions (session_id, key, thread_id, status, turns, created_at, "
             f"last_activity, context, metadata) VALUES (%s, %s, %s, 'active', 0, %s, %s, %s, %s) "
@@ -124,7 +113,7 @@ class PostgresSessions(PostgresTables, SharedSessions):
         """Close the active session of *key* (None if it had none)."""
 
         def tx(t: Tx, now: float) -> tuple[SessionRecord | None, Delta]:
-            closed = _close_sessions(t.conn, "key = %s", (key,), reason, now)
+            closed = self._close_sessions(t.conn, "key = %s", (key,), reason, now)
             return (closed[0] if closed else None), NO_CHANGE
 
         return await self._submit(Op(tx))
@@ -133,8 +122,8 @@ class PostgresSessions(PostgresTables, SharedSessions):
         """Close every active session idle for *ttl* seconds or more."""
 
         def tx(t: Tx, now: float) -> tuple[list[SessionRecord], Delta]:
-            return _close_sessions(t.conn, "last_activity <= %s", (now - ttl,), "expired",
-                                   now), NO_CHANGE
+            return self._close_sessions(t.conn, "last_activity <= %s", (now - ttl,),
+                                        "expired", now), NO_CHANGE
 
         return await self._submit(Op(tx))
 

@@ -19,26 +19,15 @@ from mfo_actors.store._engine import NO_CHANGE, Delta, Op
 from mfo_actors.store._protocol import SessionOpen, SessionRecord
 from mfo_actors.store._sqlite_base import SQLiteTables
 from mfo_actors.store._tables import (
+    COUNT_SESSIONS,
     PRUNE_CHUNK,
     PRUNE_SESSIONS,
     SharedSessions,
-    in_seq_order,
     prune_in_chunks,
     turn_update,
 )
 
 __all__ = ["SQLiteSessions"]
-
-
-def _close_sessions(conn: sqlite3.Connection, where: str, params: tuple[Any, ...],
-                    reason: str, now: float) -> list[SessionRecord]:
-    """Close the active sessions matching *where*; returns them as closed."""
-    rows = conn.execute(
-        f"UPDATE sessions SET status = 'closed', closed_at = ?, close_reason = ? "
-        f"WHERE status = 'active' AND {where} RETURNING seq, {SESSION_COLS}",
-        (now, reason, *params),
-    ).fetchall()
-    return in_seq_order(rows, session_record)
 
 
 class SQLiteSessions(SQLiteTables, SharedSessions):
@@ -64,12 +53,11 @@ class SQLiteSessions(SQLiteTables, SharedSessions):
             current = session_record(row)
             if current.last_activity + ttl > now:
                 return SessionOpen(session=current, created=False), NO_CHANGE
-            closed += _close_sessions(conn, "session_id = ?", (current.session_id,),
-                                      "expired", now)
-        (active,) = conn.execute(
-            "SELECT COUNT(*) FROM sessions WHERE status = 'active'").fetchone()
+            closed += self._close_sessions(conn, "session_id = ?", (current.session_id,),
+                                           "expired", now)
+        (active,) = conn.execute(COUNT_SESSIONS).fetchone()
         if active >= max_active:
-            closed += _close_sessions(
+            closed += self._close_sessions(
                 conn, "seq IN (SELECT seq FROM sessions WHERE status = 'active' "
                 "ORDER BY last_activity, seq LIMIT ?)", (active - max_active + 1,),
                 "evicted", now)
@@ -111,7 +99,7 @@ class SQLiteSessions(SQLiteTables, SharedSessions):
         """Close the active session of *key* (None if it had none)."""
 
         def tx(conn: sqlite3.Connection, now: float) -> tuple[SessionRecord | None, Delta]:
-            closed = _close_sessions(conn, "key = ?", (key,), reason, now)
+            closed = self._close_sessions(conn, "key = ?", (key,), reason, now)
             return (closed[0] if closed else None), NO_CHANGE
 
         return await self._submit(Op(tx))
@@ -120,8 +108,8 @@ class SQLiteSessions(SQLiteTables, SharedSessions):
         """Close every active session idle for *ttl* seconds or more."""
 
         def tx(conn: sqlite3.Connection, now: float) -> tuple[list[SessionRecord], Delta]:
-            return _close_sessions(conn, "last_activity <= ?", (now - ttl,), "expired",
-                                   now), NO_CHANGE
+            return self._close_sessions(conn, "last_activity <= ?", (now - ttl,), "expired",
+                                        now), NO_CHANGE
 
         return await self._submit(Op(tx))
 

@@ -181,6 +181,9 @@ _LAST_TICK = "SELECT MAX(tick) FROM runs WHERE flow = ? AND schedule_key = ?"
 _GET_SESSION = (f"SELECT {SESSION_COLS} FROM sessions WHERE key = ? "
                 f"ORDER BY status = 'active' DESC, seq DESC LIMIT 1")
 COUNT_SESSIONS = "SELECT COUNT(*) FROM sessions WHERE status = 'active'"
+# Close the active sessions matching {where} (params: closed_at, close_reason, then where's).
+_CLOSE_SESSIONS = ("UPDATE sessions SET status = 'closed', closed_at = ?, close_reason = ? "
+                   f"WHERE status = 'active' AND {{where}} RETURNING seq, {SESSION_COLS}")
 
 # One chunk of delivered events past retention (params: delivered cutoff, dedupe horizon,
 # chunk): an event with a dedupe key stays while a provider retry may still come. RETURNING
@@ -383,7 +386,15 @@ class SharedRuns(SharedTables):
 
 
 class SharedSessions(SharedTables):
-    """The ``sessions`` reads, alike on both backends."""
+    """The ``sessions`` reads, and closing sessions, alike on both backends."""
+
+    def _close_sessions(self, conn: Any, where: str, params: tuple[Any, ...], reason: str,
+                        now: float) -> list[SessionRecord]:
+        """Close the active sessions matching *where* (a condition in the backend's
+        placeholders); returns them as closed, oldest first."""
+        rows = conn.execute(self._dialect.sql(_CLOSE_SESSIONS).format(where=where),
+                            (now, reason, *params)).fetchall()
+        return in_seq_order(rows, session_record)
 
     async def get_session(self, key: str) -> SessionRecord | None:
         """The active session of *key*, else its latest closed one."""
