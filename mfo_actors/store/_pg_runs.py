@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
-
-import anyio.lowlevel
+from typing import Any
 
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import (
@@ -58,16 +56,7 @@ def insert_runs(conn: Conn, runs: Sequence[RunRequest], now: float, *,
 
 
 class PostgresRuns(PostgresTables, SharedRuns):
-    """Runs and their tasks' records."""
-
-    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
-        """Create ``new`` runs (``active`` with *claim*); a (flow, schedule_key, tick) or run
-        id seen before, by any node, is skipped."""
-        items = tuple(runs)
-        if not items:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(self._tx_create_runs, items, claim)))
+    """Runs and their tasks' records: the writes (the calls and reads are SharedRuns')."""
 
     def _tx_create_runs(self, runs: Sequence[RunRequest], claim: bool, tx: Tx, now: float
                         ) -> tuple[list[str], Delta]:
@@ -78,13 +67,6 @@ class PostgresRuns(PostgresTables, SharedRuns):
             created = insert_runs(tx.conn, runs, now)
         return created, Delta(wake_runs=bool(created) and not claim)
 
-    async def claim_runs(self, *, limit: int) -> list[RunRecord]:
-        """Mark up to *limit* ``new`` runs ``active`` for this node, oldest first."""
-        if limit <= 0:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(self._tx_claim_runs, limit)))
-
     def _tx_claim_runs(self, limit: int, tx: Tx, now: float) -> tuple[list[RunRecord], Delta]:
         seqs = locked(tx.conn, "SELECT seq FROM runs WHERE status = 'new' ORDER BY seq "
                       "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
@@ -94,24 +76,9 @@ class PostgresRuns(PostgresTables, SharedRuns):
             (now, self._node, now + self._node_lease, seqs)).fetchall() if seqs else []
         return in_seq_order(rows, run_record), NO_CHANGE
 
-    async def record_task(self, record: TaskRunRecord) -> None:
-        """Insert or replace one task's record; outputs over 64 KiB become a marker."""
-        await self._submit(Op(partial(self._tx_record_task, record)))
-
     def _tx_record_task(self, r: TaskRunRecord, tx: Tx, now: float) -> tuple[None, Delta]:
         tx.conn.execute(_TASK_UPSERT, task_params(r))
         return None, NO_CHANGE
-
-    async def finish_run(
-        self,
-        run_id: str,
-        *,
-        status: Literal["done", "error"],
-        error: str | None = None,
-        outputs: dict[str, Any] | None = None,
-    ) -> None:
-        """Settle a new run, or an active one of this node; others are left alone."""
-        await self._submit(Op(partial(self._tx_finish_run, run_id, status, error, outputs)))
 
     def _tx_finish_run(
         self, run_id: str, status: str, error: str | None, outputs: dict[str, Any] | None,

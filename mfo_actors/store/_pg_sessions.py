@@ -12,7 +12,6 @@ two nodes' turns add up. Closed sessions are deleted once past ``store.retention
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from mfo_actors.ids import new_id
@@ -36,16 +35,7 @@ _PRUNE_SESSIONS = POSTGRES.sql(PRUNE_SESSIONS).encode()
 
 
 class PostgresSessions(PostgresTables, SharedSessions):
-    """Chat sessions."""
-
-    async def open_session(
-        self, key: str, *, thread_id: str, ttl: float, max_active: int,
-        metadata: dict[str, Any] | None = None,
-    ) -> SessionOpen:
-        """The active session of *key* (closed first if idle past *ttl*), or a new one. Two
-        nodes opening a new key at once get one session: the unique active key decides."""
-        return await self._submit(Op(partial(
-            self._tx_open_session, key, thread_id, ttl, max(1, max_active), metadata or {})))
+    """Chat sessions: the writes (the other calls and the reads are SharedSessions')."""
 
     def _tx_open_session(
         self, key: str, thread_id: str, ttl: float, max_active: int,
@@ -81,15 +71,6 @@ class PostgresSessions(PostgresTables, SharedSessions):
             return SessionOpen(session=session_record(row), created=False,
                                closed=closed), NO_CHANGE
         return SessionOpen(session=session_record(row), created=True, closed=closed), NO_CHANGE
-
-    async def record_turn(
-        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
-        context_limit: int = 20, metadata: dict[str, Any] | None = None,
-    ) -> SessionRecord | None:
-        """Count one exchange of the session and keep its messages in the context."""
-        return await self._submit(Op(partial(
-            self._tx_record_turn, session_id, thread_id, tuple(messages), context_limit,
-            metadata)))
 
     def _tx_record_turn(
         self, session_id: str, thread_id: str, messages: Sequence[dict[str, Any]],

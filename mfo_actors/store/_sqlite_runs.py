@@ -14,9 +14,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
-
-import anyio.lowlevel
+from typing import Any
 
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import (
@@ -57,16 +55,7 @@ def insert_runs(conn: sqlite3.Connection, runs: Sequence[RunRequest], now: float
 
 
 class SQLiteRuns(SQLiteTables, SharedRuns):
-    """Runs and their tasks' records."""
-
-    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
-        """Create ``new`` runs (``active`` with *claim*); a (flow, schedule_key, tick) or run id
-        seen before is skipped."""
-        items = tuple(runs)
-        if not items:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(self._tx_create_runs, items, claim)))
+    """Runs and their tasks' records: the writes (the calls and reads are SharedRuns')."""
 
     def _tx_create_runs(
         self, runs: Sequence[RunRequest], claim: bool, conn: sqlite3.Connection, now: float
@@ -77,13 +66,6 @@ class SQLiteRuns(SQLiteTables, SharedRuns):
         else:
             created = insert_runs(conn, runs, now)
         return created, Delta(wake_runs=bool(created) and not claim)
-
-    async def claim_runs(self, *, limit: int) -> list[RunRecord]:
-        """Mark up to *limit* ``new`` runs ``active``, oldest first, and return them."""
-        if limit <= 0:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(self._tx_claim_runs, limit)))
 
     def _tx_claim_runs(
         self, limit: int, conn: sqlite3.Connection, now: float
@@ -96,27 +78,11 @@ class SQLiteRuns(SQLiteTables, SharedRuns):
         ).fetchall()
         return in_seq_order(rows, run_record), NO_CHANGE
 
-    async def record_task(self, record: TaskRunRecord) -> None:
-        """Insert or replace one task's record; outputs over 64 KiB become a marker."""
-        await self._submit(Op(partial(self._tx_record_task, record)))
-
     def _tx_record_task(
         self, r: TaskRunRecord, conn: sqlite3.Connection, now: float
     ) -> tuple[None, Delta]:
         conn.execute(TASK_UPSERT, task_params(r))
         return None, NO_CHANGE
-
-    async def finish_run(
-        self,
-        run_id: str,
-        *,
-        status: Literal["done", "error"],
-        error: str | None = None,
-        outputs: dict[str, Any] | None = None,
-    ) -> None:
-        """Settle a new run, or an active one of this node (outputs size-capped); a settled
-        one, or one another node took over, is left alone."""
-        await self._submit(Op(partial(self._tx_finish_run, run_id, status, error, outputs)))
 
     def _tx_finish_run(
         self, run_id: str, status: str, error: str | None, outputs: dict[str, Any] | None,

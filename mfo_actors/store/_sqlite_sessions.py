@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 from mfo_actors.ids import new_id
@@ -31,15 +30,7 @@ __all__ = ["SQLiteSessions"]
 
 
 class SQLiteSessions(SQLiteTables, SharedSessions):
-    """Chat sessions."""
-
-    async def open_session(
-        self, key: str, *, thread_id: str, ttl: float, max_active: int,
-        metadata: dict[str, Any] | None = None,
-    ) -> SessionOpen:
-        """The active session of *key* (closed first if idle past *ttl*), or a new one."""
-        return await self._submit(Op(partial(
-            self._tx_open_session, key, thread_id, ttl, max(1, max_active), metadata or {})))
+    """Chat sessions: the writes (the other calls and the reads are SharedSessions')."""
 
     def _tx_open_session(
         self, key: str, thread_id: str, ttl: float, max_active: int,
@@ -68,15 +59,6 @@ class SQLiteSessions(SQLiteTables, SharedSessions):
             (new_id(), key, thread_id, now, now, b"[]", json_bytes(metadata)),
         ).fetchone()
         return SessionOpen(session=session_record(row), created=True, closed=closed), NO_CHANGE
-
-    async def record_turn(
-        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
-        context_limit: int = 20, metadata: dict[str, Any] | None = None,
-    ) -> SessionRecord | None:
-        """Count one exchange of the session and keep its messages in the context."""
-        return await self._submit(Op(partial(
-            self._tx_record_turn, session_id, thread_id, tuple(messages), context_limit,
-            metadata)))
 
     def _tx_record_turn(
         self, session_id: str, thread_id: str, messages: Sequence[dict[str, Any]],

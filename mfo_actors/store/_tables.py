@@ -14,9 +14,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from functools import partial
+from typing import Any, ClassVar, Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from mfo_actors.messages import RunStatus
 from mfo_actors.observability import get_logger
@@ -41,6 +43,8 @@ from mfo_actors.store._protocol import (
     DeliveryAttempt,
     EventStatus,
     RunRecord,
+    RunRequest,
+    SessionOpen,
     SessionRecord,
     SessionStatus,
     StoreClosedError,
@@ -347,7 +351,59 @@ class SharedAttempts(SharedTables):
 
 
 class SharedRuns(SharedTables):
-    """The ``runs`` and ``task_runs`` reads, alike on both backends."""
+    """The ``runs`` and ``task_runs`` reads alike on both backends, and the calls that submit
+    the backend's writes (its ``_tx_*`` ops)."""
+
+    async def create_runs(self, runs: Sequence[RunRequest], *, claim: bool = False) -> list[str]:
+        """Create ``new`` runs (``active`` with *claim*); a (flow, schedule_key, tick) or run
+        id seen before (on Postgres, by any node) is skipped."""
+        items = tuple(runs)
+        if not items:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(self._tx_create_runs, items, claim)))
+
+    def _tx_create_runs(self, runs: Sequence[RunRequest], claim: bool, tx: Any, now: float
+                        ) -> tuple[list[str], Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
+
+    async def claim_runs(self, *, limit: int) -> list[RunRecord]:
+        """Mark up to *limit* ``new`` runs ``active`` for this node, oldest first, and return
+        them."""
+        if limit <= 0:
+            await anyio.lowlevel.checkpoint()
+            return []
+        return await self._submit(Op(partial(self._tx_claim_runs, limit)))
+
+    def _tx_claim_runs(self, limit: int, tx: Any, now: float
+                       ) -> tuple[list[RunRecord], Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
+
+    async def record_task(self, record: TaskRunRecord) -> None:
+        """Insert or replace one task's record; outputs over 64 KiB become a marker."""
+        await self._submit(Op(partial(self._tx_record_task, record)))
+
+    def _tx_record_task(self, r: TaskRunRecord, tx: Any, now: float
+                        ) -> tuple[None, Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
+
+    async def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: Literal["done", "error"],
+        error: str | None = None,
+        outputs: dict[str, Any] | None = None,
+    ) -> None:
+        """Settle a new run, or an active one of this node (outputs size-capped); a settled
+        one, or one another node took over, is left alone."""
+        await self._submit(Op(partial(self._tx_finish_run, run_id, status, error, outputs)))
+
+    def _tx_finish_run(
+        self, run_id: str, status: str, error: str | None, outputs: dict[str, Any] | None,
+        tx: Any, now: float,
+    ) -> tuple[None, Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
 
     async def get_run(self, run_id: str) -> tuple[RunRecord, list[TaskRunRecord]] | None:
         """One run and its task records (in the order they were first recorded), or None."""
@@ -386,7 +442,39 @@ class SharedRuns(SharedTables):
 
 
 class SharedSessions(SharedTables):
-    """The ``sessions`` reads, and closing sessions, alike on both backends."""
+    """The ``sessions`` reads and closing sessions alike on both backends, and the calls
+    that submit the backend's writes (its ``_tx_*`` ops)."""
+
+    async def open_session(
+        self, key: str, *, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionOpen:
+        """The active session of *key* (closed first if idle past *ttl*), or a new one. On
+        Postgres, two nodes opening a new key at once get one session: the unique active key
+        decides."""
+        return await self._submit(Op(partial(
+            self._tx_open_session, key, thread_id, ttl, max(1, max_active), metadata or {})))
+
+    def _tx_open_session(
+        self, key: str, thread_id: str, ttl: float, max_active: int,
+        metadata: dict[str, Any], tx: Any, now: float,
+    ) -> tuple[SessionOpen, Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
+
+    async def record_turn(
+        self, session_id: str, *, thread_id: str, messages: Sequence[dict[str, Any]] = (),
+        context_limit: int = 20, metadata: dict[str, Any] | None = None,
+    ) -> SessionRecord | None:
+        """Count one exchange of the session and keep its messages in the context."""
+        return await self._submit(Op(partial(
+            self._tx_record_turn, session_id, thread_id, tuple(messages), context_limit,
+            metadata)))
+
+    def _tx_record_turn(
+        self, session_id: str, thread_id: str, messages: Sequence[dict[str, Any]],
+        limit: int, metadata: dict[str, Any] | None, tx: Any, now: float,
+    ) -> tuple[SessionRecord | None, Delta]:  # pragma: no cover (the backend's)
+        raise NotImplementedError
 
     def _close_sessions(self, conn: Any, where: str, params: tuple[Any, ...], reason: str,
                         now: float) -> list[SessionRecord]:
