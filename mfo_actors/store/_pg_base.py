@@ -4,7 +4,9 @@ transaction as its ops see it, and row locking.
 :class:`~mfo_actors.store.PostgresStore` is put together from one class per table
 (``_pg_events.py``, ``_pg_attempts.py``, ``_pg_runs.py``, ``_pg_sessions.py``); each writes
 through the group-commit queue (``_submit``, from ``_engine.py``) with ops that take a
-:class:`Tx`, and reads through ``_read``.
+:class:`Tx`, and reads through ``_read``. What both backends do alike (most reads, and the
+calls that only submit an op) comes from the ``Shared*`` classes of ``_tables.py``, their
+SQL rendered in this backend's dialect (:data:`~._tables.POSTGRES`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 :class:`~mfo_actors.store.SQLiteStore` is put together from one class per table
 (``_sqlite_events.py``, ``_sqlite_attempts.py``, ``_sqlite_runs.py``,
 ``_sqlite_sessions.py``); each writes through the group-commit queue (``_submit``, from
-``_engine.py``) and reads through the read connection (``_read``, here).
+``_engine.py``) and reads through the read connection (``_read``, here). What both
+backends do alike (most reads, and the calls that only submit an op) comes from the
+``Shared*`` classes of ``_tables.py``, their SQL rendered in this backend's dialect
+(:data:`~._tables.SQLITE`).
 """
 
 from __future__ import annotations
