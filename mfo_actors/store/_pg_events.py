@@ -198,15 +198,6 @@ class PostgresEvents(PostgresTables, SharedEvents):
             record_attempt(tx.conn, send, event_id, row[2], now, action, error)
         return int(row[0])
 
-    async def mark_delivered(
-        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
-        latency: float | None = None, status: int | None = None,
-    ) -> None:
-        """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
-        await self.mark_delivered_many([Delivered(
-            event_id=event_id, claim_token=claim_token, sent_at=sent_at, latency=latency,
-            status=status)])
-
     async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
         """Settle claimed events as delivered, in one op (see the protocol)."""
         if not deliveries:

@@ -40,6 +40,7 @@ from mfo_actors.store._codec import (
 )
 from mfo_actors.store._engine import Delta, GroupCommitStore, Op
 from mfo_actors.store._protocol import (
+    Delivered,
     DeliveryAttempt,
     EventStatus,
     RunRecord,
@@ -312,7 +313,21 @@ class SharedTables(RunLeases):
 
 
 class SharedEvents(SharedTables):
-    """The ``events`` reads, alike on both backends."""
+    """The ``events`` reads, alike on both backends, and the one-event settle that is a
+    backend's ``mark_delivered_many`` of one."""
+
+    async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
+        raise NotImplementedError  # pragma: no cover (each backend's own)
+
+    async def mark_delivered(
+        self, event_id: str, claim_token: str, *, sent_at: float | None = None,
+        latency: float | None = None, status: int | None = None,
+    ) -> None:
+        """Settle a claimed event as delivered (ignored, and logged, for a stale token)."""
+        await self.mark_delivered_many([Delivered(
+            event_id=event_id, claim_token=claim_token, sent_at=sent_at, latency=latency,
+            status=status)])
+
 
     async def get_event(self, event_id: str) -> StoredEvent | None:
         """One event with its state, or None."""
