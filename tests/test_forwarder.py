@@ -25,7 +25,7 @@ import pytest
 from mfo_actors.actors._gate import UpstreamGate
 from mfo_actors.actors.auth import AuthRefresherActor
 from mfo_actors.actors.breaker import BreakerActor
-from mfo_actors.actors.forwarder import ForwarderActor, encode_event
+from mfo_actors.actors.forwarder import RELEASED_HELD, ForwarderActor, encode_event
 from mfo_actors.client import MFOClient
 from mfo_actors.config import InstanceConfig, load_config_text
 from mfo_actors.ids import new_id
@@ -277,6 +277,31 @@ async def test_send_outlasting_the_lease_is_abandoned_before_the_lease_ends(
         assert stored.status in ("pending", "claimed")
         r.srv.app.set_faults(latency=0.0)
         await r.wait_delivered(1)
+
+
+async def test_a_run_queued_behind_a_slow_send_goes_back_unsent_before_its_lease_ends(
+    tmp_path: Path
+) -> None:
+    """While healthy a worker has a second run claimed for it; when that run waited half
+    its lease behind a slow send it is given back unsent (no attempt counted), so its lease
+    never runs out while it is claimed."""
+    async with rig(tmp_path, lease="1s", concurrency=1, ordering="none") as r:
+        await r.logged_in()
+        # A streak of answers as long as the breaker's threshold: it stops counting calls,
+        # and the dispatcher claims ahead.
+        await r.append([make_event(n=n) for n in range(3)])
+        await r.wait_delivered(3)
+        assert r.forwarder.health()["allowance"] is None
+        r.srv.app.set_faults(latency=3.0)
+        first, second = make_event(n=1), make_event(n=2)
+        await r.append([first])
+        await poll(lambda: r.forwarder.health()["in_flight"] >= 1)
+        await r.append([second])  # claimed for the busy worker, queued
+        stored = await r.wait_event(second.id, lambda s: s.last_error == RELEASED_HELD)
+        assert stored.attempts == 0
+        assert second.id not in r.server_ids()
+        r.srv.app.set_faults(latency=0.0)
+        await r.wait_delivered(5)
 
 
 async def claims_made(store: EventStore, n: int) -> None:

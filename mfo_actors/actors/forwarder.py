@@ -143,6 +143,10 @@ __all__ = ["EVENTS_PATH", "ForwarderActor", "WireEvent", "encode_event"]
 log = get_logger(__name__)
 
 ORDERED_MODES = ("source", "key")  # forwarder.ordering values that deliver lane by lane
+# Why claimed events go back unsent (their last_error until they are sent).
+RELEASED_BEHIND = "not sent yet: an earlier event of its lane was not delivered"
+RELEASED_STOPPING = "not sent: the forwarder stopped"
+RELEASED_HELD = "not sent: claimed for half its lease without a free worker"
 PREFETCH_RUNS = 2  # runs claimed per worker while healthy: the one it sends and the next
 LEASE_HOLD_FRACTION = 0.5  # a worker holds a claimed event for the breaker this much of the lease
 # A send still unanswered at this fraction of the lease is abandoned and rescheduled, so the
@@ -387,16 +391,22 @@ class ForwarderActor:
                 sent = 0
                 delivered: list[_Delivery] = []
                 try:
+                    reason = RELEASED_STOPPING
                     for stored in run:
-                        # Stopping: a run not started is given back unsent.
-                        if self._stopping or (sent and self._clock.monotonic() > hold_until):
+                        # Stopping, or held too long (a run that waited in the queue behind
+                        # a slow one): the rest is given back unsent, before its lease ends.
+                        if self._stopping:
+                            break
+                        if self._clock.monotonic() > hold_until:
+                            reason = RELEASED_HELD
                             break
                         sent += 1
                         done = await self._deliver(stored, sender, hold_until, delivered)
                         if not done and self._ordered:
+                            reason = RELEASED_BEHIND
                             break  # rescheduled: the rest of its lane waits behind it
                     if sent < len(run):
-                        await self._release(run[sent:])
+                        await self._release(run[sent:], reason)
                 except StoreError as exc:
                     # The settle failed: the claim stays and its lease makes the event due
                     # again (at least once, same Idempotency-Key).
@@ -417,13 +427,12 @@ class ForwarderActor:
                     freed, self._freed = self._freed, anyio.Event()
                     freed.set()
 
-    async def _release(self, rest: list[StoredEvent]) -> None:
+    async def _release(self, rest: list[StoredEvent], reason: str) -> None:
         """Give back claimed events that were not sent (no attempt counted), due now."""
         now = self._clock.now()
         for stored in rest:
             await self._store.reschedule(
-                stored.event.id, stored.claim_token or "", next_attempt_at=now,
-                error="not sent yet: an earlier event of its lane was not delivered",
+                stored.event.id, stored.claim_token or "", next_attempt_at=now, error=reason,
                 count_attempt=False)
 
     async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
