@@ -21,6 +21,14 @@ this machine and drives the webhook listener from a separate load generator. Two
   (delivery ends within ``--flat-within`` s, default 1, of the last arrival) beside the
   backlog sampled every second (events the daemon stored minus events the server received).
 
+* **drain**: the forwarder alone (``--drain-matrix``, rows as in the matrix). The daemon
+  first runs with its upstream on a port where nothing listens (no login, so nothing is
+  claimed) while wrk stores ``--events`` webhooks; it is stopped (SIGTERM), its config
+  pointed at the reference server, and started again: delivered/s is then events / (the
+  server's last receipt - its first), the backlog delivered with no ingest beside it. The
+  matrix's delivered/s is the whole pipeline's rate (ingest and delivery sharing the daemon
+  and the 2 cores); this is the delivery side's own.
+
 Reported per row (a row waits until the server holds every event the daemon stored):
 
 * **ingest/s**: webhooks answered 202 per second, as the load generator saw them;
@@ -47,6 +55,7 @@ Usage::
         [--matrix none:0,key:0,source:0,none:20:64,key:20:64,source:20:64:4000]
         [--events 20000] [--connections 16] [--sources 8] [--keys 64] [--concurrency 16]
         [--steady-rate 1000] [--steady-seconds 60] [--steady-ordering key]
+        [--drain-matrix none:0,key:0]
         [--loadgen auto|wrk|python] [--py-spy prof.txt] [--keep]
 
 A matrix row is ``ORDERING:LATENCY_MS[:CONCURRENCY[:EVENTS]]`` (concurrency defaults to
@@ -656,6 +665,69 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
     return result
 
 
+def run_drain(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path
+              ) -> dict[str, Any]:
+    """A backlog stored with the upstream away, then delivered alone (see "drain")."""
+    mock_port, listen_port, admin_port = free_port(), free_port(), free_port()
+    mock_url, admin_url = f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{admin_port}"
+    cfg = workdir / "e2e.yaml"
+    settings = {"state_dir": workdir / "state", "listen_port": listen_port,
+                "admin_port": admin_port, "sources": args.sources,
+                "ordering": row.ordering, "concurrency": row.concurrency}
+    write_config(cfg, mock_port=free_port(), **settings)  # nothing listens there
+    refusal = refused_config(cfg)
+    if refusal is not None:
+        return {"row": row.name, **asdict(row), "skipped": refusal}
+    mock_log, daemon_log = workdir / "mock.log", workdir / "daemon.log"
+    mock = start(["mock-server", "--port", str(mock_port), "--email", EMAIL,
+                  "--password", PASSWORD, "--log-level", "warning",
+                  "--latency", str(row.latency_ms / 1000)], mock_log)
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        with httpx.Client() as client:
+            wait_ok(client, f"{mock_url}/_mock/stats", mock, mock_log, "mock-server")
+            client.post(f"{mock_url}/_mock/reset").raise_for_status()
+            daemon = start(["run", "--config", str(cfg)], daemon_log)
+            wait_ok(client, f"{admin_url}/healthz", daemon, daemon_log, "daemon")
+            load = (run_wrk(listen_port, row, args, workdir) if loadgen == "wrk"
+                    else run_python(listen_port, args, row.events))
+            stored = received_total(client, admin_url)
+            stop(daemon)
+            write_config(cfg, mock_port=mock_port, **settings)
+            daemon = start(["run", "--config", str(cfg)], daemon_log)
+            cpu_before = {"daemon": 0.0, "mock": cpu_seconds(mock.pid)}
+            end = time.monotonic() + DELIVERY_DEADLINE
+            while client.get(f"{mock_url}/_mock/stats").json()["unique_event_ids"] < stored:
+                if daemon.poll() is not None:
+                    raise SystemExit(f"daemon exited with {daemon.returncode}:\n"
+                                     f"{tail(daemon_log)}")
+                if time.monotonic() > end:
+                    raise SystemExit(f"the backlog of {stored} was not delivered in "
+                                     f"{DELIVERY_DEADLINE}s\n{tail(daemon_log)}")
+                time.sleep(0.1)  # polling another process's progress
+            cpu = {"daemon": cpu_seconds(daemon.pid) - cpu_before["daemon"],
+                   "mock": cpu_seconds(mock.pid) - cpu_before["mock"]}
+            events = client.get(f"{mock_url}/_mock/events", timeout=120).json()["events"]
+            duplicates = client.get(f"{mock_url}/_mock/stats").json().get("duplicates", 0)
+    finally:
+        if daemon is not None:
+            stop(daemon)
+        stop(mock)
+    received = sorted(float(e["received_at"]) for e in events)
+    span = received[-1] - received[0]
+    return {
+        "row": row.name, **asdict(row), "events_stored": stored,
+        "events_delivered": len(events), "server_duplicates": duplicates,
+        "order_inversions": order_inversions(events, row.ordering),
+        "ingest_per_s": round(load["ingest_per_s"], 1),
+        "delivered_per_s": round(len(events) / span, 1) if span > 0 else None,
+        "delivery_span_s": round(span, 3),
+        # The restarted daemon's CPU from its start (start-up included), per event.
+        "cpu_us_per_event": {name: round(seconds / max(1, len(events)) * 1e6, 1)
+                             for name, seconds in cpu.items()},
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -755,7 +827,7 @@ def commit() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="matrix,steady",
-                        help="comma-separated: matrix, steady")
+                        help="comma-separated: matrix, steady, drain")
     parser.add_argument("--matrix", default=DEFAULT_MATRIX,
                         help="rows ORDERING:LATENCY_MS[:CONCURRENCY[:EVENTS]], comma-separated")
     parser.add_argument("--events", type=int, default=20000, help="webhooks per matrix row")
@@ -764,6 +836,8 @@ def main() -> None:
                         help="concurrent keep-alive connections of the load generator")
     parser.add_argument("--sources", type=int, default=8, help="routes/sources to spread over")
     parser.add_argument("--keys", type=int, default=64, help="distinct data.customer.id values")
+    parser.add_argument("--drain-matrix", default="none:0,key:0",
+                        help="rows of the drain mode (as --matrix)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="forwarder.concurrency of rows that do not give one")
     parser.add_argument("--steady-rate", type=float, default=1000.0, help="arrivals per second")
@@ -788,9 +862,10 @@ def main() -> None:
         return
 
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
-    if not modes <= {"matrix", "steady"}:
-        raise SystemExit(f"--modes: unknown {sorted(modes - {'matrix', 'steady'})}")
+    if not modes <= {"matrix", "steady", "drain"}:
+        raise SystemExit(f"--modes: unknown {sorted(modes - {'matrix', 'steady', 'drain'})}")
     rows = parse_matrix(args.matrix, args) if "matrix" in modes else []
+    drain_rows = parse_matrix(args.drain_matrix, args) if "drain" in modes else []
     steady_row = Row(ordering=args.steady_ordering, latency_ms=0.0,
                      concurrency=args.steady_concurrency or args.concurrency,
                      events=round(args.steady_rate * args.steady_seconds))
@@ -843,6 +918,7 @@ def main() -> None:
 
     by_row: dict[str, list[dict[str, Any]]] = {r.name: [] for r in rows}
     steady_runs: list[dict[str, Any]] = []
+    drained: dict[str, list[dict[str, Any]]] = {}
     for round_no in range(args.rounds):
         for row in rows if round_no % 2 == 0 else rows[::-1]:
             res = one(row, steady=False)
@@ -854,12 +930,33 @@ def main() -> None:
             steady_runs.append(res)
             if "skipped" in res:
                 modes.discard("steady")
+        for row in drain_rows:
+            workdir = Path(tempfile.mkdtemp(prefix=f"mfo-e2e-drain-{row.ordering}-"))
+            try:
+                res = run_drain(args, row, loadgen, workdir)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            drained.setdefault(row.name, []).append(res)
+            if "skipped" in res:
+                print(f"SKIP drain {row.name}: {res['skipped']}", flush=True)
+            else:
+                print(f"drain {row.name}: {res['events_delivered']} delivered from the "
+                      f"backlog, {res['delivered_per_s']:,.0f}/s, duplicates "
+                      f"{res['server_duplicates']}, inversions {res['order_inversions']}, "
+                      f"CPU µs/event daemon {res['cpu_us_per_event']['daemon']:,.0f} mock "
+                      f"{res['cpu_us_per_event']['mock']:,.0f}", flush=True)
     result["matrix"] = [summarise(rs) for rs in by_row.values()]
     done_steady = [r for r in steady_runs if "skipped" not in r]
     result["steady"] = done_steady or steady_runs[:1]
+    result["drain"] = drained
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print_report(result, args)
+    for name, runs in drained.items():
+        rates = sorted(r["delivered_per_s"] for r in runs if r.get("delivered_per_s"))
+        if rates:
+            print(f"drain {name}: delivered/s min / median / max {rates[0]:,.0f} / "
+                  f"{statistics.median(rates):,.0f} / {rates[-1]:,.0f} ({len(rates)} rounds)")
     print(f"\nwrote {args.output}")
 
 
