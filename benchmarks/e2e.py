@@ -425,6 +425,19 @@ def wait_ok(client: httpx.Client, url: str, proc: subprocess.Popen[bytes], log: 
     raise SystemExit(f"{what} not ready after {START_DEADLINE}s ({url}):\n{tail(log)}")
 
 
+def wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the webhook listener on *port* takes connections."""
+    end = time.monotonic() + START_DEADLINE
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                raise SystemExit(f"the listener never came up on {port}:\n{tail(log)}") from None
+            time.sleep(0.05)  # polling another process's start-up
+
+
 def received_total(client: httpx.Client, admin_url: str) -> int:
     """Sum of ``mfo_events_received_total`` over sources: every event the daemon stored."""
     text = client.get(f"{admin_url}/metrics", timeout=10).text
@@ -688,7 +701,9 @@ def run_drain(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path
             wait_ok(client, f"{mock_url}/_mock/stats", mock, mock_log, "mock-server")
             client.post(f"{mock_url}/_mock/reset").raise_for_status()
             daemon = start(["run", "--config", str(cfg)], daemon_log)
+            # Not /readyz: without a login the daemon is live, never ready.
             wait_ok(client, f"{admin_url}/healthz", daemon, daemon_log, "daemon")
+            wait_listening(listen_port, daemon, daemon_log)
             load = (run_wrk(listen_port, row, args, workdir) if loadgen == "wrk"
                     else run_python(listen_port, args, row.events))
             stored = received_total(client, admin_url)
