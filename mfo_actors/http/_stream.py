@@ -56,6 +56,15 @@ def _transport_of(stream: Any) -> Any:
     return transport
 
 
+def _protocol_of(stream: Any) -> Any:
+    """anyio's asyncio ``StreamProtocol`` under *stream* (read directly by
+    :meth:`ConnectionStream.receive`), or None if it is not the one we know."""
+    protocol = getattr(stream, "_protocol", None)
+    if all(hasattr(protocol, name) for name in ("read_event", "read_queue", "is_at_eof")):
+        return protocol
+    return None
+
+
 def _pauser(transport: Any) -> Callable[[], None]:
     if transport is None:
         return _nothing
@@ -81,15 +90,18 @@ class ConnectionStream:
       stream: The accepted connection (``SocketStream``, or a TLS stream over one).
     """
 
-    __slots__ = ("_pause", "_writer", "stream")
+    __slots__ = ("_pause", "_protocol", "_writer", "stream")
 
     def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         transport = _transport_of(stream)
         self._pause = _pauser(transport)
         self._pause()  # asyncio starts a new transport reading before anyone asked
-        # Writing to the transport directly is only right when nothing (TLS) sits between.
-        self._writer = None if hasattr(stream, "transport_stream") else transport
+        # Writing to (and reading from) the transport directly is only right when nothing
+        # (TLS) sits between.
+        direct = not hasattr(stream, "transport_stream")
+        self._writer: Any = transport if direct else None
+        self._protocol: Any = _protocol_of(stream) if direct and transport is not None else None
 
     def extra(self, attribute: Any, *default: Any) -> Any:
         """The wrapped stream's typed attribute (``SocketAttribute.remote_address`` ...)."""
@@ -102,6 +114,30 @@ class ConnectionStream:
           anyio.EndOfStream: the client closed its side.
           anyio.BrokenResourceError: the connection is gone (reset).
         """
+        protocol = self._protocol
+        if protocol is not None and not protocol.read_event.is_set():
+            # The usual case, without anyio's guard and checkpoint around it: nothing queued,
+            # so resume reading, wait for one read, pause again (what anyio's receive does).
+            transport = self._writer
+            if not transport.is_closing() and not protocol.is_at_eof:
+                try:
+                    transport.resume_reading()
+                    try:
+                        await protocol.read_event.wait()
+                    finally:
+                        transport.pause_reading()
+                except RuntimeError as exc:  # uvloop: the transport was closed by a reset
+                    raise anyio.BrokenResourceError from exc
+                queue = protocol.read_queue
+                if queue:
+                    data: bytes = queue.popleft()
+                    if len(data) > max_bytes:
+                        data, rest = data[:max_bytes], data[max_bytes:]
+                        queue.appendleft(rest)
+                    if not queue:
+                        protocol.read_event.clear()
+                    return data
+                # closed, reset or end of stream: anyio's receive raises the right error
         try:
             return await self.stream.receive(max_bytes)
         except RuntimeError as exc:  # uvloop: the transport was closed by a reset
@@ -109,25 +145,49 @@ class ConnectionStream:
         finally:
             self._pause()
 
-    async def send(self, data: bytes) -> None:
-        """Write *data*; returns once the kernel has taken all of it (anyio's asyncio
-        transport has no write buffer of its own: its high-water mark is 0).
+    def send_now(self, data: bytes) -> bytes | None:
+        """Write *data* without waiting where the transport allows it (asyncio, no TLS).
+
+        Returns None when the kernel took all of it (the usual case for an answer), else
+        what :meth:`drain` must still be given: ``b""`` when the rest waits in the
+        transport's buffer, or *data* itself where nothing was written (trio, TLS).
 
         Raises:
           anyio.BrokenResourceError: the connection is gone.
         """
         transport = self._writer
+        if transport is None:
+            return data
         try:
-            if transport is not None:
-                if transport.is_closing():
-                    raise anyio.BrokenResourceError
-                transport.write(data)
-                if not transport.get_write_buffer_size():
-                    return  # the kernel took it all: no need to visit the loop
-                data = b""  # wait below until the transport's buffer is drained
-            await self.stream.send(data)
+            if transport.is_closing():
+                raise anyio.BrokenResourceError
+            transport.write(data)
+            return b"" if transport.get_write_buffer_size() else None
         except RuntimeError as exc:
             raise anyio.BrokenResourceError from exc
+
+    async def drain(self, rest: bytes) -> None:
+        """Send *rest* (from :meth:`send_now`) and wait until the kernel has taken it all
+        (anyio's asyncio transport has no write buffer of its own: its high-water mark is 0).
+
+        Raises:
+          anyio.BrokenResourceError: the connection is gone.
+        """
+        try:
+            await self.stream.send(rest)
+        except RuntimeError as exc:
+            raise anyio.BrokenResourceError from exc
+
+    async def send(self, data: bytes) -> None:
+        """Write *data*; returns once the kernel has taken all of it, without a round trip
+        through the loop when it took it at once.
+
+        Raises:
+          anyio.BrokenResourceError: the connection is gone.
+        """
+        rest = self.send_now(data)
+        if rest is not None:
+            await self.drain(rest)
 
     async def send_eof(self) -> None:
         """Half-close our side.
