@@ -4,9 +4,11 @@ server does per request is in ``tests/test_mock_server.py``)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import structlog
 
+from mfo_actors.client import models as m
 from mfo_actors.mock_server import MockMFOServer, MockOptions
 from mfo_actors.mock_server import _app as app_module
 from tests.test_mock_server import bearer, decode, login, req
@@ -82,3 +84,20 @@ async def test_accepted_events_are_counted_not_logged_one_by_one(
         await app.handle(req("POST", "/api/events", {"id": "e9"}))
     assert [(e["event"], e["accepted"], e["duplicates"]) for e in logs] == [
         ("mock.events", 4, 1)]
+
+
+@pytest.mark.parametrize("event_id", ["e1", 'quo"te \\ \u00e9 \u2028', ""])
+async def test_the_acks_are_what_event_ack_encodes_to(event_id: str) -> None:
+    """The events route writes its answers from constant pieces around the encoded id: the
+    same bytes as ``m.EventAck`` through msgspec, first time (202) and duplicate (200)."""
+    app = MockMFOServer(MockOptions(require_auth=False))
+    headers = {"Idempotency-Key": "k"}
+    body = {"id": event_id} if event_id else {}
+    first = await app.handle(req("POST", "/api/events", body, headers=headers))
+    again = await app.handle(req("POST", "/api/events", body, headers=headers))
+    sent_id = event_id or "k"
+    assert (first.status, first.body) == (
+        202, msgspec.json.encode(m.EventAck(id=sent_id, status="accepted")))
+    assert (again.status, again.body) == (
+        200, msgspec.json.encode(m.EventAck(id=sent_id, status="duplicate", duplicate=True)))
+    assert first.headers == again.headers == [("content-type", "application/json")]

@@ -224,8 +224,8 @@ class MockMFOServer(TokenAuth, FaultInjection, ChatRoutes, ToolRoutes, ResourceR
 
     async def _api(self, request: Request) -> Response:
         path = request.path
-        if path == EVENTS_PATH:  # the hot route: no split, no unquoting
-            return await self._api_events(request.method, [], request)
+        if path == EVENTS_PATH:  # the hot route: no split, no unquoting, no await
+            return self._post_event(request.method, request)
         parts = [unquote(p) for p in path.removeprefix("/api").strip("/").split("/")]
         handler = self._routes.get(parts[0])
         if handler is None:
