@@ -162,3 +162,41 @@ class TestLimits:
     def test_nothing_is_parsed_after_an_error(self) -> None:
         out = events(b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         assert len(out) == 1 and isinstance(out[0], HttpError)
+
+
+class TestWholeBody:
+    """``whole_body``: the connection takes a body that came with its head at once, and
+    reads event by event otherwise (nothing taken then)."""
+
+    @staticmethod
+    def parsed(*chunks: bytes) -> RequestParser:
+        parser = RequestParser(HttpLimits(), None)
+        for data in chunks:
+            parser.feed(data)
+        assert isinstance(parser.next_event(), ParsedHead)
+        return parser
+
+    def test_a_body_queued_whole_is_taken_with_its_end(self) -> None:
+        parser = self.parsed(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}"
+                             b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert parser.whole_body(2) == b"{}"
+        nxt = parser.next_event()  # the pipelined request behind it is untouched
+        assert isinstance(nxt, ParsedHead) and nxt.head.path == "/next"
+
+    @pytest.mark.parametrize("chunks", [
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n{}",),  # half of it
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\n{}", b"{}"),  # two pieces
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"2\r\n{}\r\n2\r\n{}\r\n0\r\n\r\n",),  # two chunks
+    ])
+    def test_otherwise_nothing_is_taken(self, chunks: tuple[bytes, ...]) -> None:
+        parser = self.parsed(*chunks)
+        queued = list(parser._events)
+        assert parser.whole_body(100) is None
+        assert list(parser._events) == queued
+
+    def test_a_body_over_the_limit_is_left_to_the_event_path(self) -> None:
+        parser = self.parsed(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"4\r\nabcd\r\n0\r\n\r\n")
+        assert parser.whole_body(3) is None
+        assert parser.next_event() == b"abcd" and parser.next_event() is END

@@ -101,9 +101,8 @@ class RequestParser:
     """
 
     __slots__ = (
-        "_began", "_broken", "_events", "_head_bytes", "_head_seen", "_hosts", "_in_head",
-        "_in_message", "_parser", "_progress", "_raw", "_stalled", "_too_many", "_url",
-        "limits", "peer",
+        "_began", "_broken", "_dropped", "_events", "_head_seen", "_in_head", "_in_message",
+        "_max_headers", "_pairs", "_parser", "_progress", "_stalled", "_url", "limits", "peer",
     )
 
     def __init__(self, limits: HttpLimits, peer: tuple[str, int] | None) -> None:
@@ -121,10 +120,11 @@ class RequestParser:
         self._head_seen = 0  # bytes of an incomplete head, as far as we can tell
         self._stalled = 0  # bytes fed without any callback (one token going on and on)
         self._url = b""
-        self._raw: list[tuple[str, str]] = []
-        self._head_bytes = 0
-        self._hosts = 0
-        self._too_many = False
+        # The head's fields as llhttp hands them over, up to max_headers; names, values and
+        # sizes are looked at once the head is complete (_make_head), not per callback.
+        self._pairs: list[tuple[bytes, bytes]] = []
+        self._max_headers = limits.max_headers
+        self._dropped = -1  # bytes of the fields past max_headers (-1: none so far)
 
     @property
     def waiting(self) -> bool:
@@ -140,6 +140,19 @@ class RequestParser:
         """The next event, or :data:`NEED_DATA`."""
         events = self._events
         return events.popleft() if events else NEED_DATA
+
+    def whole_body(self, limit: int) -> bytes | None:
+        """The current request's body, if all of it is queued already (one piece, then its
+        END) and no larger than *limit*; else None, and nothing is taken (read it event by
+        event)."""
+        events = self._events
+        if len(events) >= 2 and events[1] is END:
+            body = events[0]
+            if type(body) is bytes and len(body) <= limit:
+                events.popleft()
+                events.popleft()
+                return body
+        return None
 
     def feed(self, data: bytes) -> None:
         """Parse *data* (``b""`` is ignored: the connection handles end of stream)."""
@@ -164,7 +177,7 @@ class RequestParser:
         if self._in_head:
             # Bytes of the head so far: exact for what the callbacks saw; a header still
             # being read is inside httptools, so count whole reads from the second on.
-            self._head_seen = (self._head_bytes + len(self._url) if self._began
+            self._head_seen = (self._head_size() if self._began
                                else self._head_seen + len(data))
             if self._head_seen > limit:
                 self._fail(431, f"request head larger than {limit} bytes")
@@ -175,6 +188,11 @@ class RequestParser:
         else:
             self._stalled = 0
 
+    def _head_size(self) -> int:
+        """Bytes of the head the callbacks have seen so far (as counted for the limit)."""
+        return (len(self._url) + sum(len(n) + len(v) + 4 for n, v in self._pairs)
+                + max(self._dropped, 0))
+
     def _fail(self, status: int, message: str) -> None:
         self._broken = True
         self._events.append(HttpError(status, message))
@@ -183,9 +201,9 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._in_message = self._in_head = self._began = self._progress = True
         self._url = b""
-        self._raw = []
-        self._head_bytes = self._hosts = 0
-        self._too_many = False
+        self._pairs = []
+        self._max_headers = self.limits.max_headers
+        self._dropped = -1
 
     def on_url(self, url: bytes) -> None:
         self._progress = True
@@ -195,18 +213,11 @@ class RequestParser:
         self._progress = True
         if not self._in_head:
             return  # a trailer field: dropped, as before (h11 handed them over unused)
-        self._head_bytes += len(name) + len(value) + 4
-        if len(self._raw) >= self.limits.max_headers:
-            self._too_many = True
-            return
-        key = _NAMES.get(name)
-        if key is None:
-            key = _name(name)
-        if key == "host":
-            self._hosts += 1
-        if value.endswith((b" ", b"\t")):  # llhttp trims leading whitespace only
-            value = value.rstrip(b" \t")
-        self._raw.append((key, value.decode("latin-1")))
+        pairs = self._pairs
+        if len(pairs) < self._max_headers:
+            pairs.append((name, value))
+        else:  # refused with 431 once the head is complete; only its size is kept
+            self._dropped = max(self._dropped, 0) + len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self._progress = True
@@ -236,15 +247,28 @@ class RequestParser:
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             return HttpError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-        if self._too_many:
+        if self._dropped >= 0:
             return HttpError(431, f"more than {limits.max_headers} headers")
         url = self._url
-        if len(url) + self._head_bytes > limits.max_header_size:
+        size = len(url)
+        hosts = 0
+        raw: list[tuple[str, str]] = []
+        names = _NAMES
+        for name, value in self._pairs:
+            size += len(name) + len(value) + 4
+            key = names.get(name)
+            if key is None:
+                key = _name(name)
+            if key == "host":
+                hosts += 1
+            # llhttp trims leading whitespace only (rstrip returns the value itself if
+            # there is nothing to trim)
+            raw.append((key, value.rstrip(b" \t").decode("latin-1")))
+        if size > limits.max_header_size:
             return HttpError(431, f"request head larger than {limits.max_header_size} bytes")
-        if self._hosts != 1 and (version == "1.1" or self._hosts > 1):
-            return HttpError(400, "missing Host header" if not self._hosts
+        if hosts != 1 and (version == "1.1" or hosts > 1):
+            return HttpError(400, "missing Host header" if not hosts
                              else "more than one Host header")
-        raw = self._raw
         headers = dict(raw)
         te = headers.get("transfer-encoding")
         length = headers.get("content-length")
