@@ -246,8 +246,11 @@ class HttpConnection:
         server.request_started()
         try:
             if event.has_body:
+                # the whole body came with its head (most requests): no awaits to take it
+                whole = parser.whole_body(limit)
                 try:
-                    body = await self._read_body(parser, event, limit)
+                    body = (whole if whole is not None
+                            else await self._read_body(parser, event, limit))
                 except HttpError as exc:
                     await self._send_error(exc)
                     return True

@@ -35,6 +35,8 @@ _LINES_MAX = 4096  # distinct pairs remembered
 _CLOSE = b"connection: close\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n"
 _NO_BODY = frozenset({204, 304})  # and 1xx: no body, no Content-Length (RFC 9110 8.6)
+# b"content-length: N\r\n" for the small bodies most answers have, formatted once.
+_LENGTH_LINES = [b"content-length: %d\r\n" % n for n in range(4096)]
 
 
 class InvalidHeader(ValueError):
@@ -104,7 +106,8 @@ def encode_response(response: Response, *, head_only: bool, close: bool) -> byte
     if status in _NO_BODY or status < 200:
         body = b""
     elif length is None:
-        parts.append(b"content-length: %d\r\n" % len(body))
+        size = len(body)
+        parts.append(_LENGTH_LINES[size] if size < 4096 else b"content-length: %d\r\n" % size)
     elif length != len(body) and not head_only:
         raise InvalidHeader(f"content-length {length} but the body has {len(body)} bytes")
     if close:
