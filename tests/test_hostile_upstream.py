@@ -5,6 +5,8 @@ tokens. Nothing the upstream does may lose an event, hold a delivery slot past
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,9 +29,10 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import register_secret
 from mfo_actors.runtime import Clock, FakeClock, ReadySignal, SystemClock
-from mfo_actors.store import EventStore, RunRequest, open_sqlite_store
+from mfo_actors.store import DEFAULT_SQLITE_FILE, EventStore, RunRequest, open_sqlite_store
 from mfo_actors.taskflow import EmptyConfig, TaskContext, builtin_registry, load_flow_text
-from tests.helpers import poll
+from tests import raw_upstream as scripted
+from tests.helpers import poll, running_daemon, wait_http_ok, write_config
 from tests.test_scheduler import running as running_scheduler
 from tests.test_scheduler import settled_runs
 
@@ -350,3 +353,43 @@ class TestHostileStream:
                         await gone.wait()  # the client closed the connection
                 assert sent < 64 * MAX_EVENT_SIZE
                 tg.cancel_scope.cancel()
+
+
+def test_a_daemon_stores_no_token_its_upstream_echoes(tmp_path: Path) -> None:
+    """The daemon as run (a real process, its lean sender): an upstream that answers 400 with
+    our bearer token in the error body gets the event dead-lettered, and neither the stored
+    ``last_error`` nor the daemon's log holds the token."""
+    token = "tok-" + new_id()
+    holder: list[scripted.RawUpstream] = []
+
+    async def echo_token(stream: anyio.abc.ByteStream) -> bool:
+        head = holder[0].requests[-1].split(b"\r\n\r\n")[0].decode("latin-1")
+        auth = next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                    if line.lower().startswith("authorization:"))
+        body = json.dumps({"error": {"code": "bad_token", "message":
+                                     f"{auth} is not allowed; raw {auth.split()[-1]}"}})
+        await stream.send(scripted.answer(400, body.encode(), "Content-Type: application/json"))
+        return True
+
+    with anyio.from_thread.start_blocking_portal() as portal, \
+            portal.wrap_async_context_manager(scripted.raw_upstream([], default=echo_token)) as up:
+        holder.append(up)
+        config = write_config(tmp_path, client={"base_url": up.url},
+                              auth={"mode": "token", "token": token},
+                              forwarder={"ordering": "none"})
+        cfg = json.loads(config.read_text())
+        listener = f"http://127.0.0.1:{cfg['webhook_listener']['port']}/webhook"
+        with running_daemon(config) as daemon:
+            wait_http_ok(f"http://127.0.0.1:{cfg['admin']['port']}/readyz")
+            accepted = httpx.post(listener, json={"a": 1}, timeout=10)
+            assert accepted.status_code == 202
+            event_id = accepted.json()["id"]
+            daemon.wait_event("forwarder.dead_lettered")
+            log = "\n".join(daemon.output())
+        assert token.encode() in up.requests[-1]  # the token was sent (and echoed back)
+    with sqlite3.connect(tmp_path / "state" / DEFAULT_SQLITE_FILE) as db:
+        (last_error,) = db.execute("SELECT last_error FROM events WHERE id = ?",
+                                   (event_id,)).fetchone()
+    assert "400" in last_error and "[REDACTED]" in last_error
+    assert token not in last_error
+    assert token not in log
