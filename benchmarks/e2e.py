@@ -394,6 +394,13 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def start_mock(port: int, row: Row, log: Path) -> subprocess.Popen[bytes]:
+    """The reference server on *port*, answering after the row's added latency."""
+    return start(["mock-server", "--port", str(port), "--email", EMAIL, "--password",
+                  PASSWORD, "--log-level", "warning", "--latency", str(row.latency_ms / 1000)],
+                 log)
+
+
 def stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -579,9 +586,7 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
     if refusal is not None:
         return {"row": row.name, **asdict(row), "skipped": refusal}
     mock_log, daemon_log = workdir / "mock.log", workdir / "daemon.log"
-    mock = start(["mock-server", "--port", str(mock_port), "--email", EMAIL,
-                  "--password", PASSWORD, "--log-level", "warning",
-                  "--latency", str(row.latency_ms / 1000)], mock_log)
+    mock = start_mock(mock_port, row, mock_log)
     daemon: subprocess.Popen[bytes] | None = None
     spy: subprocess.Popen[bytes] | None = None
     profile: dict[str, Any] | None = None
@@ -692,9 +697,7 @@ def run_drain(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path
     if refusal is not None:
         return {"row": row.name, **asdict(row), "skipped": refusal}
     mock_log, daemon_log = workdir / "mock.log", workdir / "daemon.log"
-    mock = start(["mock-server", "--port", str(mock_port), "--email", EMAIL,
-                  "--password", PASSWORD, "--log-level", "warning",
-                  "--latency", str(row.latency_ms / 1000)], mock_log)
+    mock = start_mock(mock_port, row, mock_log)
     daemon: subprocess.Popen[bytes] | None = None
     try:
         with httpx.Client() as client:
