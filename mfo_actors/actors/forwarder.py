@@ -252,7 +252,6 @@ class ForwarderActor:
         self._busy = 0  # runs handed to workers (queued or being sent), not finished
         self._freed = anyio.Event()
         self._stopping = False
-        self._stop = anyio.Event()
         # Answers from the upstream that were not failures of the upstream itself (2xx, 3xx,
         # 4xx), all workers together, and whether the last outcome was a failure: they decide
         # whether a failure is an attempt (see "What an attempt is").
@@ -334,24 +333,20 @@ class ForwarderActor:
         ordered = self._ordered
         poll = float(self._fcfg.poll_interval)
         while not self._stopping:
+            # Wait while the breaker is open (until the probe time) or there is no token
+            # (logins failing): nothing is claimed.
+            await self._gate.wait_ready()
             # Healthy (no allowance counted): a run queued per worker besides the one it
             # sends; failing: runs only for idle workers, within the breaker's allowance.
             allowance = self._gate.allowance()
             room = (self._concurrency * (PREFETCH_RUNS if allowance is None else 1)
                     - self._busy)
             if room <= 0:
-                freed = self._freed
-                await freed.wait()
+                await self._freed.wait()
                 continue
-            # Wait while the breaker is open (until the probe time) or there is no token
-            # (logins failing): nothing is claimed.
-            await self._gate.wait_ready()
             workers = min(room, batch)
-            allowance = self._gate.allowance()
             if allowance is not None:
-                workers = min(workers, max(1, allowance), max(0, self._concurrency - self._busy))
-                if workers == 0:
-                    continue
+                workers = min(workers, max(1, allowance))
             # Each idle worker gets a run: ordered, a lane's next events; unordered, a
             # share of the oldest due events (one each while the breaker is counting calls).
             per_worker = 1 if allowance is not None else max(1, batch // self._concurrency)
