@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -302,6 +303,37 @@ async def test_a_run_queued_behind_a_slow_send_goes_back_unsent_before_its_lease
         assert second.id not in r.server_ids()
         r.srv.app.set_faults(latency=0.0)
         await r.wait_delivered(5)
+
+
+async def test_a_worker_has_one_settle_write_in_flight(tmp_path: Path) -> None:
+    """Delivered runs settle in the background, one store write per worker at a time: while
+    a worker's settle does not commit it sends one more run, then waits for it (a slow
+    store slows the worker down instead of piling up writes)."""
+    async with rig(tmp_path, concurrency=1, ordering="source") as r:
+        await r.logged_in()
+        original = r.store.mark_delivered_many
+        commit = anyio.Event()
+        writing = most = 0
+
+        async def slow(deliveries: Any) -> None:
+            nonlocal writing, most
+            writing += 1
+            most = max(most, writing)
+            try:
+                await commit.wait()
+                await original(deliveries)
+            finally:
+                writing -= 1
+
+        r.store.mark_delivered_many = slow  # type: ignore[method-assign]
+        events = [make_event(f"s{i}", n=i) for i in range(3)]  # three lanes: three runs
+        await r.append(events)
+        await poll(lambda: len(r.server_ids()) >= 2)
+        assert len(r.server_ids()) == 2 and writing == 1  # the third waits for the first write
+        commit.set()
+        await r.wait_delivered(3)
+        assert most == 1
+        assert sorted(r.server_ids()) == sorted(e.id for e in events)
 
 
 async def claims_made(store: EventStore, n: int) -> None:
