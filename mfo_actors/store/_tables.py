@@ -328,7 +328,6 @@ class SharedEvents(SharedTables):
             event_id=event_id, claim_token=claim_token, sent_at=sent_at, latency=latency,
             status=status)])
 
-
     async def get_event(self, event_id: str) -> StoredEvent | None:
         """One event with its state, or None."""
         sql = self._dialect.sql(_GET_EVENT)
