@@ -162,9 +162,7 @@ CREATE TABLE task_runs (
 def _v1(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Events (outbox + history + attempts), sources, dedupe keys, counters, runs, task runs
     and chat sessions."""
-    for statement in _V1.split(";"):
-        if statement.strip():
-            conn.execute(statement.encode())
+    _run_script(conn, _V1)
 
 
 _V2 = """
@@ -182,7 +180,12 @@ ALTER INDEX sources_ready RENAME TO lanes_ready
 def _v2(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Ordering keys: each event's delivery lane (its ordering key, else its source), and
     ``sources`` generalised to ``lanes`` (a source's row becomes its lane's: same cursor)."""
-    for statement in _V2.split(";"):
+    _run_script(conn, _V2)
+
+
+def _run_script(conn: psycopg.Connection[tuple[object, ...]], script: str) -> None:
+    """Each ``;``-separated statement of *script*, in the caller's transaction."""
+    for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement.encode())
 
