@@ -243,8 +243,8 @@ class _Route:
 
     __slots__ = (
         "cfg", "dedupe_headers", "is_json", "key_header", "key_missing", "key_pointer",
-        "key_spec", "limiter", "missing", "previous", "received", "rejected", "source",
-        "type_header", "type_pointer",
+        "key_spec", "limiter", "missing", "points_in_body", "previous", "received", "rejected",
+        "source", "type_header", "type_pointer",
     )
 
     def __init__(self, cfg: RouteConfig, instance: str, *, before: _Route | None = None,
@@ -283,6 +283,9 @@ class _Route:
                 self.type_header = arg.strip().lower()
             else:
                 self.type_pointer = arg
+        # A JSON body is decoded fully for the type or the key pointer (else only as needed).
+        self.points_in_body = self.is_json and (
+            self.type_pointer is not None or self.key_pointer is not None)
         extra = (cfg.dedupe_header.lower(),) if cfg.dedupe_header else ()
         self.dedupe_headers = (*extra, *DELIVERY_ID_HEADERS)
         self.received = EVENTS_RECEIVED.labels(instance, cfg.source)
@@ -490,9 +493,8 @@ class ListenerActor(ServerActor):
         doc: Any = None
         match = self._match_runs
         # Decoded once: fully when the type or key pointer or a flow's ``when:`` needs the body.
-        full = route.is_json and (
-            route.type_pointer is not None or route.key_pointer is not None or (
-                isinstance(match, RunMatcher) and match.needs_payload(route.source)))
+        full = route.points_in_body or (route.is_json and isinstance(match, RunMatcher)
+                                        and match.needs_payload(route.source))
         if route.is_json:
             try:
                 doc = _parse_for_type(route, body, full=full)
