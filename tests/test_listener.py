@@ -21,11 +21,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import structlog.testing
 from standardwebhooks import Webhook
 
 import mfo_actors.store as store_pkg
-from mfo_actors.actors.listener import ListenerActor
-from mfo_actors.config import InstanceConfig, load_config_text
+from mfo_actors.actors.listener import MISSING_KEY_LOG_EVERY, ListenerActor, _Route
+from mfo_actors.config import InstanceConfig, RouteConfig, load_config_text
 from mfo_actors.messages import Event
 from mfo_actors.metrics import EVENTS_RECEIVED, EVENTS_REJECTED, ORDERING_KEY_MISSING
 from mfo_actors.runtime import ReadySignal
@@ -504,6 +505,20 @@ class TestOrderingKey:
             event = h.store.events[0]
             assert event.lane == "users"
         assert counter(ORDERING_KEY_MISSING, "ktest", "users") == before + 5
+
+    def test_missing_keys_are_logged_first_then_every_1000th_across_reloads(self) -> None:
+        """The log promised for missing keys: the 1st, then every 1000th per route, the count
+        kept when a reload rebuilds the route."""
+        cfg = RouteConfig(path="/hooks/user", source="users")
+        route = _Route(cfg, "ktest", ordering_key="json:/user/id")
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(MISSING_KEY_LOG_EVERY):
+                assert route.ordering_key({}, {}) is None
+            reloaded = _Route(cfg, "ktest", before=route, ordering_key="json:/user/id")
+            assert reloaded.ordering_key({}, {"user": {"id": "u-1"}}) == "u-1"
+            assert reloaded.ordering_key({}, {}) is None
+        counts = [e["count"] for e in logs if e["event"] == "listener.ordering_key_missing"]
+        assert counts == [1, MISSING_KEY_LOG_EVERY + 1]
 
     async def test_long_keys_are_stored_as_a_digest(self, tmp_path: Path) -> None:
         long = "x" * 500
