@@ -206,15 +206,15 @@ class _Attempt:
         self.elapsed = 0.0
 
     def narrow(self, timeout: float | None) -> None:
-        """An exchange starts: bound it by *timeout* too (whichever comes first)."""
+        """An exchange starts: bound it by *timeout* too (whichever comes first). The
+        deadline is ``send_by``'s here: the first exchange, or the second after
+        :meth:`widen`."""
         if timeout is None:
             return
         bound = anyio.current_time() + timeout
         if bound < self.send_by:
             self.scope.deadline = bound
             self.exchange_bound = True
-        elif self.exchange_bound:
-            self.widen()
 
     def widen(self) -> None:
         """Back to the send's own deadline (before a wait that is not an exchange)."""
