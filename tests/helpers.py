@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 __all__ = [
     "DaemonProcess",
@@ -38,6 +39,17 @@ __all__ = [
 
 DEFAULT_DEADLINE = 20.0  # seconds; generous for a loaded CI machine, never reached when healthy
 POLL_INTERVAL = 0.02
+
+
+@pytest.fixture(name="anyio_backend", params=[
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("trio", {}), id="trio"),
+])
+def uvloop_asyncio_trio(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """``anyio_backend`` on uvloop (the daemon's default) as well as plain asyncio and trio,
+    for a module that imports it."""
+    return request.param  # type: ignore[no-any-return]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

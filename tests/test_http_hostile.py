@@ -16,19 +16,10 @@ import anyio.abc
 import pytest
 
 from mfo_actors.http import HttpLimits, HttpServer, Request, RequestHead, Response
-from tests.helpers import poll
+from tests.helpers import poll, uvloop_asyncio_trio  # noqa: F401 (the anyio_backend)
 from tests.test_http_server import Client, connect, echo, raw_request, running
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=[
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("trio", {}), id="trio"),
-])
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    return request.param  # type: ignore[no-any-return]
 
 
 def reset(stream: anyio.abc.SocketStream) -> None:

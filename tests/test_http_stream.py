@@ -13,17 +13,9 @@ import anyio.abc
 import pytest
 
 from mfo_actors.http._stream import ConnectionStream
+from tests.helpers import uvloop_asyncio_trio  # noqa: F401 (this module's anyio_backend)
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=[
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("trio", {}), id="trio"),
-])
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
-    return request.param  # type: ignore[no-any-return]
 
 
 async def _pair() -> tuple[anyio.abc.SocketStream, anyio.abc.SocketStream]:
