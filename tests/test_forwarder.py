@@ -336,6 +336,46 @@ async def test_a_worker_has_one_settle_write_in_flight(tmp_path: Path) -> None:
         assert sorted(r.server_ids()) == sorted(e.id for e in events)
 
 
+async def test_runs_of_all_workers_settle_in_one_write(tmp_path: Path) -> None:
+    """Delivered runs are settled by one writer: what every worker finished while a settle
+    was committing goes in the next single write, never one write per run (with
+    ``ordering: none`` a run is often one event)."""
+    async with rig(tmp_path, concurrency=4, ordering="source") as r:
+        await r.logged_in()
+        original = r.store.mark_delivered_many
+        commit = anyio.Event()
+        writes: list[int] = []
+        writing = most = 0
+
+        async def slow(deliveries: Any) -> None:
+            nonlocal writing, most
+            writes.append(len(deliveries))
+            writing += 1
+            most = max(most, writing)
+            try:
+                if len(writes) == 1:
+                    await commit.wait()
+                await original(deliveries)
+            finally:
+                writing -= 1
+
+        r.store.mark_delivered_many = slow  # type: ignore[method-assign]
+        first = make_event("a", n=0)
+        await r.append([first])
+        await poll(lambda: writing == 1)  # its settle is held
+        events = [make_event(f"s{i}", n=i) for i in range(4)]  # four lanes: four runs
+        await r.append(events)
+        await poll(lambda: len(r.server_ids()) == 5)
+        # At least three workers handed their runs in (the one that sent `first` may be
+        # waiting for that write before it hands in its next).
+        await poll(lambda: r.forwarder._settles.runs >= 3)
+        assert writes == [1] and most == 1
+        commit.set()
+        await r.wait_delivered(5)
+        assert most == 1 and sum(writes) == 5
+        assert len(writes) <= 3 and max(writes[1:]) >= 3  # not one write per run
+
+
 async def claims_made(store: EventStore, n: int) -> None:
     """Until the forwarder has tried *n* more claims (each is a write of the store)."""
     assert isinstance(store, SQLiteStore)

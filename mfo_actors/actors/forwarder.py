@@ -8,10 +8,11 @@ a queued run waits one run's time, a small part of its lease); while the breaker
 failures it claims only for idle workers. Each worker POSTs one event (one attempt,
 ``retry=False``: retries are durable reschedules, not in-memory loops) and settles it:
 
-* 2xx: delivered (``mark_delivered_many``, one store write per claimed run, while the
-  worker goes on; ``mfo_events_forwarded_total``, ``mfo_forward_latency_seconds`` from
-  acceptance to delivery, counted once it is durable). A 2xx whose body is not the
-  expected JSON still counts as delivered: the server took the event. Only a 2xx: a 3xx
+* 2xx: delivered (``mark_delivered_many``: one write settles the runs every worker finished
+  since the last one, while the workers go on; ``mfo_events_forwarded_total``,
+  ``mfo_forward_latency_seconds`` from acceptance to delivery, counted once it is durable).
+  A 2xx whose body is not the expected JSON still counts as delivered: the server took the
+  event. Only a 2xx: a 3xx
   (a redirect at a load balancer) is a retryable error, never followed.
 * :class:`RetryableError` (network, timeout, 3xx, 408, 429, 5xx): ``reschedule`` at
   ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
@@ -64,11 +65,15 @@ Each delivery is two steps: *send once* (an :class:`~mfo_actors.actors._delivery
 returns a ``Sent`` outcome and never raises for what the upstream did) and *settle that
 outcome* (:meth:`ForwarderActor._settle`: delivered, rescheduled or dead-lettered, with its
 attempt history). A failure is settled before the worker sends anything else; the events of
-a run the upstream took are settled together when the run is sent, in the background
-(``settling``, at most one such write per worker outstanding), so a worker takes its next
-claim while the last one's settle commits. Until that commit each of those events is still
-claimed, so its lane stays blocked behind it and nothing is claimed twice; a crash before it
-re-sends them (same ``Idempotency-Key``).
+a run the upstream took are handed to the **settler**, one background task that writes what
+every worker handed in since its last write in one ``mark_delivered_many`` (one store write
+per commit cycle, however many workers and runs: with ``ordering: none`` a run is often a
+single event, and one write per run made settles half of the store's writes). A worker takes
+its next claim while the last one's settle commits, but hands in a run only once its
+previous one is durable (one unsettled run per worker: a slow store slows the workers down
+instead of piling up settles). Until that commit each of those events is still claimed, so
+its lane stays blocked behind it and nothing is claimed twice; a crash before it re-sends
+them (same ``Idempotency-Key``).
 
 The sender is pluggable (``senders=``): the default sends with the MFO ``BaseClient``
 (httpx); the daemon plugs in the lean sender
@@ -130,8 +135,6 @@ from mfo_actors.runtime import RestartPolicy, SystemClock
 from mfo_actors.store import Delivered, StoreError
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
-
     from mfo_actors.client import BaseClient
     from mfo_actors.config import InstanceConfig
     from mfo_actors.messages import Event
@@ -247,8 +250,10 @@ class ForwarderActor:
         self._concurrency = max(1, self._fcfg.concurrency)
         self._ordered = self._fcfg.ordering in ORDERED_MODES
         self._dispatch_scope: anyio.CancelScope | None = None
-        self._settling: TaskGroup | None = None  # background settles of delivered runs
-        self._unsettled_runs = 0  # of those, not yet durable
+        self._settles = _SettleBatch()  # delivered runs handed to the settler, not written
+        self._settle_wanted: anyio.Event | None = None  # the settler has something to write
+        self._workers_done = False  # the settler writes what is left and returns
+        self._unsettled_runs = 0  # delivered runs whose settle is not durable yet
         self._busy = 0  # runs handed to workers (queued or being sent), not finished
         self._freed = anyio.Event()
         self._stopping = False
@@ -297,9 +302,11 @@ class ForwarderActor:
         self._busy = 0
         send, receive = anyio.create_memory_object_stream[tuple[float, list["StoredEvent"]]](
             PREFETCH_RUNS * self._concurrency)
+        self._settles, self._settle_wanted = _SettleBatch(), anyio.Event()
+        self._workers_done = False
         # Outside the workers: a run's delivered settle outlives the worker's turn with it.
         async with anyio.create_task_group() as settling:
-            self._settling = settling
+            settling.start_soon(self._settler, name="forwarder-settler")
             async with anyio.create_task_group() as workers:
                 async with receive:
                     for n in range(self._concurrency):
@@ -315,7 +322,9 @@ class ForwarderActor:
                             dispatch_scope.cancel()
                         await self._dispatch(send)
                 # The send side is closed: workers finish what they hold, then see
-                # end-of-stream; the settles still in flight finish before run returns.
+                # end-of-stream; the settler writes what they handed in, then returns.
+            self._workers_done = True
+            self._settle_wanted.set()
         log.info("forwarder.stopped", delivered=self.delivered, retried=self.retried,
                  dead=self.dead)
 
@@ -410,14 +419,11 @@ class ForwarderActor:
                               error=str(exc))
                 finally:
                     if delivered:
-                        # One write in flight per worker: a slow store slows the workers
+                        # One unsettled run per worker: a slow store slows the workers
                         # down instead of piling up settles.
                         if settled is not None:
                             await settled.wait()
-                        settled = anyio.Event()
-                        assert self._settling is not None
-                        self._unsettled_runs += 1
-                        self._settling.start_soon(self._settle_delivered, delivered, settled)
+                        settled = self._hand_in(delivered)
                     self._busy -= 1
                     freed, self._freed = self._freed, anyio.Event()
                     freed.set()
@@ -492,9 +498,35 @@ class ForwarderActor:
         return await self._failed(stored, token, error or "failed", sent,
                                   retry_after=sent.retry_after, count=count)
 
-    async def _settle_delivered(self, delivered: list[_Delivery], settled: anyio.Event
-                                ) -> None:
-        """Settle a run's delivered events in one store write, then count them."""
+    def _hand_in(self, delivered: list[_Delivery]) -> anyio.Event:
+        """Give a run's delivered events to the settler; the event is set once their
+        write returned (committed or failed)."""
+        batch = self._settles
+        batch.deliveries.extend(delivered)
+        batch.runs += 1
+        self._unsettled_runs += 1
+        assert self._settle_wanted is not None
+        self._settle_wanted.set()
+        return batch.durable
+
+    async def _settler(self) -> None:
+        """Write the delivered runs handed in, all that came since the last write in one,
+        until the workers are done and nothing is left."""
+        while True:
+            batch = self._settles
+            if batch.deliveries:
+                self._settles = _SettleBatch()  # runs handed in meanwhile: the next write
+                await self._settle_delivered(batch)
+                continue
+            if self._workers_done:
+                return
+            assert self._settle_wanted is not None
+            await self._settle_wanted.wait()
+            self._settle_wanted = anyio.Event()  # the buffer is looked at after this
+
+    async def _settle_delivered(self, batch: _SettleBatch) -> None:
+        """Settle delivered events in one store write, then count them."""
+        delivered = batch.deliveries
         try:
             await self._store.mark_delivered_many([
                 Delivered(event_id=d.stored.event.id, claim_token=d.stored.claim_token or "",
@@ -515,8 +547,8 @@ class ForwarderActor:
                 log.debug("forwarder.delivered", event_id=event.id, source=event.source,
                           attempt=d.stored.attempts + 1, latency_ms=_ms(d.sent.latency))
         finally:
-            self._unsettled_runs -= 1
-            settled.set()
+            self._unsettled_runs -= batch.runs
+            batch.durable.set()
 
     def _is_attempt(self, failure: bool, answered_before: int) -> bool:
         """Whether a send that ended this way counts as an attempt (see the module doc);
@@ -584,6 +616,17 @@ class _Delivery(NamedTuple):
 
     stored: StoredEvent
     sent: Sent
+
+
+class _SettleBatch:
+    """Delivered runs (of any workers) that one store write settles."""
+
+    __slots__ = ("deliveries", "durable", "runs")
+
+    def __init__(self) -> None:
+        self.deliveries: list[_Delivery] = []
+        self.runs = 0
+        self.durable = anyio.Event()  # set once the write returned (committed or failed)
 
 
 def _ms(seconds: float | None) -> float | None:
