@@ -10,6 +10,7 @@ Usage (inside an async test)::
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -19,8 +20,8 @@ import anyio
 import anyio.abc
 from anyio.streams.tls import TLSListener
 
-__all__ = ["CLOSE", "STALL", "RawUpstream", "Step", "answer", "raw_upstream", "then_close",
-           "trickle"]
+__all__ = ["CLOSE", "STALL", "RawUpstream", "Step", "answer", "raw_upstream",
+           "refusing_upstream", "then_close", "trickle"]
 
 Step = bytes | Callable[[anyio.abc.ByteStream], Awaitable[bool]]
 """Raw bytes to send (the connection stays open), or a coroutine given the stream that
@@ -104,6 +105,19 @@ async def _read_request(stream: anyio.abc.ByteStream, buffer: bytearray) -> byte
 
 
 @asynccontextmanager
+async def _serving(listener: anyio.abc.Listener[anyio.abc.ByteStream],
+                   serve: Callable[[anyio.abc.ByteStream], Awaitable[None]]
+                   ) -> AsyncIterator[None]:
+    """Accept on *listener* with *serve* for the block, then stop."""
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def raw_upstream(script: list[Step], *, default: Step | None = None,
                        ssl_context: ssl.SSLContext | None = None
                        ) -> AsyncIterator[RawUpstream]:
@@ -134,9 +148,28 @@ async def raw_upstream(script: list[Step], *, default: Step | None = None,
                 except (anyio.BrokenResourceError, OSError):
                     return
 
-    async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
-        try:
-            yield up
-        finally:
-            tg.cancel_scope.cancel()
+    async with _serving(listener, serve):
+        yield up
+
+
+@asynccontextmanager
+async def refusing_upstream(data: bytes) -> AsyncIterator[RawUpstream]:
+    """Answer *data* as soon as a request's head has arrived, without reading its body, and
+    close at once (a server refusing a body too large: the unread bytes make the kernel
+    reset the connection, so a client still sending gets a write error). ``requests`` holds
+    the heads."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    up = RawUpstream(listener.extra(anyio.abc.SocketAttribute.local_port), False)
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        up.connections += 1
+        head = b""
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+                up.requests.append(head[:head.index(b"\r\n\r\n") + 4])
+                await stream.send(data)
+
+    async with _serving(listener, serve):
+        yield up

@@ -11,7 +11,15 @@ import pytest
 import trustme
 
 from mfo_actors.http import ExchangeError, UpstreamPool, header_line
-from tests.raw_upstream import CLOSE, STALL, answer, raw_upstream, then_close, trickle
+from tests.raw_upstream import (
+    CLOSE,
+    STALL,
+    answer,
+    raw_upstream,
+    refusing_upstream,
+    then_close,
+    trickle,
+)
 from tests.test_listener_reload import client_context, write_cert
 
 pytestmark = pytest.mark.anyio
@@ -144,6 +152,20 @@ class TestFraming:
             async with pool(up.url) as client:
                 await client.post(body, cap=CAP)
         assert up.requests[0].endswith(body)
+
+
+    async def test_answer_before_the_body_was_read_is_the_outcome(self) -> None:
+        """A server that refuses a large body after its head (413) and closes resets the
+        connection under the body still being sent: the answer that came is the outcome,
+        not the write error, and the connection is not used again."""
+        refused = answer(413, b"too large", "Connection: close")
+        async with refusing_upstream(refused) as up:
+            async with pool(up.url) as client:
+                for _ in range(2):
+                    got = await client.post(b"x" * 8_000_000, cap=CAP)
+                    assert (got.status, got.body) == (413, b"too large")
+        assert up.connections == 2
+        assert up.requests[0].startswith(b"POST /api/events HTTP/1.1\r\n")
 
 
 class TestTimeouts:

@@ -29,6 +29,7 @@ from tests.raw_upstream import (
     Step,
     answer,
     raw_upstream,
+    refusing_upstream,
     then_close,
     trickle,
 )
@@ -145,6 +146,20 @@ class TestSameOutcomes:
         lean_sent, _ = await send_with("lean", TRANSPORT[case])
         same(httpx_sent, lean_sent, error=False)
         assert lean_sent.kind == "failed" and lean_sent.failure and lean_sent.status is None
+
+    async def test_large_event_refused_before_its_body_was_read(self) -> None:
+        """An upstream that answers 413 to a large event's head and closes: the lean sender
+        reports the refusal (dead-lettered, with its status), not a network error that would
+        be retried. (httpx reads after a failed write too, but on asyncio the reset usually
+        wins: it reports a network error there.)"""
+        ev = Event(id=new_id(), source="s", type="t", received_at=time.time(), headers={},
+                   body=b'{"blob": "' + b"x" * 8_000_000 + b'"}', is_json=True,
+                   content_type="application/json")
+        async with refusing_upstream(answer(413, b"too large")) as up:
+            async with sender("lean", up.url, PolicyGate(StaticTokenAuth("tok"))) as s:
+                sent = await s.send(ev, encode_event(ev), send_by=CLOCK.monotonic() + 10)
+        assert (sent.kind, sent.status, sent.failure) == ("refused", 413, False)
+        assert sent.error is not None and "413" in sent.error
 
     async def test_connection_refused(self) -> None:
         async with raw_upstream([]) as up:

@@ -179,13 +179,55 @@ class _Connection:
         self.cap = cap
         self._reset()
         self._messages = 0
-        stream = self.stream
+        if body is not None:
+            return await self._exchange_large(data, body)
         try:
-            await stream.send(data)
-            if body is not None:
-                await stream.send(body)
+            await self.stream.send(data)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise _NoAnswer(ExchangeError("network", f"send failed: {_text(exc)}")) from exc
+        return await self._answer()
+
+    async def _exchange_large(self, data: bytes, body: bytes) -> ClientResponse:
+        """Send a large body while reading the answer: a server that refuses it before
+        reading it all (413, 401) answers and closes, and the close breaks our send. The
+        answer that came first is the outcome; without it the refusal would look like a
+        network error and be retried. (httpcore reads after a failed write instead, which
+        misses an answer the reset already discarded.)"""
+        send_error: BaseException | None = None
+        sent_all = False
+        response: ClientResponse | None = None
+        read_error: BaseException | None = None
+
+        async def send() -> None:
+            nonlocal send_error, sent_all
+            try:
+                await self.stream.send(data)
+                await self.stream.send(body)
+                sent_all = True
+            except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+                send_error = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            try:
+                response = await self._answer()
+            except (_NoAnswer, ExchangeError) as exc:
+                read_error = exc
+            # Answered before the body was all sent (or the read failed): stop sending.
+            tg.cancel_scope.cancel()
+        if response is not None:
+            if not sent_all:
+                self._keep = False  # the rest of the body would be read as a request
+            return response
+        if send_error is not None:
+            raise _NoAnswer(ExchangeError("network", f"send failed: {_text(send_error)}")
+                            ) from send_error
+        assert read_error is not None
+        raise read_error
+
+    async def _answer(self) -> ClientResponse:
+        """Read and parse one answer (the request was, or is being, sent)."""
+        stream = self.stream
         got = False
         parser = self._parser
         while not self._complete:
