@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from mfo_actors.cli import main
@@ -135,6 +136,32 @@ def test_show_redacts_secrets(config: Path, populated: dict[str, str], as_json: 
         assert shown["headers"]["Authorization"] == "[REDACTED]"
         assert shown["payload"] == {"user": {"name": "bob", "password": "[REDACTED]"}}
         assert shown["status"] == "dead"
+
+
+@pytest.mark.parametrize(("key", "shown"), [
+    ("sk_live_0123456789abcdef", "[REDACTED]"),  # read from a credential header
+    ("Bearer sekrit-token-123", "[REDACTED]"),  # the Authorization header itself
+    ("customer-42", "customer-42"),  # a plain key from the body
+])
+def test_show_redacts_an_ordering_key_read_from_a_credential_header(
+        config: Path, key: str, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``ordering_key: header:X-Api-Key`` stores a credential as the event's key: ``events
+    show`` does not print it (a key that is no credential header's value is shown)."""
+    event = msgspec.structs.replace(make_event(), ordering_key=key, headers={
+        "X-Api-Key": "sk_live_0123456789abcdef", "Authorization": "Bearer sekrit-token-123"})
+
+    async def body(store: EventStore) -> None:
+        await store.append(event)
+
+    with_store(config, body)
+    code, out, _ = run_cli(["events", "show", event.id, "--config", str(config), "--json"],
+                           capsys)
+    assert code == 0
+    assert json.loads(out)["ordering_key"] == shown
+    if shown == "[REDACTED]":
+        assert key.split()[-1] not in out
+    code, out, _ = run_cli(["events", "show", event.id, "--config", str(config)], capsys)
+    assert code == 0 and (key.split()[-1] not in out) == (shown == "[REDACTED]")
 
 
 def test_show_lists_every_attempt(config: Path, capsys: pytest.CaptureFixture[str]) -> None:

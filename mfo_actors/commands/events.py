@@ -183,6 +183,16 @@ def _redact_headers(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def _shown_key(key: str | None, headers: dict[str, str]) -> str | None:
+    """The ordering key as shown: redacted whole when it is a credential header's value
+    (``ordering_key: header:X-Api-Key``), else as ``redact`` leaves it."""
+    if key is None:
+        return None
+    if any(value == key and _SECRET_HEADER.search(name) for name, value in headers.items()):
+        return REDACTED
+    return str(redact(key))
+
+
 def _payload(stored: StoredEvent) -> Any:
     event = stored.event
     if event.is_json:
@@ -208,7 +218,7 @@ def _detail(stored: StoredEvent) -> dict[str, Any]:
     e = stored.event
     out = _summary(stored)
     out.update(content_type=e.content_type, dedupe_key=e.dedupe_key,
-               ordering_key=None if e.ordering_key is None else redact(e.ordering_key),
+               ordering_key=_shown_key(e.ordering_key, e.headers),
                size=len(e.body),
                headers=_redact_headers(e.headers), payload=_payload(stored))
     return out
