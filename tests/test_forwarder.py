@@ -376,6 +376,40 @@ async def test_runs_of_all_workers_settle_in_one_write(tmp_path: Path) -> None:
         assert len(writes) <= 3 and max(writes[1:]) >= 3  # not one write per run
 
 
+async def test_a_runs_unsent_rest_goes_back_in_one_commit(tmp_path: Path) -> None:
+    """When an event of a lane's run is rescheduled, the rest of the run is given back
+    unsent, all queued at once (one store commit), not one commit after another."""
+    async with rig(tmp_path, concurrency=1, ordering="source") as r:
+        await r.logged_in()
+        claim, reschedule = r.store.claim_due, r.store.reschedule
+        stored_all = anyio.Event()
+        pending = most = 0
+
+        async def claim_once_all_are_stored(*args: Any, **kwargs: Any) -> Any:
+            await stored_all.wait()
+            return await claim(*args, **kwargs)
+
+        async def counting(*args: Any, **kwargs: Any) -> None:
+            nonlocal pending, most
+            pending += 1
+            most = max(most, pending)
+            try:
+                await reschedule(*args, **kwargs)
+            finally:
+                pending -= 1
+
+        r.store.claim_due = claim_once_all_are_stored  # type: ignore[method-assign]
+        r.store.reschedule = counting  # type: ignore[method-assign]
+        r.srv.app.set_faults(fail_next=1, fail_status=503)
+        events = [make_event("lane", n=n) for n in range(6)]
+        await r.append(events)
+        stored_all.set()  # one claim takes the six as one run; its first send fails
+        await r.wait_delivered(6)
+        assert r.forwarder.retried == 1
+        assert most >= 5  # the five behind the failed one went back together
+        assert r.server_ids() == [e.id for e in events]
+
+
 async def claims_made(store: EventStore, n: int) -> None:
     """Until the forwarder has tried *n* more claims (each is a write of the store)."""
     assert isinstance(store, SQLiteStore)

@@ -429,12 +429,25 @@ class ForwarderActor:
                     freed.set()
 
     async def _release(self, rest: list[StoredEvent], reason: str) -> None:
-        """Give back claimed events that were not sent (no attempt counted), due now."""
+        """Give back claimed events that were not sent (no attempt counted), due now: all
+        queued at once, so the store commits them together (a run behind a failed event
+        can be ``batch_size - 1`` events, and one commit after another held the worker)."""
         now = self._clock.now()
-        for stored in rest:
-            await self._store.reschedule(
-                stored.event.id, stored.claim_token or "", next_attempt_at=now, error=reason,
-                count_attempt=False)
+        errors: list[StoreError] = []
+
+        async def release(stored: StoredEvent) -> None:
+            try:
+                await self._store.reschedule(
+                    stored.event.id, stored.claim_token or "", next_attempt_at=now,
+                    error=reason, count_attempt=False)
+            except StoreError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for stored in rest:
+                tg.start_soon(release, stored)
+        if errors:
+            raise errors[0]  # the others' leases make them due again as well
 
     async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
                        delivered: list[_Delivery]) -> bool:
