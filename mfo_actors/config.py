@@ -863,6 +863,20 @@ def _ordering_warnings(cfg: InstanceConfig, where: Any) -> list[str]:
             return [f"{where.error('', ('forwarder', 'ordering'))}ordering: key, but {which} "
                     "no ordering_key (and forwarder.ordering_key is not set): their events "
                     "are ordered by source"]
+        return []
+    try:
+        default_kind, _ = parse_ordering_key(fwd.ordering_key)
+    except ValueError:
+        return []  # a problem of its own
+    raw = [r.path for r in routes if r.ordering_key is None and r.body == "raw"]
+    if default_kind == "json" and raw:
+        which = (f"routes {', '.join(raw)} take raw bodies (body: raw) and have no "
+                 "ordering_key of their own: their events" if len(raw) > 1 else
+                 f"route {raw[0]} takes raw bodies (body: raw) and has no ordering_key of "
+                 "its own: its events")
+        return [f"{where.error('', ('forwarder', 'ordering_key'))}{fwd.ordering_key!r} reads "
+                f"the JSON body, but {which} have no key and are ordered by source (give "
+                "such a route ordering_key: header:NAME)"]
     return []
 
 

@@ -461,6 +461,25 @@ class TestOrderingKeys:
                           warnings=warnings)
         assert warnings == []
 
+    def test_raw_routes_under_a_json_default_key_are_warned_about(self) -> None:
+        """The default key reads the JSON body: a raw route without a key of its own never
+        has one (ordered by source, each event counted as missing its key)."""
+        text = ("forwarder: {ordering: key, ordering_key: 'json:/user/id'}\n"
+                "webhook_listener:\n  routes:\n"
+                "    - {path: /j, source: j}\n"
+                "    - {path: /r, source: r, body: raw}\n"
+                "    - {path: /h, source: h, body: raw, ordering_key: 'header:X-Tenant'}\n")
+        warnings: list[str] = []
+        _cfg, problems = check_config_text(text, file="inst.yaml", warnings=warnings)
+        assert problems == []
+        assert len(warnings) == 1
+        assert "forwarder.ordering_key" in warnings[0] and "route /r takes raw" in warnings[0]
+        assert "its events have no key" in warnings[0]
+        assert "/h" not in warnings[0] and "/j" not in warnings[0]
+        warnings.clear()
+        check_config_text(text.replace("json:/user/id", "header:X-Id"), warnings=warnings)
+        assert warnings == []
+
     def test_a_key_without_ordering_key_is_warned_about(self) -> None:
         warnings: list[str] = []
         _cfg, problems = check_config_text(self.ROUTES, file="inst.yaml", warnings=warnings)
