@@ -153,13 +153,18 @@ async def raw_upstream(script: list[Step], *, default: Step | None = None,
 
 
 @asynccontextmanager
-async def refusing_upstream(data: bytes) -> AsyncIterator[RawUpstream]:
+async def refusing_upstream(data: bytes, *, ssl_context: ssl.SSLContext | None = None
+                            ) -> AsyncIterator[RawUpstream]:
     """Answer *data* as soon as a request's head has arrived, without reading its body, and
     close at once (a server refusing a body too large: the unread bytes make the kernel
     reset the connection, so a client still sending gets a write error). ``requests`` holds
     the heads."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    up = RawUpstream(listener.extra(anyio.abc.SocketAttribute.local_port), False)
+    listener: anyio.abc.Listener[anyio.abc.ByteStream] = await anyio.create_tcp_listener(
+        local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # type: ignore[attr-defined]
+    if ssl_context is not None:
+        listener = TLSListener(listener, ssl_context, standard_compatible=False)
+    up = RawUpstream(port, ssl_context is not None)
 
     async def serve(stream: anyio.abc.ByteStream) -> None:
         up.connections += 1

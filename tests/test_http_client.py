@@ -203,6 +203,25 @@ class TestTls:
                     assert (await client.post(b"{}", cap=CAP)).status == 202
         assert up.connections == 1
 
+    async def test_large_bodies_and_an_early_refusal_over_tls(self, tmp_path: Path) -> None:
+        """A large body is sent while the answer is read on a TLS stream too: taken whole
+        (kept alive), and refused early (the 413 is the outcome)."""
+        ca = trustme.CA()
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(write_cert(ca, tmp_path, "upstream"))
+        body = b"x" * 8_000_000
+        async with raw_upstream([], default=answer(202, b"{}"),
+                                ssl_context=server_context) as up:
+            async with pool(up.url, ssl_context=client_context(ca)) as client:
+                for _ in range(2):
+                    assert (await client.post(body, cap=CAP)).status == 202
+        assert up.connections == 1 and all(r.endswith(body) for r in up.requests)
+        async with refusing_upstream(answer(413, b"too large"),
+                                     ssl_context=server_context) as up:
+            async with pool(up.url, ssl_context=client_context(ca)) as client:
+                got = await client.post(body, cap=CAP)
+        assert (got.status, got.body) == (413, b"too large")
+
     async def test_untrusted_certificate_is_a_connect_error(self, tmp_path: Path) -> None:
         pem = write_cert(trustme.CA(), tmp_path, "upstream")
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
