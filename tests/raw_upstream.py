@@ -104,6 +104,17 @@ async def _read_request(stream: anyio.abc.ByteStream, buffer: bytearray) -> byte
     return request
 
 
+async def _listen(ssl_context: ssl.SSLContext | None
+                  ) -> tuple[anyio.abc.Listener[anyio.abc.ByteStream], RawUpstream]:
+    """A listener on a free port of 127.0.0.1 (TLS with *ssl_context*), and its record."""
+    listener: anyio.abc.Listener[anyio.abc.ByteStream] = await anyio.create_tcp_listener(
+        local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # type: ignore[attr-defined]
+    if ssl_context is not None:
+        listener = TLSListener(listener, ssl_context, standard_compatible=False)
+    return listener, RawUpstream(port, ssl_context is not None)
+
+
 @asynccontextmanager
 async def _serving(listener: anyio.abc.Listener[anyio.abc.ByteStream],
                    serve: Callable[[anyio.abc.ByteStream], Awaitable[None]]
@@ -124,12 +135,7 @@ async def raw_upstream(script: list[Step], *, default: Step | None = None,
     """Serve *script* on 127.0.0.1 (TLS with *ssl_context*); requests past its end get
     *default* (else the connection is closed)."""
     steps = list(script)
-    listener: anyio.abc.Listener[anyio.abc.ByteStream] = await anyio.create_tcp_listener(
-        local_host="127.0.0.1", local_port=0)
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # type: ignore[attr-defined]
-    if ssl_context is not None:
-        listener = TLSListener(listener, ssl_context, standard_compatible=False)
-    up = RawUpstream(port, ssl_context is not None)
+    listener, up = await _listen(ssl_context)
 
     async def serve(stream: anyio.abc.ByteStream) -> None:
         up.connections += 1
@@ -159,12 +165,7 @@ async def refusing_upstream(data: bytes, *, ssl_context: ssl.SSLContext | None =
     close at once (a server refusing a body too large: the unread bytes make the kernel
     reset the connection, so a client still sending gets a write error). ``requests`` holds
     the heads."""
-    listener: anyio.abc.Listener[anyio.abc.ByteStream] = await anyio.create_tcp_listener(
-        local_host="127.0.0.1", local_port=0)
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # type: ignore[attr-defined]
-    if ssl_context is not None:
-        listener = TLSListener(listener, ssl_context, standard_compatible=False)
-    up = RawUpstream(port, ssl_context is not None)
+    listener, up = await _listen(ssl_context)
 
     async def serve(stream: anyio.abc.ByteStream) -> None:
         up.connections += 1
