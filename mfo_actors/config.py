@@ -898,7 +898,13 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool
     for name in ("base_url", "auth_base_url"):
         url = getattr(cfg.client, name)
         if url is not None and not url.startswith(("http://", "https://")):
-            fail(f"must start with http:// or https://, got {url!r}", "client", name)
+            fail(f"must start with http:// or https://, got {redact(url)!r}", "client", name)
+        elif url is not None and "@" in urllib.parse.urlsplit(url).netloc:
+            # Neither client would use them as meant (httpx turns them into Basic auth that
+            # replaces the bearer token, the forwarder's lean client ignores them), and the
+            # URL is logged: refuse them, without repeating them.
+            fail("credentials in the URL (user:password@) are not used: give the upstream's "
+                 "credentials under auth (mode: login or token)", "client", name)
     if cfg.client.retry.max_attempts < 1:
         fail("must be at least 1", "client", "retry", "max_attempts")
     if cfg.client.retry.backoff_multiplier < 1.0:

@@ -44,6 +44,13 @@ _SENSITIVE_KEY = re.compile(
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+([A-Za-z0-9._~+/=-]+)")
 _CREDENTIAL_LIKE = re.compile(r"[0-9._~+/=-]|[A-Za-z]{20}")
 _AUTHORIZATION_BEFORE = re.compile(r"(?i)authorization\s*:\s*$")
+# Credentials in URLs and key=value text (an httpx error naming the URL it failed on, a form
+# body echoed back): the password of ``scheme://user:password@``, and the value of a query or
+# form parameter whose name says it is one (``access_token=``, ``api_key=``, ``password=``).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*):([^\s/@]+)@")
+_SENSITIVE_PARAM = re.compile(
+    r"(?i)(?<![A-Za-z0-9_-])([A-Za-z0-9_-]*(?:token|password|passwd|secret|api[_-]?key|apikey"
+    r"|signature))=([\"']?)[^&\s#;,\"']+")
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words
 
 _secrets: set[str] = set()
@@ -71,6 +78,10 @@ def _redact_text(text: str) -> str:
         text = pattern.sub(REDACTED, text)
     if "earer" in text or "asic" in text or "EARER" in text or "ASIC" in text:
         text = _BEARER.sub(lambda m: _redact_credential(m, text), text)
+    if "=" in text:
+        text = _SENSITIVE_PARAM.sub(rf"\1=\2{REDACTED}", text)
+    if "@" in text and "://" in text:
+        text = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
     return text
 
 

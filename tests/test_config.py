@@ -404,6 +404,15 @@ webhook_listener:
         assert cfg.client.timeout == 5.0
 
 
+@pytest.mark.parametrize("name", ["base_url", "auth_base_url"])
+def test_credentials_in_an_upstream_url_are_refused_without_repeating_them(name: str) -> None:
+    _cfg, problems = check_config_text(
+        f"client: {{{name}: 'https://bob:hunter22@mfo.example'}}\n", file="inst.yaml")
+    assert [p.key for p in problems] == [f"client.{name}"]
+    assert "user:password@" in problems[0].message and "auth" in problems[0].message
+    assert "hunter22" not in str(problems[0])
+
+
 class TestOrderingKeys:
     """``forwarder.ordering: key`` and ``ordering_key`` (routes, forwarder default)."""
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,43 @@ def test_flows_run_json_output(config: Path) -> None:
     result = json.loads(out)
     assert result["status"] == "done" and result["outputs"] == {"greeting": "hello ann"}
     assert result["tasks"]["b"] == {"state": "done", "attempts": 1, "error": None}
+
+
+def test_flows_run_error_does_not_show_a_credential(config: Path) -> None:
+    """A task that fails on a URL carrying a token (``?access_token=``) from the run's
+    input: ``flows run`` and ``runs show`` print the error with the token redacted."""
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            (config.parent / "flows" / "leaky.yaml").write_text(
+                "name: Leaky\n"
+                "tasks:\n"
+                "  - id: call\n"
+                "    type: http.request\n"
+                "    config: {method: GET, raise_for_status: true, url: 'http://127.0.0.1:"
+                f"{server.server_port}/x?access_token=${{input.api_token}}&page=2'}}\n",
+                encoding="utf-8")
+            proc = cli("flows", "run", "Leaky", "--config", str(config), "--input",
+                       '{"api_token": "sekrit-42"}', check_rc=1)
+        finally:
+            server.shutdown()
+    assert "answered 500" in proc.stdout and "page=2" in proc.stdout
+    assert "sekrit-42" not in proc.stdout + proc.stderr
+    run_id = proc.stdout.split()[1]
+    shown = cli("runs", "show", run_id, "--config", str(config), check_rc=0)
+    assert "answered 500" in shown.stdout
+    assert "sekrit-42" not in shown.stdout + shown.stderr
 
 
 @pytest.mark.parametrize(("given", "expected"), [

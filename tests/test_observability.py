@@ -88,6 +88,26 @@ class TestRedaction:
                      "header basic tok-123"):
             assert "tok-123" not in redact(text)
 
+    @pytest.mark.parametrize(("text", "hidden", "kept"), [
+        ("GET https://h/x?access_token=tok-123&page=2 answered 500", "tok-123", "page=2"),
+        ("form: client_secret=s3cr3t&grant_type=client_credentials", "s3cr3t", "grant_type"),
+        ("api_key='k-999' password=\"pw-1\"", "k-999", "api_key="),
+        ("api_key='k-999' password=\"pw-1\"", "pw-1", "password="),
+        ("connecting to postgresql://app:pg-pass@db:5432/mfo", "pg-pass", "app:"),
+        ("POST http://bob:hunter22@upstream/api/events failed", "hunter22", "bob:"),
+    ])
+    def test_credentials_in_urls_and_parameters_are_redacted(
+            self, text: str, hidden: str, kept: str) -> None:
+        """A URL's password and a parameter named like a credential lose their value; the
+        rest of the text stays readable."""
+        out = redact(text)
+        assert hidden not in out and kept in out and REDACTED in out
+
+    def test_ordinary_parameters_and_addresses_are_kept(self) -> None:
+        for text in ("max_tokens=5 a=b", "see https://docs.example/a@b", "mailto:a@b.c",
+                     "tokens_used=12"):
+            assert redact(text) == text
+
     def test_secret_from_config_never_logged(
         self, captured: io.StringIO, monkeypatch: pytest.MonkeyPatch
     ) -> None:
