@@ -898,7 +898,7 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool
     for name in ("base_url", "auth_base_url"):
         url = getattr(cfg.client, name)
         if url is not None and not url.startswith(("http://", "https://")):
-            fail(f"must start with http:// or https://, got {redact(url)!r}", "client", name)
+            fail(f"must start with http:// or https://, got {url!r}", "client", name)
         elif url is not None and "@" in urllib.parse.urlsplit(url).netloc:
             # Neither client would use them as meant (httpx turns them into Basic auth that
             # replaces the bearer token, the forwarder's lean client ignores them), and the
