@@ -899,12 +899,19 @@ def _check_semantics(cfg: InstanceConfig, problems: _Problems, *, load_tls: bool
         url = getattr(cfg.client, name)
         if url is not None and not url.startswith(("http://", "https://")):
             fail(f"must start with http:// or https://, got {url!r}", "client", name)
-        elif url is not None and "@" in urllib.parse.urlsplit(url).netloc:
-            # Neither client would use them as meant (httpx turns them into Basic auth that
-            # replaces the bearer token, the forwarder's lean client ignores them), and the
-            # URL is logged: refuse them, without repeating them.
-            fail("credentials in the URL (user:password@) are not used: give the upstream's "
-                 "credentials under auth (mode: login or token)", "client", name)
+        elif url is not None:
+            try:
+                parts = urllib.parse.urlsplit(url)
+                parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+            except ValueError as exc:
+                fail(f"is not a valid URL: {exc}", "client", name)
+                continue
+            if "@" in parts.netloc:
+                # Neither client would use them as meant (httpx turns them into Basic auth
+                # that replaces the bearer token, the forwarder's lean client ignores them),
+                # and the URL is logged: refuse them, without repeating them.
+                fail("credentials in the URL (user:password@) are not used: give the "
+                     "upstream's credentials under auth (mode: login or token)", "client", name)
     if cfg.client.retry.max_attempts < 1:
         fail("must be at least 1", "client", "retry", "max_attempts")
     if cfg.client.retry.backoff_multiplier < 1.0:

@@ -413,6 +413,16 @@ def test_credentials_in_an_upstream_url_are_refused_without_repeating_them(name:
     assert "hunter22" not in str(problems[0])
 
 
+@pytest.mark.parametrize(("url", "says"), [
+    ("https://[[api.example.com", "Invalid IPv6 URL"),  # found by the config fuzzer
+    ("http://127.0.0.1:90x0", "Port"),
+])
+def test_an_upstream_url_that_cannot_be_parsed_is_a_config_error(url: str, says: str) -> None:
+    _cfg, problems = check_config_text(f"client: {{base_url: '{url}'}}\n", file="inst.yaml")
+    assert [p.key for p in problems] == ["client.base_url"]
+    assert "not a valid URL" in problems[0].message and says in problems[0].message
+
+
 class TestOrderingKeys:
     """``forwarder.ordering: key`` and ``ordering_key`` (routes, forwarder default)."""
 
