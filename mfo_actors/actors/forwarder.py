@@ -12,8 +12,8 @@ failures it claims only for idle workers. Each worker POSTs one event (one attem
   since the last one, while the workers go on; ``mfo_events_forwarded_total``,
   ``mfo_forward_latency_seconds`` from acceptance to delivery, counted once it is durable).
   A 2xx whose body is not the expected JSON still counts as delivered: the server took the
-  event. Only a 2xx: a 3xx
-  (a redirect at a load balancer) is a retryable error, never followed.
+  event. Only a 2xx: a 3xx (a redirect at a load balancer) is a retryable error, never
+  followed.
 * :class:`RetryableError` (network, timeout, 3xx, 408, 429, 5xx): ``reschedule`` at
   ``now + compute_backoff(attempt, client.retry, retry_after)`` (full jitter, ``Retry-After``
   as a floor; ``mfo_events_retried_total``), or ``dead_letter`` once ``client.retry.max_attempts``
