@@ -311,6 +311,17 @@ class SharedTables(RunLeases):
     async def _read(self, fn: Callable[[Any], R]) -> R:  # pragma: no cover (abstract)
         raise NotImplementedError
 
+    async def _read_one(self, statement: str, params: tuple[Any, ...],
+                        decode: Callable[[Any], R]) -> R | None:
+        """The first row of *statement* (written with ``?``) decoded, or None."""
+        sql = self._dialect.sql(statement)
+
+        def read(conn: Any) -> R | None:
+            row = conn.execute(sql, params).fetchone()
+            return None if row is None else decode(row)
+
+        return await self._read(read)
+
 
 class SharedEvents(SharedTables):
     """The ``events`` reads, alike on both backends, and the one-event settle that is a
@@ -330,13 +341,7 @@ class SharedEvents(SharedTables):
 
     async def get_event(self, event_id: str) -> StoredEvent | None:
         """One event with its state, or None."""
-        sql = self._dialect.sql(_GET_EVENT)
-
-        def read(conn: Any) -> StoredEvent | None:
-            row = conn.execute(sql, (event_id,)).fetchone()
-            return None if row is None else stored_event(row)
-
-        return await self._read(read)
+        return await self._read_one(_GET_EVENT, (event_id,), stored_event)
 
     async def list_events(
         self, *, status: EventStatus | None = None, source: str | None = None, limit: int = 100
@@ -446,13 +451,8 @@ class SharedRuns(SharedTables):
 
     async def last_tick(self, flow: str, schedule_key: str) -> float | None:
         """The latest tick recorded for (flow, schedule_key), by any node, or None."""
-        sql = self._dialect.sql(_LAST_TICK)
-
-        def read(conn: Any) -> float | None:
-            row = conn.execute(sql, (flow, schedule_key)).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
-
-        return await self._read(read)
+        tick = await self._read_one(_LAST_TICK, (flow, schedule_key), lambda row: row[0])
+        return None if tick is None else float(tick)
 
 
 class SharedSessions(SharedTables):
@@ -500,13 +500,7 @@ class SharedSessions(SharedTables):
 
     async def get_session(self, key: str) -> SessionRecord | None:
         """The active session of *key*, else its latest closed one."""
-        sql = self._dialect.sql(_GET_SESSION)
-
-        def read(conn: Any) -> SessionRecord | None:
-            row = conn.execute(sql, (key,)).fetchone()
-            return None if row is None else session_record(row)
-
-        return await self._read(read)
+        return await self._read_one(_GET_SESSION, (key,), session_record)
 
     async def list_sessions(
         self, *, status: SessionStatus | None = None, limit: int = 100
