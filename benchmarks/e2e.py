@@ -80,6 +80,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -411,6 +413,20 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
+@contextmanager
+def reference_server(port: int, row: Row, log: Path
+                     ) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
+    """The reference server for *row*, up and reset, and a client; stopped afterwards."""
+    mock = start_mock(port, row, log)
+    try:
+        with httpx.Client() as client:
+            wait_ok(client, f"http://127.0.0.1:{port}/_mock/stats", mock, log, "mock-server")
+            client.post(f"http://127.0.0.1:{port}/_mock/reset").raise_for_status()
+            yield client, mock
+    finally:
+        stop(mock)
+
+
 def tail(log: Path) -> str:
     """The end of a subprocess's log, for an error message (we are exiting anyway)."""
     return log.read_bytes()[-3000:].decode("utf-8", "replace")
@@ -585,15 +601,12 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
     refusal = refused_config(cfg)
     if refusal is not None:
         return {"row": row.name, **asdict(row), "skipped": refusal}
-    mock_log, daemon_log = workdir / "mock.log", workdir / "daemon.log"
-    mock = start_mock(mock_port, row, mock_log)
+    daemon_log = workdir / "daemon.log"
     daemon: subprocess.Popen[bytes] | None = None
     spy: subprocess.Popen[bytes] | None = None
     profile: dict[str, Any] | None = None
-    try:
-        with httpx.Client() as client:
-            wait_ok(client, f"{mock_url}/_mock/stats", mock, mock_log, "mock-server")
-            client.post(f"{mock_url}/_mock/reset").raise_for_status()
+    with reference_server(mock_port, row, workdir / "mock.log") as (client, mock):
+        try:
             daemon = start(["run", "--config", str(cfg)], daemon_log)
             wait_ok(client, f"{admin_url}/readyz", daemon, daemon_log, "daemon")
             if args.py_spy:
@@ -636,12 +649,11 @@ def run_row(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path,
                 spy = None
                 profile = top_frames(args.py_spy)
             events = client.get(f"{mock_url}/_mock/events", timeout=120).json()["events"]
-    finally:
-        if spy is not None:
-            stop_py_spy(spy)
-        if daemon is not None:
-            stop(daemon)
-        stop(mock)
+        finally:
+            if spy is not None:
+                stop_py_spy(spy)
+            if daemon is not None:
+                stop(daemon)
 
     accepted_at = [datetime.fromisoformat(e["body"]["received_at"]).timestamp()
                    for e in events]
@@ -696,13 +708,10 @@ def run_drain(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path
     refusal = refused_config(cfg)
     if refusal is not None:
         return {"row": row.name, **asdict(row), "skipped": refusal}
-    mock_log, daemon_log = workdir / "mock.log", workdir / "daemon.log"
-    mock = start_mock(mock_port, row, mock_log)
+    daemon_log = workdir / "daemon.log"
     daemon: subprocess.Popen[bytes] | None = None
-    try:
-        with httpx.Client() as client:
-            wait_ok(client, f"{mock_url}/_mock/stats", mock, mock_log, "mock-server")
-            client.post(f"{mock_url}/_mock/reset").raise_for_status()
+    with reference_server(mock_port, row, workdir / "mock.log") as (client, mock):
+        try:
             daemon = start(["run", "--config", str(cfg)], daemon_log)
             # Not /readyz: without a login the daemon is live, never ready.
             wait_ok(client, f"{admin_url}/healthz", daemon, daemon_log, "daemon")
@@ -727,10 +736,9 @@ def run_drain(args: argparse.Namespace, row: Row, loadgen: str, workdir: Path
                    "mock": cpu_seconds(mock.pid) - cpu_before["mock"]}
             events = client.get(f"{mock_url}/_mock/events", timeout=120).json()["events"]
             duplicates = client.get(f"{mock_url}/_mock/stats").json().get("duplicates", 0)
-    finally:
-        if daemon is not None:
-            stop(daemon)
-        stop(mock)
+        finally:
+            if daemon is not None:
+                stop(daemon)
     received = sorted(float(e["received_at"]) for e in events)
     span = received[-1] - received[0]
     return {
