@@ -32,9 +32,11 @@ __all__ = [
 ]
 
 REDACTED = "[REDACTED]"
+# The last word of a name that holds a credential (a field, a header, a URL parameter).
+_CREDENTIAL_WORDS = r"authorization|password|passwd|secret|token|api[_-]?key|cookie|signature"
 # Field names that hold credentials whatever their value looks like.
 _SENSITIVE_KEY = re.compile(
-    r"(^|[_-])(authorization|password|passwd|secret|token|api[_-]?key|cookie|signature)$|"
+    rf"(^|[_-])({_CREDENTIAL_WORDS})$|"
     r"^(x-hub-signature(-256)?|webhook-signature|proxy-authorization)$",
     re.IGNORECASE,
 )
@@ -46,11 +48,11 @@ _CREDENTIAL_LIKE = re.compile(r"[0-9._~+/=-]|[A-Za-z]{20}")
 _AUTHORIZATION_BEFORE = re.compile(r"(?i)authorization\s*:\s*$")
 # Credentials in URLs and key=value text (an httpx error naming the URL it failed on, a form
 # body echoed back): the password of ``scheme://user:password@``, and the value of a query or
-# form parameter whose name says it is one (``access_token=``, ``api_key=``, ``password=``).
+# form parameter named as a sensitive field is (``access_token=``, ``api_key=``, ``password=``).
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@]*):([^\s/@]+)@")
 _SENSITIVE_PARAM = re.compile(
-    r"(?i)(?<![A-Za-z0-9_-])([A-Za-z0-9_-]*(?:token|password|passwd|secret|api[_-]?key|apikey"
-    r"|signature))=([\"']?)[^&\s#;,\"']+")
+    rf"(?i)(?<![A-Za-z0-9_-])((?:[A-Za-z0-9_-]*[_-])?(?:{_CREDENTIAL_WORDS}))"
+    r"=([\"']?)[^&\s#;,\"']+")
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words
 
 _secrets: set[str] = set()
