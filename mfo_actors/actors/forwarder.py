@@ -251,7 +251,7 @@ class ForwarderActor:
         self._ordered = self._fcfg.ordering in ORDERED_MODES
         self._dispatch_scope: anyio.CancelScope | None = None
         self._settles = _SettleBatch()  # delivered runs handed to the settler, not written
-        self._settle_wanted: anyio.Event | None = None  # the settler has something to write
+        self._settle_wanted = anyio.Event()  # the settler has something to write
         self._workers_done = False  # the settler writes what is left and returns
         self._unsettled_runs = 0  # delivered runs whose settle is not durable yet
         self._busy = 0  # runs handed to workers (queued or being sent), not finished
@@ -518,7 +518,6 @@ class ForwarderActor:
         batch.deliveries.extend(delivered)
         batch.runs += 1
         self._unsettled_runs += 1
-        assert self._settle_wanted is not None
         self._settle_wanted.set()
         return batch.durable
 
@@ -533,7 +532,6 @@ class ForwarderActor:
                 continue
             if self._workers_done:
                 return
-            assert self._settle_wanted is not None
             await self._settle_wanted.wait()
             self._settle_wanted = anyio.Event()  # the buffer is looked at after this
 
