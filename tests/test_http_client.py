@@ -154,6 +154,19 @@ class TestFraming:
         assert up.requests[0].endswith(body)
 
 
+    async def test_large_body_on_a_connection_the_server_closed_goes_out_again(self) -> None:
+        """A large body (sent while the answer is read) on a kept-alive connection the server
+        closed after its last answer: no answer on it, so the request goes out once more on a
+        new connection, as a small one does."""
+        body = b"x" * 200_000
+        ok = answer(200, b"{}")
+        async with raw_upstream([then_close(ok), then_close(ok), ok]) as up:
+            async with pool(up.url) as client:
+                for _ in range(3):
+                    assert (await client.post(body, cap=CAP)).status == 200
+        assert up.connections == 3 and len(up.requests) == 3
+        assert all(r.endswith(body) for r in up.requests)
+
     async def test_answer_before_the_body_was_read_is_the_outcome(self) -> None:
         """A server that refuses a large body after its head (413) and closes resets the
         connection under the body still being sent: the answer that came is the outcome,
