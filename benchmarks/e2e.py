@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -91,6 +92,12 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "e2e.json"
+# The tree whose mfo_actors runs (the daemon, the reference server): the one this interpreter
+# imports, so PYTHONPATH picks it (benchmarks/e2e_ab.sh). The subprocesses start in it:
+# ``python -m`` puts its working directory ahead of PYTHONPATH on sys.path.
+_SPEC = importlib.util.find_spec("mfo_actors")
+TREE = (Path(_SPEC.origin).resolve().parent.parent
+        if _SPEC is not None and _SPEC.origin is not None else ROOT)
 EMAIL = "bench@example.com"
 PASSWORD = "bench-password"
 START_DEADLINE = 30.0  # seconds for each subprocess to come up
@@ -377,7 +384,7 @@ logging: {{level: warning, format: json}}
 def refused_config(cfg: Path) -> str | None:
     """What ``mfo-actors check`` says against *cfg*, or None when it accepts it."""
     out = subprocess.run([sys.executable, "-m", "mfo_actors", "check", "--config", str(cfg)],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=TREE, capture_output=True, text=True)
     if out.returncode == 0:
         return None
     problems: list[str] = []
@@ -391,7 +398,7 @@ def refused_config(cfg: Path) -> str | None:
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "mfo_actors", *args], cwd=ROOT,
+        return subprocess.Popen([sys.executable, "-m", "mfo_actors", *args], cwd=TREE,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -844,7 +851,7 @@ def print_report(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        return subprocess.run(["git", "-C", str(TREE), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
