@@ -813,6 +813,96 @@ class TestWakeUps:
                 await store.wait_for_runs(30)
 
 
+def commits(store: EventStore) -> int:
+    """Transactions the store's writer has committed (both backends count them)."""
+    return int(store.statistics().batches)  # type: ignore[attr-defined]
+
+
+class TestClaimWithTheNextWrite:
+    """``claim_due(within=...)``: an idle claimer's claim rides with the next write."""
+
+    async def test_a_new_event_is_claimed_in_the_commit_that_stores_it(
+            self, opener: Opener, clock: FakeClock, backend: str) -> None:
+        async with opener() as store:
+            if backend == "postgres":  # its LISTEN is up (it wakes claims when it connects)
+                with anyio.fail_after(10):
+                    await store.wait_for_events(30)
+            assert await store.claim_due(limit=8, lease=60) == []  # has seen everything
+            event = make_event(clock)
+            claimed: list[Any] = []
+
+            async def claim() -> None:
+                claimed.extend(await store.claim_due(limit=8, lease=60, within=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim)
+                await anyio.wait_all_tasks_blocked()
+                before = commits(store)
+                with anyio.fail_after(5):
+                    await store.append(event)
+            assert [c.event.id for c in claimed] == [event.id]
+            assert commits(store) == before + 1  # the append and the claim: one commit
+            stored = await store.get_event(event.id)
+            assert stored is not None and stored.status == "claimed"
+
+    async def test_runs_at_once_after_a_write_no_claim_has_seen(
+            self, opener: Opener, clock: FakeClock) -> None:
+        """An append committed between an empty claim and the waiting one is not missed."""
+        async with opener() as store:
+            assert await store.claim_due(limit=8, lease=60) == []
+            event = await store.append(make_event(clock))
+            with anyio.fail_after(5):  # not the 30 s of *within*
+                claimed = await store.claim_due(limit=8, lease=60, within=30)
+            assert [c.event.id for c in claimed] == [event.id]
+
+    async def test_claims_after_within_when_nothing_is_written(
+            self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            assert await store.claim_due(limit=8, lease=60) == []
+            with anyio.fail_after(5):
+                assert await store.claim_due(limit=8, lease=60, within=0.05) == []
+
+    async def test_a_cancelled_claim_takes_nothing(self, opener: Opener,
+                                                   clock: FakeClock) -> None:
+        async with opener() as store:
+            assert await store.claim_due(limit=8, lease=60) == []
+            with anyio.move_on_after(0.05):
+                await store.claim_due(limit=8, lease=60, within=30)
+            event = await store.append(make_event(clock))
+            stored = await store.get_event(event.id)
+            assert stored is not None and stored.status == "pending"
+            claimed = await store.claim_due(limit=8, lease=60)
+            assert [c.event.id for c in claimed] == [event.id]
+
+    async def test_a_settle_waits_for_the_next_write_to_share_its_commit(
+            self, opener: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A delivered settle (``SETTLE_LINGER``, made long here) commits with the next
+        write instead of on its own."""
+        from mfo_actors.store import _pg_events, _sqlite_events
+        monkeypatch.setattr(_sqlite_events, "SETTLE_LINGER", 30.0)
+        monkeypatch.setattr(_pg_events, "SETTLE_LINGER", 30.0)
+        async with opener() as store:
+            await store.append(make_event(clock))
+            (c,) = await store.claim_due(limit=1, lease=60)
+            settled = anyio.Event()
+
+            async def settle() -> None:
+                await store.mark_delivered(c.event.id, c.claim_token or "", latency=0.001)
+                settled.set()
+
+            async with anyio.create_task_group() as tg:
+                before = commits(store)
+                tg.start_soon(settle)
+                await anyio.wait_all_tasks_blocked()
+                assert not settled.is_set() and commits(store) == before
+                with anyio.fail_after(5):
+                    await store.append(make_event(clock))
+                    await settled.wait()
+            assert commits(store) == before + 1
+            stored = await store.get_event(c.event.id)
+            assert stored is not None and stored.status == "delivered"
+
+
 class TestClose:
     async def test_writes_after_aclose_raise(self, opener: Opener, clock: FakeClock) -> None:
         async with opener() as store:

@@ -339,3 +339,43 @@ async def test_writes_queued_when_the_writer_is_cancelled_fail_cleanly(
     assert outcomes == ["StoreClosedError"] * 5
     async with open_sqlite_store(tmp_path / "s.db") as store:
         assert (await store.stats()).pending == 0
+
+
+async def test_a_claim_cancelled_while_it_commits_gives_its_events_back(tmp_path: Path) -> None:
+    """A waiting claim (``within``) that the writer already took when its caller was
+    cancelled: the events it claimed are made due again at once, not left to their lease."""
+    from mfo_actors.store._tables import UNCLAIMED
+
+    async with open_sqlite_store(tmp_path / "s.sqlite3") as store:
+        assert await store.claim_due(limit=4, lease=60) == []
+        entered, release = threading.Event(), threading.Event()
+        claim = store._tx_claim
+
+        def held_claim(*args: object) -> object:
+            entered.set()
+            release.wait(10)
+            return claim(*args)  # type: ignore[arg-type]
+
+        store._tx_claim = held_claim  # type: ignore[method-assign,assignment]
+        ev = event()
+        waiting = anyio.CancelScope()
+
+        async def claim_then_cancelled() -> None:
+            with waiting:
+                await store.claim_due(limit=4, lease=60, within=30)
+            assert waiting.cancelled_caught
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim_then_cancelled)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(store.append, ev)  # the claim rides in this write's batch
+            with anyio.fail_after(5):
+                await anyio.to_thread.run_sync(entered.wait)
+            waiting.cancel()  # taken by the writer: it cannot be withdrawn
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+        store._tx_claim = claim  # type: ignore[method-assign]
+        stored = await store.get_event(ev.id)
+        assert stored is not None
+        assert (stored.status, stored.attempts, stored.last_error) == ("pending", 0, UNCLAIMED)
+        assert [c.event.id for c in await store.claim_due(limit=4, lease=60)] == [ev.id]

@@ -5,7 +5,10 @@ One dispatcher task claims due events from the store and hands them to a fixed p
 While the upstream is healthy it keeps at most one claimed run queued per worker beside the
 one the worker is sending (so a worker never waits for a store round trip between runs, and
 a queued run waits one run's time, a small part of its lease); while the breaker counts
-failures it claims only for idle workers. Each worker POSTs one event (one attempt,
+failures it claims only for idle workers. Once a claim took all that was due, the next one
+waits inside the store for its next write (``claim_due(within=poll_interval)``): a new event
+is claimed in the commit that stores it, and nothing is claimed, nor committed, while nothing
+comes. Each worker POSTs one event (one attempt,
 ``retry=False``: retries are durable reschedules, not in-memory loops) and settles it:
 
 * 2xx: delivered (``mark_delivered_many``: one write settles the runs every worker finished
@@ -68,7 +71,9 @@ attempt history). A failure is settled before the worker sends anything else; th
 a run the upstream took are handed to the **settler**, one background task that writes what
 every worker handed in since its last write in one ``mark_delivered_many`` (one store write
 per commit cycle, however many workers and runs: with ``ordering: none`` a run is often a
-single event, and one write per run made settles half of the store's writes). A worker takes
+single event, and one write per run made settles half of the store's writes); the store
+lets that write wait up to ``SETTLE_LINGER`` (5 ms) to share the commit of the next append or
+claim. A worker takes
 its next claim while the last one's settle commits, but hands in a run only once its
 previous one is durable (one unsettled run per worker: a slow store slows the workers down
 instead of piling up settles). Until that commit each of those events is still claimed, so
@@ -341,6 +346,7 @@ class ForwarderActor:
         lease = float(self._fcfg.lease)
         ordered = self._ordered
         poll = float(self._fcfg.poll_interval)
+        drained = False  # the last claim took all that was due: the next waits for writes
         while not self._stopping:
             # Wait while the breaker is open (until the probe time) or there is no token
             # (logins failing): nothing is claimed.
@@ -359,12 +365,21 @@ class ForwarderActor:
             # Each idle worker gets a run: ordered, a lane's next events; unordered, a
             # share of the oldest due events (one each while the breaker is counting calls).
             per_worker = 1 if allowance is not None else max(1, batch // self._concurrency)
+            limit = workers if ordered else workers * per_worker
+            per_source = batch if ordered else 1
             try:
-                # Shielded: a claim committed but not dispatched would sit out its lease.
-                with anyio.CancelScope(shield=True):
+                if drained:
+                    # With the store's next write (a new event is claimed in the commit
+                    # that stores it), or after poll_interval; cancelled, it claims nothing.
                     claimed = await self._store.claim_due(
-                        limit=workers if ordered else workers * per_worker, lease=lease,
-                        ordered_by_source=ordered, per_source=batch if ordered else 1)
+                        limit=limit, lease=lease, ordered_by_source=ordered,
+                        per_source=per_source, within=poll)
+                else:
+                    # Shielded: a claim committed but not dispatched would sit out its lease.
+                    with anyio.CancelScope(shield=True):
+                        claimed = await self._store.claim_due(
+                            limit=limit, lease=lease, ordered_by_source=ordered,
+                            per_source=per_source)
             except StoreError as exc:
                 self._last_error = f"claim failed: {exc}"
                 log.error("forwarder.claim_failed", error=str(exc))
@@ -376,8 +391,7 @@ class ForwarderActor:
             for run in runs:
                 self._busy += 1
                 send.send_nowait((claimed_at, run))  # room guaranteed: busy <= the bound
-            if not claimed:
-                await self._store.wait_for_events(poll)
+            drained = len(runs if ordered else claimed) < limit
 
     # -- workers -------------------------------------------------------------------------
 

@@ -42,8 +42,9 @@ class Tx:
             self.cursors[lane] = min(self.cursors.get(lane, cursor), cursor)
 
     def flush(self) -> None:
-        """Write the batch's wake-ups to ``lanes`` (upserts: an idle lane's row may have been
-        pruned; one statement for lanes whose cursor moves down, one for the others)."""
+        """Write the wake-ups so far to ``lanes`` (upserts: an idle lane's row may have been
+        pruned; one statement for lanes whose cursor moves down, one for the others): at the
+        end of the batch, and before a claim in it, which must see them."""
         if not self.ready:
             return
         names = sorted(self.ready)
@@ -64,6 +65,8 @@ class Tx:
                 "DO UPDATE SET ready_at = LEAST(l.ready_at, EXCLUDED.ready_at), "
                 "cursor = LEAST(l.cursor, EXCLUDED.cursor)",
                 (below, [self.ready[n] for n in below], [self.cursors[n] for n in below]))
+        self.ready.clear()
+        self.cursors.clear()
 
 
 def locked(conn: Conn, query: str, params: tuple[Any, ...]) -> list[int]:

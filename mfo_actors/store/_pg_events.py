@@ -23,7 +23,7 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import EVENT_COLS, Send, json_bytes, stored_event
-from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._engine import NO_CHANGE, SETTLE_LINGER, Delta, Op
 from mfo_actors.store._pg_attempts import forget_attempts, record_attempt
 from mfo_actors.store._pg_base import Conn, PostgresTables, Tx, locked
 from mfo_actors.store._pg_runs import insert_runs
@@ -95,16 +95,11 @@ class PostgresEvents(PostgresTables, SharedEvents):
         return AppendResult(event.id), Delta(
             pending=1, bytes=size, wake_events=True, wake_runs=bool(created))
 
-    async def claim_due(
-        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
-    ) -> list[StoredEvent]:
-        """Claim up to *limit* due events (see the protocol), each call with a new token."""
-        if limit <= 0:
-            await anyio.lowlevel.checkpoint()
-            return []
-        fn = (partial(self._tx_claim_ordered, limit, lease, max(1, per_source))
-              if ordered_by_source else partial(self._tx_claim_unordered, limit, lease))
-        return await self._submit(Op(fn))
+    def _claim_op(self, limit: int, lease: float, ordered: bool, per_source: int
+                  ) -> Op[list[StoredEvent]]:
+        fn = (partial(self._tx_claim_ordered, limit, lease, per_source)
+              if ordered else partial(self._tx_claim_unordered, limit, lease))
+        return Op(fn, claim=True)
 
     def _tx_claim_ordered(
         self, limit: int, lease: float, per_source: int, tx: Tx, now: float
@@ -205,7 +200,8 @@ class PostgresEvents(PostgresTables, SharedEvents):
             return
         popped = (self._claimed.pop(d.event_id, None) for d in deliveries)
         lanes = tuple({lane for lane in popped if lane is not None})
-        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries)), lanes=lanes))
+        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries)), lanes=lanes,
+                              linger=SETTLE_LINGER))
 
     def _tx_delivered(self, deliveries: tuple[Delivered, ...], tx: Tx, now: float
                       ) -> tuple[None, Delta]:

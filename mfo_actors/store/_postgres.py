@@ -298,6 +298,8 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
             total = Delta()
             for op in batch:
                 op.error = None
+                if op.claim:
+                    tx.flush()  # the lanes this batch's appends and settles made ready
                 if not isolate:
                     op.result, op.delta = op.fn(tx, now)
                 else:
@@ -325,7 +327,8 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                     " delivered = delivered + %s, dead = dead + %s WHERE node = %s",
                     (total.pending, total.bytes, total.delivered, total.dead, self._node))
             if total.wake_events:
-                conn.execute("SELECT pg_notify(%s, '')", (self._events_channel,))
+                # The payload names this node: its own notifications need no nudge.
+                conn.execute("SELECT pg_notify(%s, %s)", (self._events_channel, self._node))
             if total.wake_runs:
                 conn.execute("SELECT pg_notify(%s, '')", (self._runs_channel,))
         if resync is not None:
@@ -361,8 +364,9 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                 c.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             return c
 
-        def receive(c: Conn) -> set[str]:
-            return {n.channel for n in c.notifies(timeout=LISTEN_POLL, stop_after=1)}
+        def receive(c: Conn) -> set[tuple[str, str]]:
+            return {(n.channel, n.payload)
+                    for n in c.notifies(timeout=LISTEN_POLL, stop_after=1)}
 
         def close(c: Conn) -> None:
             c.close()
@@ -374,6 +378,7 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                         conn = await anyio.to_thread.run_sync(connect)
                         backoff = 0.5
                         self._events_latch.set()
+                        self._nudge()
                         self._runs_latch.set()
                     got = await anyio.to_thread.run_sync(receive, conn)
                 except psycopg.Error as exc:
@@ -384,9 +389,13 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if self._events_channel in got:
+                events = {payload for channel, payload in got
+                          if channel == self._events_channel}
+                if events:
                     self._events_latch.set()
-                if self._runs_channel in got:
+                    if events - {self._node}:  # another node's: a waiting claim runs now
+                        self._nudge()
+                if any(channel == self._runs_channel for channel, _ in got):
                     self._runs_latch.set()
         finally:
             if conn is not None:
@@ -434,7 +443,8 @@ class PostgresStore(PostgresEvents, PostgresAttempts, PostgresRuns, PostgresSess
         pool, self._pool = self._pool, None
         if pool is not None:
             await anyio.to_thread.run_sync(pool.close)
-        log.info("store.closed", node=self._node)
+        log.info("store.closed", node=self._node, commits=self._batches, ops=self._ops,
+                 appends=self._appends)
 
 
 

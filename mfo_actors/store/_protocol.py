@@ -252,7 +252,8 @@ class EventStore(Protocol):
         ...
 
     async def claim_due(
-        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1,
+        within: float | None = None,
     ) -> list[StoredEvent]:
         """Claim up to *limit* pending events whose next attempt is due, oldest first.
 
@@ -264,6 +265,14 @@ class EventStore(Protocol):
         for one caller to send in that order. (The names predate ordering keys: a lane is a
         source when events carry no key.) An ordered claim costs the lanes it looks at, not
         the backlog, the delivered rows or the number of idle lanes.
+
+        *within* (seconds; None: claim now): for a claimer whose last claim left nothing
+        due, claim in the transaction of the store's next write instead of one of its own
+        (after that write, so a new event is claimed in the commit that stores it); at once
+        if a write that may make events due committed since the last claim; at the latest
+        after *within*. Waiting for new events and claiming them then costs no commit of its
+        own. Cancelled while it waits, it claims nothing (events it took while being
+        cancelled are made due again).
         """
         ...
 
@@ -282,7 +291,12 @@ class EventStore(Protocol):
     async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
         """Settle several claimed events as delivered in one write, each exactly as
         :meth:`mark_delivered` would (the forwarder's hot path: one store op per claimed
-        run instead of one per event)."""
+        run instead of one per event).
+
+        The write may wait up to ``SETTLE_LINGER`` (5 ms) for another write (an append, a
+        claim) to share its commit: settles are most of a busy store's writes, and one lost
+        in a crash only means a resend under the same ``Idempotency-Key``.
+        """
         ...
 
     async def reschedule(

@@ -237,7 +237,8 @@ class SQLiteStore(SQLiteEvents, SQLiteAttempts, SQLiteRuns, SQLiteSessions):
 
         async with self._write_limiter, self._read_limiter:
             await anyio.to_thread.run_sync(close_sync)
-        log.info("store.closed", path=str(self._path))
+        log.info("store.closed", path=str(self._path), commits=self._batches, ops=self._ops,
+                 appends=self._appends)
 
     def _check_file(self) -> None:
         """Raise StoreError unless the path still names the file we opened (in the write

@@ -24,7 +24,7 @@ from mfo_actors.ids import new_id
 from mfo_actors.messages import Event
 from mfo_actors.observability import get_logger
 from mfo_actors.store._codec import ATTEMPT_UPSERT, EVENT_COLS, Send, json_bytes, stored_event
-from mfo_actors.store._engine import NO_CHANGE, Delta, Op
+from mfo_actors.store._engine import NO_CHANGE, SETTLE_LINGER, Delta, Op
 from mfo_actors.store._protocol import AppendResult, Delivered, RunRequest, StoredEvent
 from mfo_actors.store._sqlite_attempts import forget_attempts, record_attempt
 from mfo_actors.store._sqlite_base import SQLiteTables, chunks, marks
@@ -135,15 +135,9 @@ class SQLiteEvents(SQLiteTables, SharedEvents):
             pending=1, bytes=size, wake_events=True, wake_runs=bool(created)
         )
 
-    async def claim_due(
-        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1
-    ) -> list[StoredEvent]:
-        """Claim up to *limit* due events (see the protocol), each batch with a new token."""
-        if limit <= 0:
-            await anyio.lowlevel.checkpoint()
-            return []
-        return await self._submit(Op(partial(
-            self._tx_claim, limit, lease, ordered_by_source, max(1, per_source))))
+    def _claim_op(self, limit: int, lease: float, ordered: bool, per_source: int
+                  ) -> Op[list[StoredEvent]]:
+        return Op(partial(self._tx_claim, limit, lease, ordered, per_source), claim=True)
 
     def _tx_claim(
         self, limit: int, lease: float, ordered: bool, per_source: int,
@@ -202,7 +196,8 @@ class SQLiteEvents(SQLiteTables, SharedEvents):
         if not deliveries:
             await anyio.lowlevel.checkpoint()
             return
-        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries))))
+        await self._submit(Op(partial(self._tx_delivered, tuple(deliveries)),
+                              linger=SETTLE_LINGER))
 
     def _tx_delivered(self, deliveries: tuple[Delivered, ...], conn: sqlite3.Connection,
                       now: float) -> tuple[None, Delta]:

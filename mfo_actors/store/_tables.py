@@ -10,6 +10,7 @@ both backends are written once too (:class:`SharedEvents`, :class:`SharedAttempt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -323,12 +324,52 @@ class SharedTables(RunLeases):
         return await self._read(read)
 
 
+# Why events a withdrawn claim took are due again (their last_error until they are sent).
+UNCLAIMED = "not sent: its claimer stopped while the claim was committing"
+
+
 class SharedEvents(SharedTables):
-    """The ``events`` reads, alike on both backends, and the one-event settle that is a
-    backend's ``mark_delivered_many`` of one."""
+    """The ``events`` reads, alike on both backends, the two ways to claim (each backend
+    builds the claim op), and the one-event settle that is a backend's
+    ``mark_delivered_many`` of one."""
+
+    _clock: Callable[[], float]  # wall-clock time (the backend's)
 
     async def mark_delivered_many(self, deliveries: Sequence[Delivered]) -> None:
         raise NotImplementedError  # pragma: no cover (each backend's own)
+
+    async def reschedule(
+        self, event_id: str, claim_token: str, *, next_attempt_at: float, error: str,
+        count_attempt: bool = True, sent_at: float | None = None, status: int | None = None,
+        latency: float | None = None,
+    ) -> None:
+        raise NotImplementedError  # pragma: no cover (each backend's own)
+
+    def _claim_op(self, limit: int, lease: float, ordered: bool, per_source: int
+                  ) -> Op[list[StoredEvent]]:  # pragma: no cover (each backend's own)
+        raise NotImplementedError
+
+    async def claim_due(
+        self, *, limit: int, lease: float, ordered_by_source: bool = True, per_source: int = 1,
+        within: float | None = None,
+    ) -> list[StoredEvent]:
+        """Claim up to *limit* due events (see the protocol), each call with a new token."""
+        if limit <= 0:
+            await anyio.lowlevel.checkpoint()
+            return []
+        op = self._claim_op(limit, lease, ordered_by_source, max(1, per_source))
+        if within is None:
+            return await self._submit(op)
+        return await self._claim_next(op, within, self._give_back)
+
+    async def _give_back(self, claimed: list[StoredEvent]) -> None:
+        """Make events a withdrawn claim took due again at once (none was sent)."""
+        now = self._clock()
+        for stored in claimed:
+            with contextlib.suppress(StoreError):  # else their lease makes them due again
+                await self.reschedule(stored.event.id, stored.claim_token or "",
+                                      next_attempt_at=now, error=UNCLAIMED,
+                                      count_attempt=False)
 
     async def mark_delivered(
         self, event_id: str, claim_token: str, *, sent_at: float | None = None,
