@@ -379,3 +379,23 @@ async def test_a_claim_cancelled_while_it_commits_gives_its_events_back(tmp_path
         assert stored is not None
         assert (stored.status, stored.attempts, stored.last_error) == ("pending", 0, UNCLAIMED)
         assert [c.event.id for c in await store.claim_due(limit=4, lease=60)] == [ev.id]
+
+
+async def test_a_settle_does_not_wait_when_nothing_else_is_being_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivered settle waits for company only while other writes come (a forwarder
+    draining a backlog, whose settles only its claims follow, would lose the linger on
+    every run): after a whole linger without one, it commits at once."""
+    from mfo_actors.store import _sqlite_events
+
+    monkeypatch.setattr(_sqlite_events, "SETTLE_LINGER", 30.0)
+    async with open_sqlite_store(tmp_path / "s.sqlite3") as store:
+        now = [1000.0]
+        store._monotonic = lambda: now[0]  # the writer's clock
+        await store.append(event())
+        (c,) = await store.claim_due(limit=1, lease=60)
+        now[0] += 31.0  # no write for longer than the linger
+        with anyio.fail_after(5):  # not the 30 s linger
+            await store.mark_delivered(c.event.id, c.claim_token or "", latency=0.001)
+        stored = await store.get_event(c.event.id)
+        assert stored is not None and stored.status == "delivered"

@@ -71,9 +71,9 @@ attempt history). A failure is settled before the worker sends anything else; th
 a run the upstream took are handed to the **settler**, one background task that writes what
 every worker handed in since its last write in one ``mark_delivered_many`` (one store write
 per commit cycle, however many workers and runs: with ``ordering: none`` a run is often a
-single event, and one write per run made settles half of the store's writes); the store
-lets that write wait up to ``SETTLE_LINGER`` (5 ms) to share the commit of the next append or
-claim. A worker takes
+single event, and one write per run made settles half of the store's writes); while other
+writes are coming, the store lets that write wait up to ``SETTLE_LINGER`` (5 ms) to share the
+commit of the next append or claim. A worker takes
 its next claim while the last one's settle commits, but hands in a run only once its
 previous one is durable (one unsettled run per worker: a slow store slows the workers down
 instead of piling up settles). Until that commit each of those events is still claimed, so

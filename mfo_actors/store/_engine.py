@@ -14,13 +14,14 @@ second stay flat while writes per commit grow with the load.
 
 Lazy ops share a commit instead of starting one: an op with a ``linger`` waits in the writer
 for up to that many seconds until a batch with an eager op (an append, most often) commits,
-and runs in its transaction after the eager ops, claims last. The forwarder's settles are
-lazy (``SETTLE_LINGER``), and so is the claim of an idle claimer (:meth:`_claim_next`): at a
-few events per commit, each event otherwise paid three commits (its append, the claim that
-found it, its settle; ~1.9 per event measured at a steady 1,000/s) where one can carry all
-three. A lazy claim runs at once when a write that may make events due committed since the
-last claim ran (``_claim_behind``, kept by the writer thread, so no append slips between a
-claimer's empty claim and its lazy one).
+and runs in its transaction after the eager ops, claims last; a lazy op that is not a claim
+waits only while eager ops are coming (one came within its linger), else it commits at once.
+The forwarder's settles are lazy (``SETTLE_LINGER``), and so is the claim of an idle claimer
+(:meth:`_claim_next`): at a few events per commit, each event otherwise paid three commits
+(its append, the claim that found it, its settle; ~1.9 per event measured at a steady
+1,000/s) where one can carry all three. A lazy claim runs at once when a write that may make
+events due committed since the last claim ran (``_claim_behind``, kept by the writer thread,
+so no append slips between a claimer's empty claim and its lazy one).
 
 Counts for backpressure and ``stats()`` live in memory; an append reserves its slot before
 queueing, so the bound holds for writes in flight too. A backend that learns the true counts
@@ -36,6 +37,7 @@ load balancer no longer sends.
 
 from __future__ import annotations
 
+import math
 import queue
 import socket
 import threading
@@ -68,9 +70,9 @@ log = get_logger("mfo_actors.store")
 T = TypeVar("T")
 
 CLOSE_TIMEOUT = 30.0  # seconds to drain queued writes at close before giving up on them
-# Seconds a delivered settle (``mark_delivered_many``) waits in the writer for another write
-# to share its commit. A lane stays blocked until its settle commits, so this is also the
-# most it adds before a lane's next event can be claimed when nothing else is written.
+# Seconds a delivered settle (``mark_delivered_many``) may wait in the writer for another
+# write to share its commit (only while other writes are coming). A lane stays blocked until
+# its settle commits, so this is also the most it adds before the lane's next claim.
 SETTLE_LINGER = 0.005
 _WAITING, _TAKEN, _WITHDRAWN = 0, 1, 2  # a lazy op: queued, in a batch, given up by its caller
 
@@ -188,6 +190,7 @@ class GroupCommitStore:
         self._claim_behind = True  # (writer thread) events may be due that no claim has seen
         self._external_wakes = 0  # (loop) other processes' writes announced: _nudge calls
         self._claims_saw = 0  # (writer thread) _external_wakes when the last claim ran
+        self._monotonic = time.monotonic  # the writer's clock for lazy ops (a test may fake it)
         self._done: deque[list[Op[Any]] | None] = deque()  # batches back from the thread
         self._wake_loop, self._wake_thread_side = socket.socketpair()
         self._wake_loop.setblocking(False)
@@ -340,16 +343,17 @@ class GroupCommitStore:
         """The writer thread: batches from the queue, each in one transaction."""
         get = self._queue.get
         lazy: list[tuple[float, Op[Any]]] = []  # (commit by, op): lazy ops waiting for company
+        last_eager = -math.inf  # when the last eager op came
         try:
             while not self._stop_now:
                 timeout = None if self._health.ok else PROBE_INTERVAL
                 if lazy:
-                    wait = max(0.0, min(by for by, _ in lazy) - time.monotonic())
+                    wait = max(0.0, min(by for by, _ in lazy) - self._monotonic())
                     timeout = wait if timeout is None else min(timeout, wait)
                 try:
                     first = get(timeout=timeout)
                 except queue.Empty:
-                    if lazy and min(by for by, _ in lazy) <= time.monotonic():
+                    if lazy and min(by for by, _ in lazy) <= self._monotonic():
                         self._run_batch([], lazy)  # they waited long enough: alone, then
                     else:  # writes fail and none came: probe
                         self._probe()
@@ -361,15 +365,15 @@ class GroupCommitStore:
                     if item is None:
                         end = True
                         break
+                    now = self._monotonic()
                     if isinstance(item, _Nudge):
                         flush = True
                     elif item.linger is None:
                         eager.append(item)
+                        last_eager = now
                     elif item.state != _WITHDRAWN:
-                        # A claim behind the writes runs now, still last (after the settles
-                        # that ride along, whose lanes it then sees).
-                        behind = item.claim and self._claims_behind()
-                        lazy.append((time.monotonic() + (0.0 if behind else item.linger), item))
+                        wait = self._lazy_wait(item, item.linger, now - last_eager)
+                        lazy.append((now + wait, item))
                     if len(eager) + len(lazy) >= self._group_commit_max:
                         break
                     try:
@@ -377,7 +381,7 @@ class GroupCommitStore:
                     except queue.Empty:
                         break
                 if (eager or flush or end or len(lazy) >= self._group_commit_max
-                        or (lazy and min(by for by, _ in lazy) <= time.monotonic())):
+                        or (lazy and min(by for by, _ in lazy) <= self._monotonic())):
                     self._run_batch(eager, lazy)
                 if end:
                     return
@@ -385,6 +389,15 @@ class GroupCommitStore:
             if lazy:  # stopped: their callers learn they were not committed
                 self._hand_back([op for _, op in lazy])
             self._hand_back(None)
+
+    def _lazy_wait(self, op: Op[Any], linger: float, since_eager: float) -> float:
+        """How long lazy *op* may wait for company. A claim behind the writes runs now (still
+        last, after the settles that ride along, whose lanes it then sees); another lazy op
+        waits only while eager ops are coming (none for its whole linger: a forwarder
+        draining a backlog, whose settles only the claims follow, gains nothing by waiting)."""
+        if op.claim:
+            return 0.0 if self._claims_behind() else linger
+        return linger if since_eager < linger else 0.0
 
     def _run_batch(self, eager: list[Op[Any]], lazy: list[tuple[float, Op[Any]]]) -> None:
         """Commit *eager* with every lazy op still wanted (which *lazy* is emptied of): the

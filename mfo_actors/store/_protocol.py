@@ -293,9 +293,10 @@ class EventStore(Protocol):
         :meth:`mark_delivered` would (the forwarder's hot path: one store op per claimed
         run instead of one per event).
 
-        The write may wait up to ``SETTLE_LINGER`` (5 ms) for another write (an append, a
-        claim) to share its commit: settles are most of a busy store's writes, and one lost
-        in a crash only means a resend under the same ``Idempotency-Key``.
+        While other writes are coming, the write may wait up to ``SETTLE_LINGER`` (5 ms) for
+        one (an append, a claim) to share its commit: settles are most of a busy store's
+        writes, and one lost in a crash only means a resend under the same
+        ``Idempotency-Key``.
         """
         ...
 
