@@ -887,6 +887,23 @@ class TestClaimWithTheNextWrite:
             claimed = await store.claim_due(limit=8, lease=60)
             assert [c.event.id for c in claimed] == [event.id]
 
+    async def test_release_gives_claims_back_unsent_in_one_commit(
+            self, opener: Opener, clock: FakeClock) -> None:
+        async with opener() as store:
+            await append_all(store, [make_event(clock, source=f"s{i}") for i in range(3)])
+            claimed = await store.claim_due(limit=8, lease=60)
+            assert len(claimed) == 3
+            before = commits(store)
+            await store.release(claimed, reason="not sent: test")
+            assert commits(store) == before + 1
+            for c in claimed:
+                stored = await store.get_event(c.event.id)
+                assert stored is not None
+                assert (stored.status, stored.attempts, stored.last_error) == (
+                    "pending", 0, "not sent: test")
+            again = await store.claim_due(limit=8, lease=60)
+            assert sorted(c.event.id for c in again) == sorted(c.event.id for c in claimed)
+
     async def test_a_settle_waits_for_the_next_write_to_share_its_commit(
             self, opener: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
         """A delivered settle (``SETTLE_LINGER``, made long here) commits with the next

@@ -424,7 +424,9 @@ class ForwarderActor:
                             reason = RELEASED_BEHIND
                             break  # rescheduled: the rest of its lane waits behind it
                     if sent < len(run):
-                        await self._release(run[sent:], reason)
+                        # All at once, one commit (a run behind a failed event can be
+                        # batch_size - 1 events; one commit after another held the worker).
+                        await self._store.release(run[sent:], reason=reason)
                 except StoreError as exc:
                     # The settle failed: the claim stays and its lease makes the event due
                     # again (at least once, same Idempotency-Key).
@@ -442,26 +444,6 @@ class ForwarderActor:
                     freed, self._freed = self._freed, anyio.Event()
                     freed.set()
 
-    async def _release(self, rest: list[StoredEvent], reason: str) -> None:
-        """Give back claimed events that were not sent (no attempt counted), due now: all
-        queued at once, so the store commits them together (a run behind a failed event
-        can be ``batch_size - 1`` events, and one commit after another held the worker)."""
-        now = self._clock.now()
-        errors: list[StoreError] = []
-
-        async def release(stored: StoredEvent) -> None:
-            try:
-                await self._store.reschedule(
-                    stored.event.id, stored.claim_token or "", next_attempt_at=now,
-                    error=reason, count_attempt=False)
-            except StoreError as exc:
-                errors.append(exc)
-
-        async with anyio.create_task_group() as tg:
-            for stored in rest:
-                tg.start_soon(release, stored)
-        if errors:
-            raise errors[0]  # the others' leases make them due again as well
 
     async def _deliver(self, stored: StoredEvent, sender: EventSender, hold_until: float,
                        delivered: list[_Delivery]) -> bool:

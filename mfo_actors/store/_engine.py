@@ -522,7 +522,7 @@ class GroupCommitStore:
         """Run the claim *op* lazily (see the module docstring), at the latest after
         *within* seconds. Cancelled while it waits, it is withdrawn; if the writer had
         already taken it, what it claimed is handed to *give_back* (nobody will send it)."""
-        op.linger, op.claim = max(0.0, within), True
+        op.linger = max(0.0, within)
         if self._closing:
             raise StoreClosedError("the store is closing")
         self._queue.put(op)

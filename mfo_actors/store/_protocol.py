@@ -312,6 +312,12 @@ class EventStore(Protocol):
         """
         ...
 
+    async def release(self, claimed: Sequence[StoredEvent], *, reason: str) -> None:
+        """Give claimed events back unsent: pending, due now, no attempt counted, *reason*
+        as their ``last_error``; all queued at once, so they commit together. Raises the
+        first StoreError after trying them all (the others' leases make them due again)."""
+        ...
+
     async def dead_letter(
         self, event_id: str, claim_token: str, *, reason: str, sent_at: float | None = None,
         status: int | None = None, latency: float | None = None,

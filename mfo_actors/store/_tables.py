@@ -362,14 +362,28 @@ class SharedEvents(SharedTables):
             return await self._submit(op)
         return await self._claim_next(op, within, self._give_back)
 
+    async def release(self, claimed: Sequence[StoredEvent], *, reason: str) -> None:
+        """Give claimed events back unsent, due now (see the protocol)."""
+        now = self._clock()
+        errors: list[StoreError] = []
+
+        async def release_one(stored: StoredEvent) -> None:
+            try:
+                await self.reschedule(stored.event.id, stored.claim_token or "",
+                                      next_attempt_at=now, error=reason, count_attempt=False)
+            except StoreError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for stored in claimed:
+                tg.start_soon(release_one, stored)
+        if errors:
+            raise errors[0]
+
     async def _give_back(self, claimed: list[StoredEvent]) -> None:
         """Make events a withdrawn claim took due again at once (none was sent)."""
-        now = self._clock()
-        for stored in claimed:
-            with contextlib.suppress(StoreError):  # else their lease makes them due again
-                await self.reschedule(stored.event.id, stored.claim_token or "",
-                                      next_attempt_at=now, error=UNCLAIMED,
-                                      count_attempt=False)
+        with contextlib.suppress(StoreError):  # else their lease makes them due again
+            await self.release(claimed, reason=UNCLAIMED)
 
     async def mark_delivered(
         self, event_id: str, claim_token: str, *, sent_at: float | None = None,
