@@ -229,6 +229,33 @@ async def test_an_append_wakes_other_nodes(node: Opener, clock: FakeClock) -> No
                 await woke.wait()
 
 
+async def test_another_nodes_append_wakes_a_waiting_claim(
+        node: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim waiting for the next write (``within``) on b runs when a appends (its NOTIFY),
+    long before *within*: b's own writes are not the only ones it waits for. (b's upkeep
+    write, each second by default, would take the claim along too: made rare here.)"""
+    from mfo_actors.store import _postgres
+
+    monkeypatch.setattr(_postgres, "COUNTS_REFRESH", 60.0)  # upkeep every node_lease/3: 10 s
+    async with node("a") as a, node("b") as b:
+        with anyio.fail_after(10):
+            await b.wait_for_events(30)  # b's LISTEN is up
+        assert await b.claim_due(limit=8, lease=60) == []
+        claimed: list[Any] = []
+
+        async def claim() -> None:
+            while not claimed:  # an upkeep write may still come first: then wait again
+                claimed.extend(await b.claim_due(limit=8, lease=60, within=30))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim)
+            await anyio.wait_all_tasks_blocked()
+            ev = await a.append(event(clock))
+            with anyio.fail_after(5):  # not the 30 s of within, nor b's next upkeep
+                await poll(lambda: bool(claimed))
+        assert [c.event.id for c in claimed] == [ev.id]
+
+
 async def test_nodes_starting_at_once_migrate_once(node: Opener) -> None:
     opened: list[str] = []
     all_open = anyio.Event()
